@@ -1,0 +1,1 @@
+"""Triton kernels of rpo_fast, installed as the subpackage ``rpo_fast.kernels``."""

@@ -1,0 +1,47 @@
+"""``rpo-fast``: one command line, one subcommand per job.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported only when their subcommand runs, so that
+``rpo-fast --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+SUBCOMMANDS = {
+    "check": ("rpo_fast.check", "compute every loss with every available backend on a random batch"),
+    "train": ("rpo_fast.train.cli", "fine-tune SD1.5 / SDXL with rpo, dpo or sft (full or LoRA)"),
+    "embed": ("rpo_fast.embedding", "embed a preference dataset with open_clip for the RPO weights"),
+    "eval": ("rpo_fast.evaluation.cli", "generate with a base and a tuned model and score both"),
+    "demo": ("rpo_fast.demo.cli", "style alignment on a synthetic task, on a CPU in minutes"),
+    "bench-quality": ("rpo_fast.demo.bench_quality", "SFT vs DPO vs RPO on the synthetic style task"),
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="rpo-fast", description="Diffusion-RPO for Stable Diffusion 1.5 and XL.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        parser.parse_args(argv or ["--help"])  # prints help or the usage error
+        return 2
+    name = argv[0]
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    cmd_parser = argparse.ArgumentParser(
+        prog=f"rpo-fast {name}",
+        description=SUBCOMMANDS[name][1],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    module.add_arguments(cmd_parser)
+    args = cmd_parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

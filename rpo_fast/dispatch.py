@@ -1,0 +1,152 @@
+"""The one place that picks a backend for a loss call.
+
+``backend="auto"``: CUDA tensors use ``triton`` when it imports, else ``cuda``, else
+``torch``; CPU tensors use ``cpu``, else ``torch``. Every fallback is logged once.
+An explicitly requested backend that cannot run here is an error that lists those that can.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+from . import _extension, reference
+from ._types import BACKENDS, loss_type_code, method_code
+
+logger = logging.getLogger("rpo_fast")
+
+# The fused kernels take these input dtypes; float64 (gradcheck) stays on the reference.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The two stages of a loss: one pass over the predictions, then the O(M^2) loss."""
+
+    name: str
+    # (model_pred, target, ref_pred | None) -> (model_err (2M,), ref_err (2M,) | None)
+    sample_errors: Callable
+    # (model_err, ref_err | None, weights | None, method, loss_type, beta) -> (loss, metrics)
+    pair_loss: Callable
+
+
+def _fused_backend(name: str, ops_prefix: str) -> Backend:
+    """A backend made of the three custom ops ``rpo_fast::{prefix}sample_errors`` etc."""
+    errors_op = getattr(torch.ops.rpo_fast, f"{ops_prefix}sample_errors")
+    pair_op = getattr(torch.ops.rpo_fast, f"{ops_prefix}pair_loss")
+
+    def sample_errors(model_pred, target, ref_pred):
+        model_err, ref_err = errors_op(model_pred, target, ref_pred)
+        return model_err, (ref_err if ref_pred is not None else None)
+
+    def pair_loss(model_err, ref_err, weights, method, loss_type, beta):
+        if ref_err is None:
+            ref_err = model_err.new_empty((0,))
+        if weights is not None:
+            weights = weights.detach().float().contiguous()
+        loss, metrics, _ = pair_op(
+            model_err.float().contiguous(),
+            ref_err.detach().float().contiguous(),
+            weights,
+            method_code(method),
+            loss_type_code(loss_type or "sigmoid"),
+            float(beta),
+        )
+        return loss, metrics
+
+    return Backend(name, sample_errors, pair_loss)
+
+
+TORCH_BACKEND = Backend("torch", reference.sample_errors, reference.pair_loss)
+
+
+def _triton_usable() -> bool:
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    try:
+        from .kernels import triton_loss  # noqa: F401
+    except Exception as exc:  # triton missing, or a kernel module that fails to import
+        _log_once(f"rpo_fast: the triton backend is unavailable ({type(exc).__name__}: {exc})")
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _backend(name: str) -> Backend:
+    if name == "torch":
+        return TORCH_BACKEND
+    if name in ("cpu", "cuda"):
+        from .ops import register_cxx_ops
+
+        register_cxx_ops()
+        return _fused_backend(name, "")
+    if name == "triton":
+        from .kernels import triton_loss  # noqa: F401  (registers the rpo_fast::triton_* ops)
+
+        return _fused_backend(name, "triton_")
+    raise AssertionError(name)
+
+
+def available_backends() -> List[str]:
+    """The backends usable in this process, out of torch, cpu, cuda, triton."""
+    found = ["torch"]
+    if _extension.has_kernel("CPU"):
+        found.append("cpu")
+    if torch.cuda.is_available() and _extension.has_kernel("CUDA"):
+        found.append("cuda")
+    if _triton_usable():
+        found.append("triton")
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    logger.warning(message)
+
+
+def _runs_on(name: str, device: torch.device) -> bool:
+    if name == "cpu":
+        return device.type == "cpu"
+    if name == "cuda":
+        return device.type == "cuda"
+    if name == "triton":  # GPU tensors, or CPU tensors under TRITON_INTERPRET=1
+        return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return True
+
+
+def resolve(backend: str, device: torch.device, dtypes: Tuple[torch.dtype, ...]) -> Backend:
+    """Returns the backend for tensors on ``device`` with input ``dtypes``."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend: expected 'auto' or one of {list(BACKENDS)}, got {backend!r}")
+    available = available_backends()
+    kernel_dtypes_ok = all(d in KERNEL_DTYPES for d in dtypes)
+    if backend != "auto":
+        if backend not in available:
+            raise ValueError(f"backend: {backend!r} is not available here; available: {available}")
+        if not _runs_on(backend, device):
+            raise ValueError(f"backend: {backend!r} does not run on {device.type} tensors")
+        if backend != "torch" and not kernel_dtypes_ok:
+            raise TypeError(
+                f"backend: {backend!r} takes float32, bfloat16 or float16 inputs, got "
+                f"{sorted({str(d) for d in dtypes})}; use backend='torch'"
+            )
+        return _backend(backend)
+
+    preferred = ["triton", "cuda"] if device.type == "cuda" else ["cpu"] if device.type == "cpu" else []
+    for name in preferred:
+        if name in available and kernel_dtypes_ok:
+            return _backend(name)
+    if preferred:
+        why = "float64 inputs" if not kernel_dtypes_ok else f"{' and '.join(preferred)} not available"
+        _log_once(f"rpo_fast: using the 'torch' backend for {device.type} tensors ({why})")
+    return TORCH_BACKEND
+
+
+def pick_device_dtypes(*tensors: Optional[torch.Tensor]) -> Tuple[torch.device, Tuple[torch.dtype, ...]]:
+    present = [t for t in tensors if t is not None]
+    return present[0].device, tuple(t.dtype for t in present)

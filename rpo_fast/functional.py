@@ -1,0 +1,109 @@
+"""The public functional losses: drop-in replacements for a Diffusion-DPO trainer's loss.
+
+Tensors follow the Diffusion-DPO layout: ``model_pred``, ``target`` and ``ref_pred`` have
+shape ``(2M, *S)``, rows ``[0, M)`` preferred, rows ``[M, 2M)`` dispreferred.
+See DESIGN.md section 1 for the exact definitions.
+
+Non-finite values (NaN or inf) anywhere in the inputs, weights or embeddings give a
+non-finite loss: never a silently finite one. A training loop should check
+``torch.isfinite(loss)`` and skip that step.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+
+from . import distributed
+from ._checks import LossInputs, check_inputs
+from ._types import METRIC_NAMES
+from .dispatch import pick_device_dtypes, resolve
+from .weights import similarity_weights
+
+LossResult = Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+
+_METRICS_BY_METHOD = {
+    "rpo": METRIC_NAMES,
+    "dpo": METRIC_NAMES[:4],
+    "sft": ("model_mse",),
+}
+
+
+def _compute(inputs: LossInputs, backend: str, process_group, return_metrics: bool) -> LossResult:
+    device, dtypes = pick_device_dtypes(inputs.model_pred, inputs.target, inputs.ref_pred)
+    impl = resolve(backend, device, dtypes)
+
+    model_err, ref_err = impl.sample_errors(inputs.model_pred, inputs.target, inputs.ref_pred)
+    if inputs.ref_err is not None:
+        ref_err = inputs.ref_err.detach().to(model_err.dtype)
+    emb_w, emb_l = inputs.emb_w, inputs.emb_l
+    world = distributed.world_size(process_group)
+    if world > 1:
+        model_err, ref_err, emb_w, emb_l = distributed.gather_errors(model_err, ref_err, emb_w, emb_l, process_group)
+
+    weights = inputs.weights
+    if emb_w is not None:
+        weights = similarity_weights(emb_w, emb_l, inputs.tau)
+    loss, metrics = impl.pair_loss(model_err, ref_err, weights, inputs.method, inputs.loss_type, inputs.beta)
+    loss = distributed.scale_gradient_for_averaging(loss, world)
+    if not return_metrics:
+        return loss
+    metrics = metrics.detach()
+    return loss, {name: metrics[METRIC_NAMES.index(name)] for name in _METRICS_BY_METHOD[inputs.method]}
+
+
+def diffusion_rpo_loss(
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    ref_pred: Optional[torch.Tensor] = None,
+    *,
+    ref_err: Optional[torch.Tensor] = None,
+    emb_w: Optional[torch.Tensor] = None,
+    emb_l: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
+    beta: float = 2500.0,
+    tau: float = 0.5,
+    loss_type: str = "sigmoid",
+    backend: str = "auto",
+    process_group=None,
+    return_metrics: bool = False,
+) -> LossResult:
+    """Diffusion-RPO: every preferred sample contrasted with every dispreferred one.
+
+    ``L = (1/M^2) sum_ij f(w_ij * beta * (dl_j - dw_i))`` with ``d = e_model - e_ref``.
+    Weights come from ``emb_w``/``emb_l`` (row softmax of cosine similarity over ``tau``),
+    from an explicit ``(M, M)`` ``weights``, or are uniform ``1/M``. With ``process_group``
+    the contrast spans the global batch of all ranks (equal M on every rank; explicit
+    ``weights`` are then ``(M W, M W)``).
+    """
+    global_pairs = None
+    if process_group is not None and weights is not None and isinstance(model_pred, torch.Tensor) and model_pred.dim() > 0:
+        global_pairs = model_pred.shape[0] // 2 * distributed.world_size(process_group)
+    inputs = check_inputs(
+        "rpo", model_pred, target, ref_pred, ref_err=ref_err, emb_w=emb_w, emb_l=emb_l,
+        weights=weights, beta=beta, tau=tau, loss_type=loss_type, global_pairs=global_pairs,
+    )
+    return _compute(inputs, backend, process_group, return_metrics)
+
+
+def diffusion_dpo_loss(
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    ref_pred: Optional[torch.Tensor] = None,
+    *,
+    ref_err: Optional[torch.Tensor] = None,
+    beta: float = 2500.0,
+    loss_type: str = "sigmoid",
+    backend: str = "auto",
+    return_metrics: bool = False,
+) -> LossResult:
+    """Diffusion-DPO: ``L = (1/M) sum_i f(beta * (dl_i - dw_i))`` over matched pairs."""
+    inputs = check_inputs("dpo", model_pred, target, ref_pred, ref_err=ref_err, beta=beta, loss_type=loss_type)
+    return _compute(inputs, backend, None, return_metrics)
+
+
+def sft_loss(model_pred: torch.Tensor, target: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Supervised fine-tuning on the preferred rows: ``(1/M) sum_i e_model_i`` over ``[0, M)``."""
+    inputs = check_inputs("sft", model_pred, target, loss_type=None)
+    return _compute(inputs, backend, None, False)

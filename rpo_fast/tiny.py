@@ -1,0 +1,189 @@
+"""Tiny Stable Diffusion 1.5-like and XL-like models, built from configs and saved locally.
+
+No model hub is reachable on the machines that build and test rpo-fast, so tests, the demo
+and the benchmarks build these: the real architectures (UNet2DConditionModel,
+CLIPTextModel(WithProjection), AutoencoderKL, DDPMScheduler) at toy sizes, saved with
+``save_pretrained`` in the diffusers pipeline layout, so that the real loading code
+(``from_pretrained`` of a folder) is what reads them.
+
+The tokenizer is a real CLIP BPE tokenizer cut to the first ``num_merges`` merges of the
+vocabulary that ships inside open_clip: every string still tokenizes, into more pieces.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+from typing import Sequence, Union
+
+import torch
+
+PathLike = Union[str, os.PathLike]
+
+
+def build_tokenizer(save_dir: PathLike, num_merges: int = 1000, max_length: int = 77):
+    """A CLIPTokenizer with ``2 * 256 + num_merges + 2`` tokens, saved to ``save_dir``."""
+    import open_clip
+    from open_clip.tokenizer import bytes_to_unicode
+    from transformers import CLIPTokenizer
+
+    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.open(bpe_path).read().decode("utf-8").split("\n")[1 : 1 + num_merges]
+    byte_tokens = list(bytes_to_unicode().values())
+    vocab = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    save_dir = Path(save_dir)
+    raw = save_dir / "_bpe"
+    raw.mkdir(parents=True, exist_ok=True)
+    (raw / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (raw / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(str(raw / "vocab.json"), str(raw / "merges.txt"), model_max_length=max_length)
+    tokenizer.save_pretrained(save_dir)
+    for f in raw.iterdir():
+        f.unlink()
+    raw.rmdir()
+    return tokenizer
+
+
+def _text_encoder(vocab_size: int, hidden: int, projection_dim: int, max_length: int, with_projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=max_length,
+        projection_dim=projection_dim,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _vae(latent_channels: int = 4, block_out_channels: Sequence[int] = (16, 32)):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * len(block_out_channels),
+        up_block_types=["UpDecoderBlock2D"] * len(block_out_channels),
+        block_out_channels=list(block_out_channels),
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
+def _scheduler(prediction_type: str = "epsilon"):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        clip_sample=False,
+    )
+
+
+def build_tiny_sd15(
+    save_dir: PathLike,
+    *,
+    sample_size: int = 8,
+    block_out_channels: Sequence[int] = (32, 64),
+    text_hidden: int = 32,
+    num_merges: int = 1000,
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+) -> Path:
+    """Saves a tiny SD1.5-architecture pipeline (unet, vae, text_encoder, tokenizer,
+    scheduler) to ``save_dir`` and returns it. Images are ``8 * sample_size`` pixels."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    save_dir = Path(save_dir)
+    tokenizer = build_tokenizer(save_dir / "tokenizer", num_merges)
+    text_encoder = _text_encoder(len(tokenizer), text_hidden, text_hidden, 77, with_projection=False)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=list(block_out_channels),
+        layers_per_block=1,
+        down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (len(block_out_channels) - 1),
+        up_block_types=["CrossAttnUpBlock2D"] * (len(block_out_channels) - 1) + ["UpBlock2D"],
+        cross_attention_dim=text_hidden,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(save_dir)
+    return save_dir
+
+
+def build_tiny_sdxl(
+    save_dir: PathLike,
+    *,
+    sample_size: int = 8,
+    block_out_channels: Sequence[int] = (32, 64),
+    text_hidden: int = 32,
+    num_merges: int = 1000,
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+) -> Path:
+    """Saves a tiny SDXL-architecture pipeline: two text encoders (the second with a
+    projection giving the pooled embedding), ``text_time`` added conditioning."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    save_dir = Path(save_dir)
+    tokenizer = build_tokenizer(save_dir / "tokenizer", num_merges)
+    tokenizer_2 = build_tokenizer(save_dir / "tokenizer_2", num_merges)
+    text_encoder = _text_encoder(len(tokenizer), text_hidden, text_hidden, 77, with_projection=False)
+    text_encoder_2 = _text_encoder(len(tokenizer_2), text_hidden, text_hidden, 77, with_projection=True)
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=list(block_out_channels),
+        layers_per_block=1,
+        down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (len(block_out_channels) - 1),
+        up_block_types=["CrossAttnUpBlock2D"] * (len(block_out_channels) - 1) + ["UpBlock2D"],
+        cross_attention_dim=2 * text_hidden,  # both encoders' hidden states, concatenated
+        attention_head_dim=8,
+        norm_num_groups=8,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        # pooled text embedding + 6 time ids (original size, crop offset, target size)
+        projection_class_embeddings_input_dim=text_hidden + 6 * time_embed_dim,
+        transformer_layers_per_block=1,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=_scheduler(prediction_type),
+    )
+    pipe.save_pretrained(save_dir)
+    return save_dir
