@@ -1,0 +1,401 @@
+"""Preference data: (prompt, preferred image, dispreferred image) rows in a stable order.
+
+Three sources, one interface (:class:`PreferenceDataset`):
+
+* a folder (or one file) of ``*.parquet`` in the Pick-a-Pic v2 schema: ``caption``,
+  ``jpg_0``, ``jpg_1`` (encoded image bytes) and ``label_0`` (1: ``jpg_0`` preferred,
+  0: ``jpg_1`` preferred, 0.5: a tie, dropped by default). Only the caption and label
+  columns are read up front; images are read one parquet row group at a time when asked
+  for, so a 300 GB dataset opens in seconds and takes little memory;
+* a folder with a ``pairs.jsonl`` of ``{"prompt", "chosen", "rejected"}`` (image paths
+  relative to the folder);
+* a dataset name (or a ``save_to_disk`` folder) for the ``datasets`` library, with either
+  the Pick-a-Pic columns or ``prompt``/``chosen``/``rejected`` image columns.
+
+The row index is the key of every cache (latents, embeddings): rows keep their order and
+:attr:`PreferenceDataset.fingerprint` identifies (source, split, filtering) so that a cache
+built for other data is refused instead of silently misread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
+
+from PIL import Image
+
+PathLike = Union[str, os.PathLike]
+
+PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+PAIRS_FILE = "pairs.jsonl"
+_KNOWN_SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")
+
+
+@dataclass
+class PreferencePair:
+    prompt: str
+    chosen: Image.Image  # RGB
+    rejected: Image.Image  # RGB
+
+
+def decode_image(value: Any) -> Optional[Image.Image]:
+    """Encoded bytes, a ``datasets`` image dict, a path or a PIL image -> RGB image, or
+    None when it cannot be read (corrupt bytes, missing file, no data)."""
+    try:
+        if value is None:
+            return None
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, dict):  # datasets' Image feature without decoding
+            data = value.get("bytes")
+            return decode_image(data if data is not None else value.get("path"))
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            image = Image.open(io.BytesIO(bytes(value)))
+        elif isinstance(value, (str, os.PathLike)):
+            image = Image.open(value)
+        else:
+            return None
+        image.load()  # decode now: a truncated file must fail here, not in a worker later
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def _preference_from_label(label: Any, drop_ties: bool) -> Optional[bool]:
+    """Pick-a-Pic ``label_0`` -> True (image 0 preferred), False (image 1), None (drop)."""
+    if label is None:
+        return None
+    label = float(label)
+    if label != label:  # NaN: unlabeled
+        return None
+    if label == 0.5:
+        return None if drop_ties else True
+    return label > 0.5
+
+
+def _hash(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+class PreferenceDataset:
+    """Rows of preference pairs in a stable order. Subclasses provide :meth:`_raw_row`."""
+
+    def __init__(self, prompts: List[str], fingerprint_parts: Tuple[Any, ...], description: str):
+        self._prompts = prompts
+        self._fingerprint = _hash(*fingerprint_parts, len(prompts))
+        self.description = description
+
+    def __len__(self) -> int:
+        return len(self._prompts)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.description}, rows={len(self)}, fingerprint={self.fingerprint})"
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def prompt(self, index: int) -> str:
+        return self._prompts[self._check_index(index)]
+
+    def get_pair(self, index: int) -> Optional[PreferencePair]:
+        """The pair at ``index``; None when either image cannot be read."""
+        index = self._check_index(index)
+        chosen_raw, rejected_raw = self._raw_images(index)
+        chosen = decode_image(chosen_raw)
+        rejected = decode_image(rejected_raw) if chosen is not None else None
+        if chosen is None or rejected is None:
+            return None
+        return PreferencePair(self._prompts[index], chosen, rejected)
+
+    def _check_index(self, index: int) -> int:
+        if not isinstance(index, int) and not hasattr(index, "__index__"):
+            raise TypeError(f"index: expected an int, got {type(index).__name__}")
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} rows")
+        return index
+
+    def _raw_images(self, index: int) -> Tuple[Any, Any]:  # (chosen, rejected), undecoded
+        raise NotImplementedError
+
+
+def _missing_columns_error(where: str, have: Sequence[str]) -> ValueError:
+    return ValueError(
+        f"{where}: expected the Pick-a-Pic columns {list(PICKAPIC_COLUMNS)} or the pair columns "
+        f"{list(PAIR_COLUMNS)}, found {sorted(have)}"
+    )
+
+
+class ParquetPreferenceDataset(PreferenceDataset):
+    """Pick-a-Pic v2 parquet files; images are read lazily, one row group at a time."""
+
+    _CACHED_ROW_GROUPS = 2
+
+    def __init__(self, files: List[Path], split: str, drop_ties: bool, max_rows: Optional[int]):
+        import pyarrow.parquet as pq
+
+        prompts: List[str] = []
+        self._files = [str(f) for f in files]
+        self._locations: List[Tuple[int, int, int, bool]] = []  # (file, row group, row, image 0 preferred)
+        for file_index, path in enumerate(files):
+            parquet = pq.ParquetFile(path)
+            names = parquet.schema_arrow.names
+            missing = [c for c in PICKAPIC_COLUMNS if c not in names]
+            if missing:
+                raise ValueError(
+                    f"{path}: missing column(s) {missing}; the Pick-a-Pic v2 schema needs "
+                    f"{list(PICKAPIC_COLUMNS)} (found {names})"
+                )
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group, columns=["caption", "label_0"])
+                captions = table.column("caption").to_pylist()
+                labels = table.column("label_0").to_pylist()
+                for row, (caption, label) in enumerate(zip(captions, labels)):
+                    first_preferred = _preference_from_label(label, drop_ties)
+                    if first_preferred is None:
+                        continue
+                    prompts.append("" if caption is None else str(caption))
+                    self._locations.append((file_index, group, row, first_preferred))
+                    if max_rows is not None and len(prompts) >= max_rows:
+                        break
+                if max_rows is not None and len(prompts) >= max_rows:
+                    break
+            if max_rows is not None and len(prompts) >= max_rows:
+                break
+        sizes = [(Path(f).name, os.path.getsize(f)) for f in files]
+        super().__init__(prompts, ("parquet", sizes, split, drop_ties, max_rows), f"parquet: {len(files)} file(s)")
+        self._open: dict = {}
+        self._groups: "OrderedDict[Tuple[int, int], Any]" = OrderedDict()
+
+    def __getstate__(self):  # picklable for DataLoader workers: open files are per process
+        state = self.__dict__.copy()
+        state["_open"], state["_groups"] = {}, OrderedDict()
+        return state
+
+    def _row_group(self, file_index: int, group: int):
+        key = (file_index, group)
+        if key in self._groups:
+            self._groups.move_to_end(key)
+            return self._groups[key]
+        import pyarrow.parquet as pq
+
+        if file_index not in self._open:
+            self._open[file_index] = pq.ParquetFile(self._files[file_index])
+        table = self._open[file_index].read_row_group(group, columns=["jpg_0", "jpg_1"])
+        self._groups[key] = (table.column("jpg_0"), table.column("jpg_1"))
+        while len(self._groups) > self._CACHED_ROW_GROUPS:
+            self._groups.popitem(last=False)
+        return self._groups[key]
+
+    def _raw_images(self, index: int):
+        file_index, group, row, first_preferred = self._locations[index]
+        jpg_0, jpg_1 = self._row_group(file_index, group)
+        image_0, image_1 = jpg_0[row].as_py(), jpg_1[row].as_py()
+        return (image_0, image_1) if first_preferred else (image_1, image_0)
+
+
+class JsonlPreferenceDataset(PreferenceDataset):
+    """A folder with ``pairs.jsonl``: one ``{"prompt", "chosen", "rejected"}`` object a line."""
+
+    def __init__(self, jsonl: Path, split: str, max_rows: Optional[int]):
+        self._root = jsonl.parent
+        prompts: List[str] = []
+        self._paths: List[Tuple[str, str]] = []
+        raw = jsonl.read_bytes()
+        for line_number, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{jsonl}:{line_number}: not valid JSON ({e})") from None
+            missing = [k for k in PAIR_COLUMNS if not isinstance(record, dict) or k not in record]
+            if missing:
+                raise ValueError(f"{jsonl}:{line_number}: missing key(s) {missing}; each line needs {list(PAIR_COLUMNS)}")
+            prompts.append(str(record["prompt"]))
+            self._paths.append((str(record["chosen"]), str(record["rejected"])))
+            if max_rows is not None and len(prompts) >= max_rows:
+                break
+        digest = hashlib.sha256(raw).hexdigest()
+        super().__init__(prompts, ("jsonl", digest, split, max_rows), f"jsonl: {jsonl}")
+
+    def _raw_images(self, index: int):
+        chosen, rejected = self._paths[index]
+        return self._root / chosen, self._root / rejected
+
+
+class HFPreferenceDataset(PreferenceDataset):
+    """A ``datasets`` dataset (hub name or ``save_to_disk`` folder), Pick-a-Pic or pair columns."""
+
+    def __init__(self, dataset, name: str, split: str, drop_ties: bool, max_rows: Optional[int]):
+        names = list(dataset.column_names)
+        if all(c in names for c in PICKAPIC_COLUMNS):
+            self._columns = ("jpg_0", "jpg_1")
+            table = dataset.select_columns(["caption", "label_0"]).with_format("arrow")[:]
+            captions, labels = table.column("caption").to_pylist(), table.column("label_0").to_pylist()
+        elif all(c in names for c in PAIR_COLUMNS):
+            self._columns = ("chosen", "rejected")
+            captions = dataset.select_columns(["prompt"]).with_format("arrow")[:].column("prompt").to_pylist()
+            labels = [1.0] * len(captions)
+        else:
+            raise _missing_columns_error(f"dataset {name!r} split {split!r}", names)
+        prompts: List[str] = []
+        self._rows: List[Tuple[int, bool]] = []
+        for row, (caption, label) in enumerate(zip(captions, labels)):
+            first_preferred = _preference_from_label(label, drop_ties)
+            if first_preferred is None:
+                continue
+            prompts.append("" if caption is None else str(caption))
+            self._rows.append((row, first_preferred))
+            if max_rows is not None and len(prompts) >= max_rows:
+                break
+        # Undecoded images: decoding happens in get_pair, where a bad image becomes None.
+        from datasets import Image as ImageFeature
+
+        for column in self._columns:
+            if isinstance(dataset.features[column], ImageFeature):
+                dataset = dataset.cast_column(column, ImageFeature(decode=False))
+        self._dataset = dataset.select_columns(list(self._columns))
+        fingerprint = getattr(dataset, "_fingerprint", None)
+        super().__init__(prompts, ("datasets", name, fingerprint, split, drop_ties, max_rows), f"datasets: {name}")
+
+    def _raw_images(self, index: int):
+        row, first_preferred = self._rows[index]
+        record = self._dataset[row]
+        image_0, image_1 = record[self._columns[0]], record[self._columns[1]]
+        return (image_0, image_1) if first_preferred else (image_1, image_0)
+
+
+def _parquet_files(source: Path, split: str) -> List[Path]:
+    if source.is_file():
+        return [source]
+    files = sorted(source.rglob("*.parquet"))
+    if not files:
+        return []
+
+    def split_of(path: Path) -> Optional[str]:
+        for s in sorted(_KNOWN_SPLITS, key=len, reverse=True):
+            if path.name.startswith(s + "-") or path.parent.name == s:
+                return s
+        return None
+
+    named = [f for f in files if split_of(f) is not None]
+    if not named:  # no split in the file names: the whole folder is the requested split
+        return files
+    chosen = [f for f in files if split_of(f) == split]
+    if not chosen:
+        raise ValueError(f"{source}: no parquet files for split {split!r} (found splits "
+                         f"{sorted({split_of(f) for f in named})})")
+    return chosen
+
+
+def load_preference_dataset(
+    source: PathLike,
+    *,
+    split: str = "train",
+    drop_ties: bool = True,
+    max_rows: Optional[int] = None,
+) -> PreferenceDataset:
+    """Open a preference dataset; see the module docstring for the accepted sources.
+
+    ``max_rows`` keeps the first rows (after dropping ties). A missing column raises a
+    ``ValueError`` here, before any training starts.
+    """
+    if not isinstance(source, (str, os.PathLike)) or not str(source):
+        raise TypeError(f"source: expected a folder, file or dataset name, got {source!r}")
+    if max_rows is not None and (not isinstance(max_rows, int) or max_rows < 1):
+        raise ValueError(f"max_rows: expected a positive int or None, got {max_rows!r}")
+    if not isinstance(split, str) or not split:
+        raise ValueError(f"split: expected a split name such as 'train', got {split!r}")
+    path = Path(source).expanduser()
+    if path.exists():
+        path = path.resolve()
+        if path.is_file() and path.suffix == ".jsonl":
+            return JsonlPreferenceDataset(path, split, max_rows)
+        if path.is_dir() and (path / PAIRS_FILE).exists():
+            return JsonlPreferenceDataset(path / PAIRS_FILE, split, max_rows)
+        if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+            import datasets
+
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise ValueError(f"{path}: no split {split!r} (has {list(loaded)})")
+                loaded = loaded[split]
+            return HFPreferenceDataset(loaded, str(path), split, drop_ties, max_rows)
+        files = _parquet_files(path, split)
+        if files:
+            return ParquetPreferenceDataset(files, split, drop_ties, max_rows)
+        raise ValueError(
+            f"source {str(source)!r}: expected parquet files (Pick-a-Pic v2 schema), a {PAIRS_FILE}, "
+            "or a datasets save_to_disk folder; found none of these"
+        )
+    import datasets
+
+    return HFPreferenceDataset(datasets.load_dataset(str(source), split=split), str(source), split, drop_ties, max_rows)
+
+
+def _encode_image(image: Union[Image.Image, bytes], image_format: str) -> bytes:
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)  # already encoded (or deliberately corrupt, in tests)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image: expected a PIL image or encoded bytes, got {type(image).__name__}")
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def write_pickapic_parquet(
+    path: PathLike,
+    rows: Iterable[Tuple[str, Union[Image.Image, bytes], Union[Image.Image, bytes], float]],
+    *,
+    image_format: str = "PNG",
+    row_group_size: int = 256,
+) -> Path:
+    """Write ``(caption, image_0, image_1, label_0)`` rows as a Pick-a-Pic v2 parquet file.
+
+    ``path``: a ``.parquet`` file, or a folder (created) that receives ``train.parquet``.
+    Images are PIL images (encoded as ``image_format``) or already-encoded bytes.
+    Returns the file written.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if path.suffix != ".parquet":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / "train.parquet"
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    captions, images_0, images_1, labels = [], [], [], []
+    for i, row in enumerate(rows):
+        if len(row) != 4:
+            raise ValueError(f"rows[{i}]: expected (caption, image_0, image_1, label_0), got {len(row)} items")
+        caption, image_0, image_1, label = row
+        captions.append(str(caption))
+        images_0.append(_encode_image(image_0, image_format))
+        images_1.append(_encode_image(image_1, image_format))
+        labels.append(float(label))
+    table = pa.table({
+        "caption": pa.array(captions, pa.string()),
+        "jpg_0": pa.array(images_0, pa.binary()),
+        "jpg_1": pa.array(images_1, pa.binary()),
+        "label_0": pa.array(labels, pa.float64()),
+        "label_1": pa.array([1.0 - x for x in labels], pa.float64()),
+    })
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, row_group_size=row_group_size)
+    os.replace(tmp, path)
+    return path
