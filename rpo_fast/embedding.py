@@ -1,0 +1,494 @@
+"""CLIP embeddings of preference pairs for the RPO weights, cached by dataset row.
+
+Diffusion-RPO weighs the contrast between preferred pair i and dispreferred pair j by the
+cosine similarity of their (prompt, image) embeddings (DESIGN.md section 1). Embedding a
+large dataset with a large CLIP takes hours, so it happens once, here, and the trainer
+reads the result with :func:`load_embedding_cache` and looks up ``emb_w[idx], emb_l[idx]``.
+
+Cache layout (``path`` is the final ``.safetensors`` file):
+
+* while embedding, completed chunks of rows go to ``<path>.parts/chunk_XXXXXX.safetensors``
+  (each written to a temporary name, then renamed: a crash never leaves a half chunk), next
+  to a ``manifest.json`` holding the dataset fingerprint and the embedder identity;
+* a rerun checks both, skips the chunks already there and embeds the rest;
+* when every chunk exists they are merged into ``path`` (tensors ``emb_w``, ``emb_l`` of
+  shape ``(N, E)`` and ``valid`` of shape ``(N,)``; metadata: fingerprint, embedder,
+  rows, dim) and the parts folder is removed.
+
+Rows whose images cannot be read (``dataset.get_pair`` returns None) get zero embeddings
+and ``valid = False``; the trainer skips such rows anyway.
+
+Any callable ``(prompts, images) -> (B, E) float32 tensor`` is an :data:`Embedder`; give it
+an ``identity`` attribute (or pass ``embedder_id``) so that a resumed cache can tell it apart
+from another embedder. :func:`open_clip_embedder` builds one from open_clip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+PathLike = Union[str, os.PathLike]
+Embedder = Callable[[List[str], List[Image.Image]], torch.Tensor]
+
+EMBED_MODES = ("text", "image", "joint")
+PRECISIONS = ("fp32", "fp16", "bf16")
+CACHE_FORMAT = "rpo-fast-embeddings-v1"
+DEFAULT_CHUNK_ROWS = 4096
+
+# ---------------------------------------------------------------------------------------
+# open_clip loading, shared with the evaluation scorers
+# ---------------------------------------------------------------------------------------
+
+
+def register_open_clip_configs(paths: Optional[Sequence[PathLike]]) -> List[str]:
+    """Registers open_clip architecture JSON files (``{"embed_dim", "vision_cfg",
+    "text_cfg"}``); each becomes a model name equal to its file stem. Returns the names."""
+    import open_clip
+
+    names = []
+    for path in paths or ():
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"open_clip config: no file at {path}")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"open_clip config {path}: not valid JSON ({e})") from None
+        missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(config, dict) or k not in config]
+        if missing:
+            raise ValueError(f"open_clip config {path}: missing key(s) {missing}")
+        open_clip.add_model_config(path)
+        names.append(path.stem)
+    return names
+
+
+def _looks_like_path(value: str) -> bool:
+    return os.sep in value or value.startswith(".") or Path(value).suffix in (".pt", ".pth", ".bin", ".safetensors", ".npz")
+
+
+def check_open_clip_source(model_name: str, pretrained: Optional[str], what: str = "model") -> None:
+    """Raises a clear error for an unknown architecture, a missing checkpoint file or an
+    unknown pretrained tag, before anything is loaded or downloaded."""
+    import open_clip
+
+    if not isinstance(model_name, str) or not model_name:
+        raise ValueError(f"{what}: expected an open_clip model name such as 'ViT-H-14', got {model_name!r}")
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        return  # open_clip reads config and weights from there; `pretrained` is ignored
+    name = model_name.replace("/", "-")
+    if name not in open_clip.list_models():
+        raise ValueError(
+            f"{what}: unknown open_clip architecture {model_name!r}; use a built-in name "
+            "(open_clip.list_models()) or register a JSON config with --open-clip-config"
+        )
+    if pretrained is None or pretrained == "":
+        raise ValueError(f"{what}: pretrained weights are needed: a tag such as 'laion2b_s32b_b79k' or a checkpoint file")
+    if os.path.isfile(pretrained):
+        return
+    if _looks_like_path(pretrained):
+        raise FileNotFoundError(f"{what}: no checkpoint file at {pretrained}")
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ValueError(f"{what}: {pretrained!r} is neither a checkpoint file nor a pretrained tag of {name} (tags: {tags})")
+
+
+def load_open_clip(model_name: str, pretrained: Optional[str], *, device="cpu", precision: str = "fp32",
+                   what: str = "model"):
+    """``(model, preprocess, tokenizer)`` of an open_clip model in eval mode.
+
+    ``pretrained``: a tag (downloaded by open_clip) or a local checkpoint file (``.pt`` with or
+    without a ``state_dict`` key, ``.bin``, ``.safetensors``), read by open_clip's own loader.
+    """
+    import open_clip
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
+    check_open_clip_source(model_name, pretrained, what)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=device, precision=precision
+        )
+    except RuntimeError as e:
+        if "weights_only" in str(e) or "Unpickl" in str(e):
+            raise ValueError(
+                f"{what}: {pretrained} holds pickled objects beyond tensors and is not loaded "
+                f"for safety; re-save its state_dict with torch.save or safetensors ({e})"
+            ) from None
+        raise
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(model_name)
+
+
+def _model_device_dtype(model) -> Tuple[torch.device, torch.dtype]:
+    param = next(model.visual.parameters())
+    return param.device, param.dtype
+
+
+@torch.inference_mode()
+def encode_images(model, preprocess, images: Sequence[Image.Image]) -> torch.Tensor:
+    """L2-normalized open_clip image embeddings, float32 on the model's device."""
+    device, dtype = _model_device_dtype(model)
+    pixels = torch.stack([preprocess(image.convert("RGB")) for image in images]).to(device=device, dtype=dtype)
+    return F.normalize(model.encode_image(pixels).float(), dim=-1)
+
+
+@torch.inference_mode()
+def encode_texts(model, tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """L2-normalized open_clip text embeddings, float32 on the model's device."""
+    device, _ = _model_device_dtype(model)
+    return F.normalize(model.encode_text(tokenizer(list(texts)).to(device)).float(), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------
+# Embedders
+# ---------------------------------------------------------------------------------------
+
+
+def _pretrained_identity(pretrained: Optional[str]) -> str:
+    # A file is named by its name and size, not its folder: moving the checkpoint keeps the cache valid.
+    if pretrained and os.path.isfile(pretrained):
+        return f"{Path(pretrained).name}:{os.path.getsize(pretrained)}"
+    return str(pretrained)
+
+
+class OpenCLIPEmbedder:
+    """An :data:`Embedder` over an open_clip model.
+
+    ``text``: the prompt's embedding; ``image``: the image's; ``joint``: the normalized mean
+    of the normalized text and image embeddings, so that two pairs are close when both
+    their prompts and their images are. Outputs are unit vectors, float32, on the CPU.
+    """
+
+    def __init__(self, model, preprocess, tokenizer, mode: str, identity: str):
+        if mode not in EMBED_MODES:
+            raise ValueError(f"mode: expected one of {list(EMBED_MODES)}, got {mode!r}")
+        self.model, self.preprocess, self.tokenizer, self.mode = model, preprocess, tokenizer, mode
+        self.identity = identity
+
+    def __call__(self, prompts: List[str], images: List[Image.Image]) -> torch.Tensor:
+        if len(prompts) != len(images):
+            raise ValueError(f"images: expected one image per prompt ({len(prompts)}), got {len(images)}")
+        parts = []
+        if self.mode in ("text", "joint"):
+            unique = list(dict.fromkeys(prompts))  # each pair's prompt comes twice (chosen, rejected)
+            text = encode_texts(self.model, self.tokenizer, unique)
+            parts.append(text[torch.tensor([unique.index(p) for p in prompts], device=text.device)])
+        if self.mode in ("image", "joint"):
+            parts.append(encode_images(self.model, self.preprocess, images))
+        emb = parts[0] if len(parts) == 1 else F.normalize(parts[0] + parts[1], dim=-1)
+        return emb.cpu()
+
+
+def open_clip_embedder(model_name: str, pretrained: Optional[str], mode: str = "joint", device="cpu",
+                       precision: str = "fp32") -> OpenCLIPEmbedder:
+    """An :data:`Embedder` from an open_clip model name and a pretrained tag or local checkpoint."""
+    if mode not in EMBED_MODES:
+        raise ValueError(f"mode: expected one of {list(EMBED_MODES)}, got {mode!r}")
+    model, preprocess, tokenizer = load_open_clip(model_name, pretrained, device=device, precision=precision)
+    identity = f"open_clip:{model_name}:{_pretrained_identity(pretrained)}:{mode}"
+    return OpenCLIPEmbedder(model, preprocess, tokenizer, mode, identity)
+
+
+def embedder_identity(embedder: Embedder, embedder_id: Optional[str] = None) -> str:
+    if embedder_id is not None:
+        return str(embedder_id)
+    identity = getattr(embedder, "identity", None)
+    if identity is not None:
+        return str(identity)
+    return getattr(embedder, "__qualname__", type(embedder).__qualname__)
+
+
+# ---------------------------------------------------------------------------------------
+# The cache
+# ---------------------------------------------------------------------------------------
+
+
+def _parts_dir(path: Path) -> Path:
+    return path.with_name(path.name + ".parts")
+
+
+def _atomic_save(tensors: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _read_metadata(path: Path) -> Dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _check_identity(where: str, stored: Dict[str, str], fingerprint: str, identity: str, rows: int) -> None:
+    if stored.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{where}: not an rpo-fast embedding cache (format {stored.get('format')!r})")
+    problems = []
+    if stored.get("fingerprint") != fingerprint:
+        problems.append(f"dataset fingerprint {stored.get('fingerprint')} != {fingerprint}")
+    if int(stored.get("rows", -1)) != rows:
+        problems.append(f"rows {stored.get('rows')} != {rows}")
+    if stored.get("embedder") != identity:
+        problems.append(f"embedder {stored.get('embedder')!r} != {identity!r}")
+    if problems:
+        raise ValueError(
+            f"{where} was built for other data or another embedder ({'; '.join(problems)}); "
+            "choose another output path or pass overwrite=True (--overwrite)"
+        )
+
+
+class _ReadPairs:
+    """DataLoader collate function: row indices -> (indices, pairs); picklable for workers."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __call__(self, indices: List[int]):
+        return indices, [self.dataset.get_pair(i) for i in indices]
+
+
+def _embed_chunk(dataset, embedder: Embedder, rows: range, batch_size: int, num_workers: int, bar):
+    """(valid row indices, emb_w, emb_l) of one chunk; unreadable pairs are left out."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(list(rows), batch_size=batch_size, num_workers=num_workers, collate_fn=_ReadPairs(dataset))
+    valid, emb_w, emb_l = [], [], []
+    for idx, pairs in loader:
+        kept = [(i, p) for i, p in zip(idx, pairs) if p is not None]
+        if kept:
+            m = len(kept)
+            prompts = [p.prompt for _, p in kept]
+            images = [p.chosen for _, p in kept] + [p.rejected for _, p in kept]
+            emb = embedder(prompts + prompts, images)
+            if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or emb.shape[0] != 2 * m:
+                got = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
+                raise ValueError(f"embedder: expected a (B, E) tensor with B = {2 * m}, got {got}")
+            emb = emb.detach().float().cpu()
+            if not torch.isfinite(emb).all():
+                raise ValueError(f"embedder: non-finite embeddings for rows {idx[0]}..{idx[-1]}")
+            valid += [i for i, _ in kept]
+            emb_w.append(emb[:m])
+            emb_l.append(emb[m:])
+        bar.update(len(idx))
+    if not valid:
+        empty = torch.zeros(0, 0)
+        return torch.zeros(0, dtype=torch.int64), empty, empty
+    return torch.tensor(valid, dtype=torch.int64), torch.cat(emb_w), torch.cat(emb_l)
+
+
+def build_embedding_cache(
+    dataset,
+    embedder: Embedder,
+    path: PathLike,
+    *,
+    batch_size: int = 32,
+    progress: bool = True,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    embedder_id: Optional[str] = None,
+    num_workers: int = 0,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+) -> Path:
+    """Embeds every row of ``dataset`` into the safetensors file ``path`` (see the module
+    docstring), resuming from the chunks a previous interrupted run left. Returns ``path``.
+
+    ``chunk_rows``: rows per saved chunk (the most work an interruption loses); a resumed
+    run keeps the chunk size it started with. ``dtype``: float32 or float16 on disk
+    (:func:`load_embedding_cache` returns float32 either way). ``num_workers``: DataLoader
+    worker processes decoding images.
+    """
+    from tqdm.auto import tqdm
+
+    for name, value in (("batch_size", batch_size), ("chunk_rows", chunk_rows)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers: expected an int >= 0, got {num_workers!r}")
+    if dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"dtype: expected torch.float32 or torch.float16, got {dtype}")
+    if not callable(embedder):
+        raise TypeError(f"embedder: expected a callable (prompts, images) -> tensor, got {type(embedder).__name__}")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"path: expected a file name ending in .safetensors, got {path}")
+    num_rows = len(dataset)
+    if num_rows == 0:
+        raise ValueError("dataset: has no rows to embed")
+    fingerprint, identity = dataset.fingerprint, embedder_identity(embedder, embedder_id)
+    parts = _parts_dir(path)
+
+    if overwrite:
+        shutil.rmtree(parts, ignore_errors=True)
+        path.unlink(missing_ok=True)
+    if path.exists():
+        _check_identity(str(path), _read_metadata(path), fingerprint, identity, num_rows)
+        return path  # already complete
+
+    manifest_path = parts / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        _check_identity(str(parts), manifest, fingerprint, identity, num_rows)
+        chunk_rows = int(manifest["chunk_rows"])
+    else:
+        parts.mkdir(parents=True, exist_ok=True)
+        manifest = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "embedder": identity,
+                    "rows": num_rows, "chunk_rows": chunk_rows}
+        tmp = manifest_path.with_name("manifest.json.tmp")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, manifest_path)
+
+    num_chunks = math.ceil(num_rows / chunk_rows)
+    chunk_files = [parts / f"chunk_{c:06d}.safetensors" for c in range(num_chunks)]
+    todo = [c for c in range(num_chunks) if not chunk_files[c].exists()]
+    done_rows = num_rows - sum(len(range(c * chunk_rows, min(num_rows, (c + 1) * chunk_rows))) for c in todo)
+    with tqdm(total=num_rows, initial=done_rows, unit="pair", desc="embedding", disable=not progress) as bar:
+        for c in todo:
+            rows = range(c * chunk_rows, min(num_rows, (c + 1) * chunk_rows))
+            valid, emb_w, emb_l = _embed_chunk(dataset, embedder, rows, batch_size, num_workers, bar)
+            _atomic_save({"rows": valid, "emb_w": emb_w.to(dtype), "emb_l": emb_l.to(dtype)}, chunk_files[c],
+                         {"format": CACHE_FORMAT, "first_row": str(rows.start), "end_row": str(rows.stop)})
+
+    _merge_chunks(chunk_files, path, num_rows, fingerprint, identity, dtype)
+    shutil.rmtree(parts)
+    return path
+
+
+def _merge_chunks(chunk_files: List[Path], path: Path, num_rows: int, fingerprint: str, identity: str,
+                  dtype: torch.dtype) -> None:
+    from safetensors.torch import load_file
+
+    chunks = [load_file(str(f)) for f in chunk_files]
+    dims = {c["emb_w"].shape[1] for c in chunks if c["rows"].numel()}
+    if not dims:
+        raise ValueError("dataset: no row has two readable images; nothing to embed")
+    if len(dims) > 1:
+        raise ValueError(f"embedder: chunks have different embedding sizes {sorted(dims)}; rebuild with --overwrite")
+    dim = dims.pop()
+    emb_w = torch.zeros(num_rows, dim, dtype=dtype)
+    emb_l = torch.zeros(num_rows, dim, dtype=dtype)
+    valid = torch.zeros(num_rows, dtype=torch.bool)
+    for chunk in chunks:
+        rows = chunk["rows"]
+        if rows.numel():
+            emb_w[rows], emb_l[rows], valid[rows] = chunk["emb_w"].to(dtype), chunk["emb_l"].to(dtype), True
+    metadata = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "embedder": identity,
+                "rows": str(num_rows), "dim": str(dim), "valid_rows": str(int(valid.sum()))}
+    _atomic_save({"emb_w": emb_w, "emb_l": emb_l, "valid": valid}, path, metadata)
+
+
+def embedding_cache_info(path: PathLike) -> Dict[str, object]:
+    """The metadata of a finished cache plus its ``valid`` row mask (a bool tensor)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    _require_complete(path)
+    with safe_open(str(path), framework="pt") as f:
+        info: Dict[str, object] = dict(f.metadata() or {})
+        info["valid"] = f.get_tensor("valid")
+    return info
+
+
+def _require_complete(path: Path) -> None:
+    if path.exists():
+        return
+    manifest = _parts_dir(path) / "manifest.json"
+    if manifest.exists():
+        rows = json.loads(manifest.read_text()).get("rows")
+        done = len(list(_parts_dir(path).glob("chunk_*.safetensors")))
+        raise ValueError(
+            f"embedding cache {path} is incomplete ({done} chunk(s) of {rows} rows done); "
+            "rerun `rpo-fast embed` with the same arguments to finish it"
+        )
+    raise FileNotFoundError(f"embedding cache: no file at {path}")
+
+
+def load_embedding_cache(path: PathLike, dataset=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(emb_w, emb_l)``, each ``(N, E)`` float32, row i for dataset row i.
+
+    With ``dataset``, checks that the cache was built for it (fingerprint and row count).
+    Raises for an unfinished or foreign file.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    _require_complete(path)
+    metadata = _read_metadata(path)
+    if metadata.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{path}: not an rpo-fast embedding cache (format {metadata.get('format')!r})")
+    if dataset is not None:
+        if metadata.get("fingerprint") != dataset.fingerprint:
+            raise ValueError(
+                f"{path} was built for another dataset (fingerprint {metadata.get('fingerprint')}, "
+                f"this dataset's is {dataset.fingerprint}); rerun `rpo-fast embed` for this data"
+            )
+        if int(metadata.get("rows", -1)) != len(dataset):
+            raise ValueError(f"{path}: holds {metadata.get('rows')} rows, the dataset has {len(dataset)}")
+    tensors = load_file(str(path))
+    emb_w, emb_l = tensors["emb_w"].float(), tensors["emb_l"].float()
+    rows = int(metadata["rows"])
+    if emb_w.shape != emb_l.shape or emb_w.dim() != 2 or emb_w.shape[0] != rows:
+        raise ValueError(f"{path}: corrupt cache: emb_w {tuple(emb_w.shape)}, emb_l {tuple(emb_l.shape)}, rows {rows}")
+    return emb_w, emb_l
+
+
+# ---------------------------------------------------------------------------------------
+# `rpo-fast embed`
+# ---------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="preference data: Pick-a-Pic parquet folder, pairs.jsonl folder or dataset name")
+    parser.add_argument("--split", default="train", help="dataset split")
+    parser.add_argument("--max-rows", type=int, default=None, help="embed only the first rows (must match training)")
+    parser.add_argument("--keep-ties", action="store_true", help="keep tied pairs (must match training)")
+    parser.add_argument("--output", required=True, help="cache file to write (.safetensors)")
+    parser.add_argument("--model", default="ViT-H-14", help="open_clip architecture name")
+    parser.add_argument("--pretrained", default="laion2b_s32b_b79k", help="open_clip pretrained tag or local checkpoint file")
+    parser.add_argument("--open-clip-config", action="append", default=[], metavar="JSON",
+                        help="register an extra open_clip architecture (name = file stem); repeatable")
+    parser.add_argument("--mode", choices=EMBED_MODES, default="joint",
+                        help="embed the prompt, the image, or both (normalized mean)")
+    parser.add_argument("--batch-size", type=int, default=32, help="pairs per embedder call")
+    parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows per saved chunk (resume granularity)")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="model precision")
+    parser.add_argument("--storage-dtype", choices=("float32", "float16"), default="float32", help="dtype on disk")
+    parser.add_argument("--overwrite", action="store_true", help="discard an existing cache at --output")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .data import load_preference_dataset
+
+    try:
+        register_open_clip_configs(args.open_clip_config)
+        dataset = load_preference_dataset(args.data, split=args.split, drop_ties=not args.keep_ties,
+                                          max_rows=args.max_rows)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        embedder = open_clip_embedder(args.model, args.pretrained, args.mode, device=device, precision=args.precision)
+        path = build_embedding_cache(
+            dataset, embedder, args.output, batch_size=args.batch_size, progress=not args.no_progress,
+            chunk_rows=args.chunk_rows, num_workers=args.num_workers, overwrite=args.overwrite,
+            dtype=torch.float16 if args.storage_dtype == "float16" else torch.float32,
+        )
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"rpo-fast embed: error: {e}", file=sys.stderr)
+        return 2
+    info = embedding_cache_info(path)
+    print(f"wrote {path}: {info['rows']} rows ({info['valid_rows']} with readable images), dim {info['dim']}, "
+          f"embedder {info['embedder']}")
+    return 0
