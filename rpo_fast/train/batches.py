@@ -1,0 +1,137 @@
+"""Which rows each micro-batch holds, and every random draw of a sample, as pure functions.
+
+Nothing here depends on hidden RNG state: the rows of micro-batch ``u`` come from a
+permutation seeded by (seed, epoch), and the VAE posterior draw, the noise and the timestep of
+a row come from a generator seeded by (seed, epoch, row). So a resumed run sees exactly the
+batches an uninterrupted one would, a precomputed reference pass sees the same noise and
+timestep as the training step that uses it, and the batches do not depend on how many
+DataLoader workers assemble them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .latent_cache import LatentCache
+
+
+def sample_seed(seed: int, epoch: int, row: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, row, 0x5250]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class PairSchedule:
+    """Micro-batch ``u`` -> (epoch, rows of this rank). Each epoch visits the readable rows
+    in a fresh permutation; the last incomplete global micro-batch of an epoch is dropped."""
+
+    def __init__(self, readable_rows: np.ndarray, batch_pairs: int, world: int, seed: int):
+        self.rows = np.asarray(readable_rows, dtype=np.int64)
+        self.batch_pairs, self.world, self.seed = batch_pairs, world, seed
+        self.global_pairs = batch_pairs * world
+        self.micro_batches_per_epoch = len(self.rows) // self.global_pairs
+        if self.micro_batches_per_epoch == 0:
+            raise ValueError(
+                f"data: {len(self.rows)} readable pairs, fewer than one global batch of {self.global_pairs} "
+                f"(batch_pairs {batch_pairs} x {world} processes); lower batch_pairs or add data"
+            )
+        self._perm_cache: Tuple[int, Optional[np.ndarray]] = (-1, None)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if self._perm_cache[0] != epoch:
+            perm = np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(len(self.rows))
+            self._perm_cache = (epoch, self.rows[perm])
+        return self._perm_cache[1]
+
+    def epoch_of(self, micro_batch: int) -> int:
+        return micro_batch // self.micro_batches_per_epoch
+
+    def global_rows(self, micro_batch: int) -> Tuple[int, np.ndarray]:
+        epoch, b = divmod(micro_batch, self.micro_batches_per_epoch)
+        return epoch, self.permutation(epoch)[b * self.global_pairs : (b + 1) * self.global_pairs]
+
+    def local_rows(self, micro_batch: int, rank: int) -> Tuple[int, np.ndarray]:
+        epoch, rows = self.global_rows(micro_batch)
+        return epoch, rows[rank * self.batch_pairs : (rank + 1) * self.batch_pairs]
+
+
+@dataclass
+class SampleDraw:
+    timestep: int
+    noise: torch.Tensor  # (C, h, w)
+    eps_w: torch.Tensor  # posterior draws of the two cached latents
+    eps_l: torch.Tensor
+
+
+def draw_sample(seed: int, epoch: int, row: int, shape: Tuple[int, ...], num_train_timesteps: int) -> SampleDraw:
+    """The random draws of one row in one epoch: one timestep and one noise for both images
+    of the pair (as in Diffusion-DPO), and the two posterior draws."""
+    g = torch.Generator().manual_seed(sample_seed(seed, epoch, row))
+    timestep = int(torch.randint(0, num_train_timesteps, (1,), generator=g))
+    noise = torch.randn(shape, generator=g)
+    eps_w = torch.randn(shape, generator=g)
+    eps_l = torch.randn(shape, generator=g)
+    return SampleDraw(timestep, noise, eps_w, eps_l)
+
+
+@dataclass
+class PairBatch:
+    epoch: int
+    rows: torch.Tensor  # (M,) dataset rows
+    prompts: List[str]
+    latents: torch.Tensor  # (2M, C, h, w) winners first
+    noise: torch.Tensor  # (2M, C, h, w), rows i and M + i equal
+    timesteps: torch.Tensor  # (2M,), rows i and M + i equal
+
+    def pin_memory(self) -> "PairBatch":
+        self.latents, self.noise = self.latents.pin_memory(), self.noise.pin_memory()
+        return self
+
+
+def assemble_batch(epoch: int, rows: np.ndarray, cache: LatentCache, prompt_of: Callable[[int], str], seed: int,
+                   num_train_timesteps: int) -> PairBatch:
+    latents_w, latents_l, noises, timesteps = [], [], [], []
+    for row in rows.tolist():
+        mean_w, std_w, mean_l, std_l = cache.get(row)
+        draw = draw_sample(seed, epoch, row, tuple(mean_w.shape), num_train_timesteps)
+        latents_w.append(mean_w + std_w * draw.eps_w)
+        latents_l.append(mean_l + std_l * draw.eps_l)
+        noises.append(draw.noise)
+        timesteps.append(draw.timestep)
+    noise = torch.stack(noises)
+    t = torch.tensor(timesteps, dtype=torch.long)
+    return PairBatch(
+        epoch=epoch,
+        rows=torch.as_tensor(rows, dtype=torch.long),
+        prompts=[prompt_of(r) for r in rows.tolist()],
+        latents=torch.cat([torch.stack(latents_w), torch.stack(latents_l)]),
+        noise=torch.cat([noise, noise]),
+        timesteps=torch.cat([t, t]),
+    )
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Index ``u`` (a micro-batch number) -> this rank's PairBatch; for a DataLoader with
+    ``batch_size=None`` so that workers assemble batches ahead of the training step."""
+
+    def __init__(self, schedule: PairSchedule, cache: LatentCache, prompts: List[str], rank: int, seed: int,
+                 num_train_timesteps: int, start: int, stop: int):
+        self.schedule, self.cache, self.prompts = schedule, cache, prompts
+        self.rank, self.seed, self.T = rank, seed, num_train_timesteps
+        self.start, self.stop = start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> PairBatch:
+        epoch, rows = self.schedule.local_rows(self.start + i, self.rank)
+        return assemble_batch(epoch, rows, self.cache, self.prompts.__getitem__, self.seed, self.T)
+
+
+def micro_batch_loader(dataset: MicroBatches, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+        persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
+    )

@@ -1,0 +1,148 @@
+"""Checkpoints that survive a kill at any moment.
+
+``<output_dir>/checkpoint-<step>/`` holds the trainable weights (safetensors), the optimizer,
+LR-scheduler and grad-scaler states, every process's RNG states and ``trainer_state.json``
+(step, data position, counters, the options that must match on resume). It is written into
+a hidden temporary folder, flushed to disk, then renamed: a folder named
+``checkpoint-<step>`` is always complete, and ``--resume latest`` picks the highest one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+import torch
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+MODEL_FILE = "model.safetensors"
+
+
+def list_checkpoints(output_dir: Path) -> Dict[int, Path]:
+    found = {}
+    if output_dir.is_dir():
+        for p in output_dir.iterdir():
+            m = _NAME.match(p.name)
+            if m and p.is_dir() and (p / STATE_FILE).exists():
+                found[int(m.group(1))] = p
+    return dict(sorted(found.items()))
+
+
+def find_checkpoint(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
+    """``resume``: None (start fresh), 'latest' (the newest checkpoint, or None if there is
+    none yet), or a checkpoint folder (which must exist)."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[max(found)] if found else None
+    path = Path(resume)
+    if not path.is_absolute() and not path.exists():
+        path = output_dir / resume
+    if not (path / STATE_FILE).exists():
+        raise ValueError(f"resume: {resume!r} is not a checkpoint folder (no {STATE_FILE} in {path})")
+    return path
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    *,
+    model_state: Dict[str, torch.Tensor],
+    optimizer,
+    lr_scheduler,
+    grad_scaler,
+    trainer_state: Dict[str, Any],
+    rank: int = 0,
+    barrier: Callable[[], None] = lambda: None,
+    total_limit: Optional[int] = None,
+) -> Path:
+    """Every rank calls this (each writes its RNG state); rank 0 writes the rest and renames."""
+    from safetensors.torch import save_file
+
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".checkpoint-{step}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    if rank == 0:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+        if grad_scaler is not None:
+            torch.save(grad_scaler.state_dict(), tmp / "grad_scaler.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+    barrier()
+    if rank == 0:
+        _fsync_tree(tmp)
+        old = output_dir / f".checkpoint-{step}.old"
+        if final.exists():  # the same step written again after resuming from an earlier one
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        _fsync_dir(output_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        if total_limit is not None:
+            found = list_checkpoints(output_dir)
+            for s in sorted(found)[:-total_limit]:
+                shutil.rmtree(found[s], ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(path: Path, rank: int = 0) -> Dict[str, Any]:
+    """Everything save_checkpoint wrote, as tensors and dicts (on the CPU)."""
+    from safetensors.torch import load_file
+
+    rng_file = path / f"rng-rank{rank}.pt"
+    if not rng_file.exists():
+        raise ValueError(f"resume: {path} has no RNG state for rank {rank}; was it written with fewer processes?")
+    scaler_file = path / "grad_scaler.pt"
+    return {
+        "model": load_file(str(path / MODEL_FILE)),
+        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False),
+        "lr_scheduler": torch.load(path / "lr_scheduler.pt", map_location="cpu", weights_only=False),
+        "grad_scaler": torch.load(scaler_file, map_location="cpu", weights_only=False) if scaler_file.exists() else None,
+        "rng": torch.load(rng_file, map_location="cpu", weights_only=False),
+        "trainer_state": json.loads((path / STATE_FILE).read_text()),
+    }

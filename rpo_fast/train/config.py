@@ -1,0 +1,200 @@
+"""TrainConfig: every option of a training run, with its help text, checked on creation.
+
+The command line (``rpo-fast train``) is generated from these fields, so ``--help``
+documents every option and a YAML config uses the same names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+METHODS = ("rpo", "dpo", "sft")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+MODEL_TYPES = ("auto", "sd15", "sdxl")
+PRECISIONS = ("no", "bf16", "fp16")
+REF_DTYPES = ("fp32", "bf16", "fp16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# The attention projections, as in the diffusers LoRA and Diffusion-DPO LoRA examples.
+DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+
+
+def _opt(default: Any, help: str, **extra: Any):
+    """A dataclass field carrying its command-line help text."""
+    kwargs = {"default_factory": default} if callable(default) else {"default": default}
+    return field(metadata={"help": help, **extra}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    # -- what to train, on what, where to write -------------------------------------------
+    pretrained_model: str = _opt(None, "hub id or local diffusers pipeline folder (required)", required=True,
+                                 aliases=("--pretrained_model_name_or_path",))
+    data: str = _opt(None, "preference data: a folder of Pick-a-Pic v2 parquet files, a folder with "
+                     "pairs.jsonl, or a dataset name for the datasets library (required)", required=True,
+                     aliases=("--dataset_name",))
+    output_dir: str = _opt(None, "where checkpoints, metrics and the trained weights go (required)",
+                           required=True, aliases=("--output_dir",))
+    model_type: str = _opt("auto", "sd15 | sdxl | auto (read from model_index.json)", choices=MODEL_TYPES)
+    revision: Optional[str] = _opt(None, "model revision on the hub")
+    variant: Optional[str] = _opt(None, "weights variant of the pretrained model, e.g. fp16")
+    split: str = _opt("train", "dataset split")
+    drop_ties: bool = _opt(True, "drop Pick-a-Pic rows labelled as ties (label_0 = 0.5)")
+    max_rows: Optional[int] = _opt(None, "use only the first N rows of the dataset (after dropping ties)")
+
+    # -- objective --------------------------------------------------------------------------
+    method: str = _opt("rpo", "rpo | dpo | sft", choices=METHODS)
+    loss_type: str = _opt("sigmoid", "per-pair loss: sigmoid | hinge | ipo", choices=LOSS_TYPES)
+    beta: float = _opt(2500.0, "beta of the pair logit (2500 here = 5000 in the original Diffusion-DPO code)",
+                       aliases=("--beta_dpo",))
+    tau: float = _opt(0.5, "RPO temperature of the similarity weights")
+    embeddings: Optional[str] = _opt(None, "embedding cache (rpo-fast embed) for the RPO weights; "
+                                     "unset: uniform weights 1/M")
+    backend: str = _opt("auto", "loss backend: auto | torch | cpu | cuda | triton")
+
+    # -- model and reference ----------------------------------------------------------------
+    lora: bool = _opt(False, "train LoRA adapters on the UNet instead of all its weights")
+    lora_rank: int = _opt(8, "LoRA rank", aliases=("--rank",))
+    lora_alpha: Optional[float] = _opt(None, "LoRA alpha (unset: equal to the rank)")
+    lora_target_modules: List[str] = _opt(lambda: list(DEFAULT_LORA_TARGETS),
+                                          "UNet modules that get LoRA adapters", nargs="+")
+    precompute_ref: bool = _opt(False, "compute the reference errors in a separate no-grad pass before "
+                                "training, so that no reference model is held or run while training")
+    ref_dtype: Optional[str] = _opt(None, "dtype of the frozen reference copy in full fine-tuning: fp32 | bf16 "
+                                    "| fp16 (unset: that of the frozen models)", choices=REF_DTYPES)
+
+    # -- optimisation -------------------------------------------------------------------------
+    learning_rate: float = _opt(1e-5, "peak learning rate")
+    lr_scheduler: str = _opt("constant_with_warmup", "learning-rate schedule (diffusers.optimization)",
+                             choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _opt(0, "linear warm-up steps of the learning rate")
+    max_steps: int = _opt(1000, "optimizer steps to train", aliases=("--max_train_steps",))
+    batch_pairs: int = _opt(4, "preference pairs per process per micro-batch", aliases=("--train_batch_size",))
+    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
+    adam_beta1: float = _opt(0.9, "AdamW beta1")
+    adam_beta2: float = _opt(0.999, "AdamW beta2")
+    adam_weight_decay: float = _opt(1e-2, "AdamW weight decay")
+    adam_epsilon: float = _opt(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: no clipping)")
+    max_nonfinite_steps: int = _opt(10, "stop when this many steps in a row have a non-finite loss or gradient")
+
+    # -- speed and memory ---------------------------------------------------------------------
+    resolution: int = _opt(512, "training resolution in pixels (images are resized and centre-cropped)")
+    mixed_precision: str = _opt("no", "autocast dtype: no | bf16 | fp16; frozen models are stored in it",
+                                choices=PRECISIONS)
+    compile: Optional[bool] = _opt(None, "torch.compile the UNet (unset: on for CUDA)")
+    compile_mode: Optional[str] = _opt(None, "torch.compile mode, e.g. max-autotune")
+    gradient_checkpointing: bool = _opt(False, "recompute UNet activations in the backward pass to save memory")
+    allow_tf32: bool = _opt(True, "allow TF32 matmuls on Ampere and newer GPUs")
+    latent_cache: Optional[str] = _opt(None, "latent cache folder, shared across runs (unset: "
+                                       "$RPO_FAST_CACHE/latents or ~/.cache/rpo_fast/latents)")
+    vae_encode_batch_size: int = _opt(8, "images per VAE call when filling the latent cache")
+    dataloader_num_workers: int = _opt(0, "DataLoader worker processes (image decoding, batch assembly)")
+
+    # -- runs, checkpoints, logs --------------------------------------------------------------
+    seed: int = _opt(0, "seed of everything: data order, noise, timesteps, LoRA init")
+    checkpoint_every: int = _opt(500, "write a checkpoint every N steps (0: only at the end)",
+                                 aliases=("--checkpointing_steps",))
+    checkpoints_total_limit: Optional[int] = _opt(3, "keep at most this many checkpoints (unset: all)")
+    resume: Optional[str] = _opt(None, "'latest' or a checkpoint folder to resume from (with 'latest', "
+                                 "a run without checkpoints starts fresh)", aliases=("--resume_from_checkpoint",))
+    log_every: int = _opt(10, "append metrics to metrics.jsonl every N steps")
+    tensorboard: Optional[bool] = _opt(None, "also log to TensorBoard (unset: when tensorboard is installed)")
+    progress: bool = _opt(True, "show a tqdm progress bar")
+    device: Optional[str] = _opt(None, "cpu, cuda, cuda:1, ... (unset: cuda:LOCAL_RANK when available, else cpu)")
+    ddp_timeout_minutes: float = _opt(120.0, "timeout of collective operations, e.g. while rank 0 fills caches")
+    save_final: bool = _opt(True, "save the trained weights in diffusers format at the end")
+
+    def __post_init__(self) -> None:
+        for name in ("pretrained_model", "data", "output_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, (str, Path)) or not str(value):
+                raise ValueError(f"{name}: required, expected a non-empty string, got {value!r}")
+            setattr(self, name, str(value))
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise ValueError(f"{f.name}: expected one of {list(choices)}, got {value!r}")
+        for name in ("max_steps", "batch_pairs", "gradient_accumulation_steps", "lora_rank", "resolution",
+                     "vae_encode_batch_size", "log_every", "max_nonfinite_steps"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("lr_warmup_steps", "checkpoint_every", "dataloader_num_workers", "seed"):
+            _check_int(name, getattr(self, name), minimum=0)
+        if self.checkpoints_total_limit is not None:
+            _check_int("checkpoints_total_limit", self.checkpoints_total_limit, minimum=1)
+        if self.max_rows is not None:
+            _check_int("max_rows", self.max_rows, minimum=1)
+        if self.resolution % 8:
+            raise ValueError(f"resolution: expected a multiple of 8 (the VAE downsamples by 8), got {self.resolution}")
+        for name in ("beta", "tau", "learning_rate", "adam_epsilon", "ddp_timeout_minutes"):
+            _check_float(name, getattr(self, name), positive=True)
+        for name in ("adam_weight_decay", "max_grad_norm"):
+            _check_float(name, getattr(self, name), positive=False)
+        if self.lora_alpha is not None:
+            _check_float("lora_alpha", self.lora_alpha, positive=True)
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [self.lora_target_modules]
+        if not self.lora_target_modules or not all(isinstance(m, str) and m for m in self.lora_target_modules):
+            raise ValueError(f"lora_target_modules: expected a non-empty list of module names, "
+                             f"got {self.lora_target_modules!r}")
+        if self.embeddings is not None and self.method != "rpo":
+            raise ValueError(f"embeddings: only used by method 'rpo', got method {self.method!r}")
+        if self.precompute_ref and self.method == "sft":
+            raise ValueError("precompute_ref: method 'sft' has no reference")
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.method != "sft"
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value: Any, positive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"{name}: expected a number, got {value!r}")
+    if (positive and value <= 0) or (not positive and value < 0):
+        raise ValueError(f"{name}: expected a {'positive' if positive else 'non-negative'} number, got {value!r}")
+
+
+def config_fields() -> List[dataclasses.Field]:
+    return list(dataclasses.fields(TrainConfig))
+
+
+def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:
+    """TrainConfig from a mapping (a parsed YAML file); unknown keys are an error naming them."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"config: expected a mapping of option names to values, got {type(values).__name__}")
+    known = {f.name for f in config_fields()}
+    normalised = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(normalised) - known)
+    if unknown:
+        raise ValueError(f"config: unknown option(s) {unknown}; see `rpo-fast train --help`")
+    missing = [f.name for f in config_fields() if f.metadata.get("required") and normalised.get(f.name) is None]
+    if missing:
+        raise ValueError(f"config: missing required option(s) {missing}")
+    return TrainConfig(**normalised)
+
+
+def load_yaml_config(path, overrides: Optional[Mapping[str, Any]] = None) -> TrainConfig:
+    """A YAML file of options, then ``overrides`` (e.g. from the command line) on top."""
+    import yaml
+
+    values: Dict[str, Any] = {}
+    if path is not None:
+        with open(path) as f:
+            loaded = yaml.safe_load(f)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a YAML mapping of option names to values")
+        values.update({str(k).replace("-", "_"): v for k, v in (loaded or {}).items()})
+    values.update(overrides or {})
+    return config_from_dict(values)
+
+
+def config_to_dict(config: TrainConfig) -> Dict[str, Any]:
+    return dataclasses.asdict(config)

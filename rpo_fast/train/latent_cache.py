@@ -1,0 +1,211 @@
+"""The latent cache: every image VAE-encoded once, reused across epochs and runs.
+
+A cache folder is keyed by (dataset fingerprint, resolution, crop policy, VAE identity), so a
+cache built for other data, another size or another VAE is never read by mistake. It holds
+``meta.json`` and shards ``shard-00000.safetensors`` ... of ``shard_size`` rows each, with
+the VAE posterior's mean and standard deviation (already multiplied by the VAE scaling
+factor) of both images of a row, and ``valid`` (0 where an image was unreadable). Training
+draws ``latent = mean + std * eps`` like ``latent_dist.sample()`` of the diffusers
+examples, with ``eps`` fixed per (seed, epoch, row).
+
+Shards are written to a temporary name and renamed, so an interrupted fill resumes where
+it stopped; with several processes each fills its own shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from ..data import PreferenceDataset, _hash
+
+FORMAT_VERSION = 1
+CROP_POLICY = "resize-shorter-side-bilinear+center-crop"
+
+
+def default_cache_root() -> Path:
+    base = os.environ.get("RPO_FAST_CACHE")
+    if base:
+        return Path(base) / "latents"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rpo_fast" / "latents"
+
+
+def cache_key(dataset_fingerprint: str, resolution: int, vae_identity: str) -> str:
+    return _hash(FORMAT_VERSION, dataset_fingerprint, resolution, CROP_POLICY, vae_identity)
+
+
+def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """RGB image -> (3, resolution, resolution) in [-1, 1]: shorter side resized, centre crop."""
+    image = ImageOps.fit(image, (resolution, resolution), method=Image.BILINEAR, centering=(0.5, 0.5))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class _PixelRows(torch.utils.data.Dataset):
+    """Row -> (row, pixels of chosen, pixels of rejected, readable) for the encoding pass."""
+
+    def __init__(self, dataset: PreferenceDataset, rows: range, resolution: int):
+        self.dataset, self.rows, self.resolution = dataset, rows, resolution
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows[i]
+        pair = self.dataset.get_pair(row)
+        if pair is None:
+            blank = torch.zeros(3, self.resolution, self.resolution)
+            return row, blank, blank, False
+        return row, image_to_tensor(pair.chosen, self.resolution), image_to_tensor(pair.rejected, self.resolution), True
+
+
+class LatentCache:
+    """Read side of a filled cache; opened lazily per process (DataLoader workers)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.num_rows: int = self.meta["num_rows"]
+        self.shard_size: int = self.meta["shard_size"]
+        self._handles: Dict[int, object] = {}
+        valid = [self._open(s).get_tensor("valid") for s in range(self.num_shards)]
+        self.valid = torch.cat(valid).numpy().astype(bool) if valid else np.zeros(0, bool)
+        self._handles = {}
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_rows // self.shard_size)
+
+    @property
+    def latent_shape(self) -> Tuple[int, ...]:
+        return tuple(self.meta["latent_shape"])
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    def _open(self, shard: int):
+        if shard not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[shard] = safe_open(str(self.folder / shard_name(shard)), framework="pt")
+        return self._handles[shard]
+
+    def get(self, row: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean_w, std_w, mean_l, std_l), each (C, h, w) float32."""
+        shard, offset = divmod(int(row), self.shard_size)
+        handle = self._open(shard)
+        return tuple(handle.get_slice(name)[offset : offset + 1][0].float()  # type: ignore[return-value]
+                     for name in ("mean_w", "std_w", "mean_l", "std_l"))
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}.safetensors"
+
+
+def _complete(folder: Path, num_rows: int, shard_size: int) -> bool:
+    shards = -(-num_rows // shard_size)
+    return (folder / "meta.json").exists() and all((folder / shard_name(s)).exists() for s in range(shards))
+
+
+@torch.no_grad()
+def build_latent_cache(
+    dataset: PreferenceDataset,
+    vae: Optional[torch.nn.Module],
+    resolution: int,
+    root: Path,
+    *,
+    vae_identity: str,
+    device: torch.device,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    shard_size: int = 1024,
+    storage_dtype: torch.dtype = torch.float16,
+    progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    barrier=None,
+) -> LatentCache:
+    """Fills (or reuses) the cache folder for ``dataset`` and returns it opened.
+
+    ``vae`` may be None when the cache is known complete. With ``world`` > 1 each rank
+    encodes shards ``rank, rank + world, ...`` and ``barrier()`` waits for all of them.
+    """
+    folder = Path(root) / cache_key(dataset.fingerprint, resolution, vae_identity)
+    num_rows = len(dataset)
+    if _complete(folder, num_rows, _existing_shard_size(folder, shard_size)):
+        return LatentCache(folder)
+    if vae is None:
+        raise ValueError(f"latent cache {folder} is incomplete and no VAE was given to fill it")
+    shard_size = _existing_shard_size(folder, shard_size)
+    scaling = float(vae.config.scaling_factor)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    latent_hw = resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+    meta = {
+        "format_version": FORMAT_VERSION, "dataset_fingerprint": dataset.fingerprint,
+        "resolution": resolution, "crop_policy": CROP_POLICY, "vae_identity": vae_identity,
+        "num_rows": num_rows, "shard_size": shard_size, "scaling_factor": scaling, "shift_factor": shift,
+        "latent_shape": [int(vae.config.latent_channels), latent_hw, latent_hw],
+        "storage_dtype": str(storage_dtype),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and not (folder / "meta.json").exists():
+        _write_atomic_text(folder / "meta.json", json.dumps(meta, indent=1))
+
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    shards = [s for s in range(-(-num_rows // shard_size)) if s % world == rank and not (folder / shard_name(s)).exists()]
+    todo = sum(min(num_rows, (s + 1) * shard_size) - s * shard_size for s in shards)
+    vae_dtype = next(vae.parameters()).dtype
+    bar = tqdm(total=todo, desc=f"encoding latents (rank {rank})" if world > 1 else "encoding latents",
+               unit="img pair", disable=not progress or todo == 0, dynamic_ncols=True)
+    for shard in shards:
+        rows = range(shard * shard_size, min(num_rows, (shard + 1) * shard_size))
+        loader = torch.utils.data.DataLoader(_PixelRows(dataset, rows, resolution), batch_size=batch_size,
+                                             num_workers=num_workers, shuffle=False)
+        parts: Dict[str, list] = {k: [] for k in ("mean_w", "std_w", "mean_l", "std_l", "valid")}
+        for _, pixels_w, pixels_l, readable in loader:
+            n = pixels_w.shape[0]
+            pixels = torch.cat([pixels_w, pixels_l]).to(device, vae_dtype)
+            dist = vae.encode(pixels).latent_dist
+            mean = ((dist.mean.float() - shift) * scaling).to(storage_dtype).cpu()
+            std = (dist.std.float() * scaling).to(storage_dtype).cpu()
+            keep = readable.view(-1, 1, 1, 1)
+            parts["mean_w"].append(mean[:n] * keep)
+            parts["mean_l"].append(mean[n:] * keep)
+            parts["std_w"].append(std[:n] * keep)
+            parts["std_l"].append(std[n:] * keep)
+            parts["valid"].append(readable.to(torch.uint8))
+            bar.update(n)
+        tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
+        tmp = folder / (shard_name(shard) + f".tmp-{os.getpid()}")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, folder / shard_name(shard))
+    bar.close()
+    if barrier is not None:
+        barrier()
+    if not _complete(folder, num_rows, shard_size):
+        raise RuntimeError(f"latent cache {folder} is incomplete after filling it")
+    return LatentCache(folder)
+
+
+def _existing_shard_size(folder: Path, default: int) -> int:
+    """A partly filled cache keeps the shard size it was started with."""
+    meta = folder / "meta.json"
+    if meta.exists():
+        return int(json.loads(meta.read_text())["shard_size"])
+    return default
+
+
+def _write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

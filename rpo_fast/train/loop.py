@@ -1,0 +1,463 @@
+"""The training loop, top to bottom: set-up in :func:`prepare`, one optimizer step in
+:func:`train_step`, the run in :func:`train`. :func:`measure_throughput` times steps for
+benchmarks.
+
+Runs on one process, or data-parallel under ``torchrun --nproc_per_node N`` (DDP; NCCL on
+GPUs, gloo on CPUs). With ``rpo`` the contrast matrix spans the global batch: the loss
+gathers every rank's per-sample errors and embeddings and scales its gradient so that, after
+DDP's averaging, parameter gradients equal those of one process holding the global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import diffusion_dpo_loss, diffusion_rpo_loss, sft_loss
+from ..data import load_preference_dataset
+from . import checkpoint as ckpt
+from .batches import MicroBatches, PairBatch, PairSchedule, micro_batch_loader
+from .config import TrainConfig, config_to_dict
+from .forward import predict, unet_inputs
+from .latent_cache import build_latent_cache, cache_key, default_cache_root
+from .metrics_log import MetricsLog
+from .models import Models, add_lora, load_models, load_trainable_state_dict, module_identity, save_trained, trainable_state_dict
+from .ref_model import REF_ERRORS_FILE, Reference, frozen_copy, precompute_reference_errors, table_key
+
+_DTYPES = {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Options a resumed run must share with the checkpoint (others, e.g. max_steps, may change).
+_RESUME_MUST_MATCH = ("pretrained_model", "method", "loss_type", "beta", "tau", "lora", "lora_rank", "lora_alpha",
+                      "lora_target_modules", "batch_pairs", "gradient_accumulation_steps", "resolution", "seed",
+                      "embeddings", "precompute_ref", "mixed_precision")
+METRIC_KEYS = ("loss", "implicit_acc", "reward_margin", "model_mse", "ref_mse", "weight_diag")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_metrics: Dict[str, Any]
+    steps: int
+    skipped_pairs: int = 0  # rows with an unreadable image, left out of training
+    nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient
+    saved: List[Path] = field(default_factory=list)  # diffusers-format outputs
+    checkpoints: List[Path] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """Everything :func:`prepare` sets up."""
+
+    config: TrainConfig
+    output_dir: Path
+    device: torch.device
+    rank: int
+    world: int
+    group: Any  # process group or None
+    models: Models
+    unet: torch.nn.Module  # the trained UNet itself (not wrapped): for saving and adapters
+    forward_model: Callable  # what the step calls: the UNet, maybe DDP-wrapped and compiled
+    ddp: Optional[torch.nn.parallel.DistributedDataParallel]
+    reference: Optional[Reference]
+    params: List[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    grad_scaler: Optional[torch.amp.GradScaler]
+    schedule: PairSchedule
+    cache: Any
+    prompts: List[str]
+    emb_w: Optional[torch.Tensor]
+    emb_l: Optional[torch.Tensor]
+    skipped_pairs: int
+    owns_process_group: bool
+    step: int = 0
+    nonfinite_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    resumed_from: Optional[Path] = None
+
+    def autocast(self):
+        enabled = self.config.mixed_precision != "no"
+        return torch.autocast(self.device.type, dtype=_DTYPES[self.config.mixed_precision], enabled=enabled)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier(group=self.group)
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.config.gradient_accumulation_steps
+
+    @property
+    def global_pairs_per_step(self) -> int:
+        return self.config.batch_pairs * self.world * self.config.gradient_accumulation_steps
+
+
+def _setup_process(config: TrainConfig):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if config.device is not None:
+        device = torch.device(config.device)
+    else:
+        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
+        torch.backends.cudnn.allow_tf32 = config.allow_tf32
+    owns_group = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=config.ddp_timeout_minutes))
+        owns_group = True
+    group = dist.group.WORLD if world > 1 else None
+    return device, rank, world, group, owns_group
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare(config: TrainConfig) -> Run:
+    device, rank, world, group, owns_group = _setup_process(config)
+    _seed_everything(config.seed + rank)
+    output_dir = Path(config.output_dir).expanduser().resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    weight_dtype = _DTYPES[config.mixed_precision]
+    barrier = (lambda: dist.barrier(group=group)) if world > 1 else None
+
+    # Data: rows, then each image VAE-encoded once into the latent cache (or read from it).
+    dataset = load_preference_dataset(config.data, split=config.split, drop_ties=config.drop_ties,
+                                      max_rows=config.max_rows)
+    if len(dataset) == 0:
+        raise ValueError(f"data: {config.data!r} (split {config.split!r}) has no usable rows")
+    models = load_models(config)
+    vae_identity = module_identity(models.vae)
+    cache_root = Path(config.latent_cache).expanduser() if config.latent_cache else default_cache_root()
+    models.vae.to(device)  # fp32: the SDXL VAE overflows in fp16, and encoding happens once
+    cache = build_latent_cache(
+        dataset, models.vae, config.resolution, cache_root, vae_identity=vae_identity, device=device,
+        batch_size=config.vae_encode_batch_size, num_workers=config.dataloader_num_workers,
+        progress=config.progress and rank == 0, rank=rank, world=world, barrier=barrier,
+    )
+    models.vae = None  # not needed any more: free its memory
+    latent_key = cache.folder.name
+    prompts = [dataset.prompt(i) for i in range(len(dataset))]
+
+    emb_w = emb_l = None
+    readable = cache.valid.copy()
+    if config.embeddings:
+        from ..embedding import load_embedding_cache
+
+        emb_w, emb_l = load_embedding_cache(config.embeddings, dataset)
+        readable &= (emb_w.abs().sum(1) > 0).numpy() & (emb_l.abs().sum(1) > 0).numpy()
+        emb_w, emb_l = emb_w.to(device), emb_l.to(device)
+    skipped_pairs = int(len(dataset) - readable.sum())
+    schedule = PairSchedule(np.flatnonzero(readable), config.batch_pairs, world, config.seed)
+    total_micro_batches = config.max_steps * config.gradient_accumulation_steps
+
+    for encoder in models.text_encoders:
+        encoder.to(device, dtype=weight_dtype if device.type == "cuda" else torch.float32)
+    unet = models.unet.to(device)
+
+    # The reference: precomputed errors, the LoRA-disabled UNet, or a frozen copy. Both the
+    # precomputed pass and the copy see the pretrained weights: no checkpoint is loaded yet.
+    reference: Optional[Reference] = None
+    autocast = lambda: torch.autocast(device.type, dtype=weight_dtype, enabled=config.mixed_precision != "no")  # noqa: E731
+    if config.uses_reference and config.precompute_ref:
+        model_key = f"{config.pretrained_model}@{config.revision}/{config.variant}"
+        key = table_key(dataset.fingerprint, latent_key, model_key, schedule, total_micro_batches, config.mixed_precision)
+        table = precompute_reference_errors(
+            unet, models, cache, prompts, schedule, total_micro_batches, seed=config.seed,
+            resolution=config.resolution, device=device, autocast=autocast, batch_pairs=2 * config.batch_pairs,
+            path=output_dir / REF_ERRORS_FILE, key=key, rank=rank, world=world, process_group=group,
+            progress=config.progress and rank == 0,
+        )
+        reference = Reference("precomputed", table=table)
+    elif config.uses_reference and not config.lora:
+        ref_dtype = _DTYPES[config.ref_dtype] if config.ref_dtype else (weight_dtype if device.type == "cuda" else None)
+        reference = Reference("copy", model=frozen_copy(unet, ref_dtype))
+
+    if config.lora:
+        if config.mixed_precision != "no" and device.type == "cuda":
+            unet.to(weight_dtype)  # frozen base weights in the low precision, adapters stay fp32
+        add_lora(unet, config)
+        if config.uses_reference and not config.precompute_ref:
+            reference = Reference("lora", model=unet)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+
+    optimizer = torch.optim.AdamW(
+        params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, fused=device.type == "cuda",
+    )
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=config.max_steps)
+    grad_scaler = torch.amp.GradScaler(device.type) if config.mixed_precision == "fp16" else None
+
+    run = Run(config, output_dir, device, rank, world, group, models, unet, unet, None, reference, params,
+              optimizer, lr_scheduler, grad_scaler, schedule, cache, prompts, emb_w, emb_l, skipped_pairs, owns_group)
+
+    # Resume: weights, optimizer, LR schedule, RNG states, data position, counters.
+    path = ckpt.find_checkpoint(output_dir, config.resume)
+    if path is not None:
+        _restore(run, path, dataset.fingerprint)
+
+    # Wrap for data parallelism, then compile (DDP first lets dynamo split graphs at buckets).
+    forward_model: Any = unet
+    if world > 1:
+        run.ddp = torch.nn.parallel.DistributedDataParallel(
+            unet, device_ids=[device.index] if device.type == "cuda" else None)
+        forward_model = run.ddp
+    use_compile = config.compile if config.compile is not None else device.type == "cuda"
+    if use_compile:
+        forward_model = torch.compile(forward_model, mode=config.compile_mode)
+        if reference is not None and reference.model is not None:
+            reference.forward = torch.compile(reference.model, mode=config.compile_mode)
+    run.forward_model = forward_model
+    run.dataset_fingerprint = dataset.fingerprint  # type: ignore[attr-defined]
+    return run
+
+
+def _compat(config: TrainConfig, world: int, fingerprint: str) -> Dict[str, Any]:
+    values = {name: getattr(config, name) for name in _RESUME_MUST_MATCH}
+    values.update(world_size=world, dataset_fingerprint=fingerprint)
+    return values
+
+
+def _restore(run: Run, path: Path, fingerprint: str) -> None:
+    state = ckpt.load_checkpoint(path, run.rank)
+    trainer = state["trainer_state"]
+    saved, now = trainer["compat"], _compat(run.config, run.world, fingerprint)
+    diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != (list(v) if isinstance(v, tuple) else v)}
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"resume: {path} was written by a run with other settings ({detail})")
+    load_trainable_state_dict(run.unet, {k: v.to(run.device) for k, v in state["model"].items()}, run.config.lora)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if run.grad_scaler is not None and state["grad_scaler"] is not None:
+        run.grad_scaler.load_state_dict(state["grad_scaler"])
+    ckpt.set_rng_state(state["rng"])
+    run.step = int(trainer["step"])
+    run.nonfinite_steps = int(trainer["nonfinite_steps"])
+    run.nonfinite_in_a_row = int(trainer["nonfinite_in_a_row"])
+    run.resumed_from = path
+
+
+def _save_checkpoint(run: Run) -> Path:
+    trainer_state = {
+        "step": run.step,
+        "micro_batches_done": run.step * run.micro_batches_per_step,  # the data position
+        "epoch": run.schedule.epoch_of(max(0, run.step * run.micro_batches_per_step - 1)),
+        "nonfinite_steps": run.nonfinite_steps,
+        "nonfinite_in_a_row": run.nonfinite_in_a_row,
+        "skipped_pairs": run.skipped_pairs,
+        "compat": _compat(run.config, run.world, run.dataset_fingerprint),  # type: ignore[attr-defined]
+        "config": config_to_dict(run.config),
+    }
+    model_state = trainable_state_dict(run.unet, run.config.lora) if run.rank == 0 else {}
+    return ckpt.save_checkpoint(
+        run.output_dir, run.step, model_state=model_state, optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
+        grad_scaler=run.grad_scaler, trainer_state=trainer_state, rank=run.rank, barrier=run.barrier,
+        total_limit=run.config.checkpoints_total_limit,
+    )
+
+
+def compute_loss(run: Run, batch: PairBatch):
+    """Forward one micro-batch; returns (loss, metrics dict of 0-dim tensors)."""
+    config, device = run.config, run.device
+    inputs = unet_inputs(run.models, batch, device, config.resolution, winners_only=config.method == "sft")
+    ref_kwargs: Dict[str, torch.Tensor] = {}
+    if config.method != "sft":
+        if run.reference.kind == "precomputed":
+            ref_kwargs["ref_err"] = run.reference.ref_err(batch.epoch, batch.rows, device)
+        else:
+            ref_kwargs["ref_pred"] = run.reference.ref_pred(inputs, run.autocast)
+    with run.autocast():
+        model_pred = predict(run.forward_model, inputs)
+    common = dict(beta=config.beta, loss_type=config.loss_type, backend=config.backend, return_metrics=True)
+    if config.method == "sft":
+        # sft_loss takes the (2M, ...) layout and averages its first half; only the winners
+        # went through the UNet, so the second half is a detached copy that adds no gradient.
+        pred = torch.cat([model_pred, model_pred.detach()])
+        target = torch.cat([inputs.target, inputs.target])
+        loss = sft_loss(pred, target, backend=config.backend)
+        metrics = {}
+    elif config.method == "dpo":
+        loss, metrics = diffusion_dpo_loss(model_pred, inputs.target, **ref_kwargs, **common)
+    else:
+        emb = {}
+        if run.emb_w is not None:
+            rows = batch.rows.to(device)
+            emb = {"emb_w": run.emb_w[rows], "emb_l": run.emb_l[rows]}
+        loss, metrics = diffusion_rpo_loss(model_pred, inputs.target, **ref_kwargs, **emb, tau=config.tau,
+                                           process_group=run.group, **common)
+    return loss, metrics
+
+
+def train_step(run: Run, batches: Iterator[PairBatch]) -> Dict[str, float]:
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches. A non-finite
+    loss or gradient skips the update (counted); too many in a row stop the run."""
+    config = run.config
+    accum = run.micro_batches_per_step
+    run.optimizer.zero_grad(set_to_none=True)
+    sums: Dict[str, torch.Tensor] = {}
+    for micro in range(accum):
+        batch = next(batches)
+        last = micro == accum - 1
+        sync = run.ddp.no_sync() if (run.ddp is not None and not last) else contextlib.nullcontext()
+        with sync:
+            loss, metrics = compute_loss(run, batch)
+            scaled = loss / accum
+            (run.grad_scaler.scale(scaled) if run.grad_scaler is not None else scaled).backward()
+        for name, value in {"loss": loss, **metrics}.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float() / accum
+
+    names = sorted(sums)
+    values = torch.stack([sums[n] for n in names])
+    if run.world > 1:  # dpo/sft losses are per rank: report the global mean (rpo's is global already)
+        values = values.to(run.device)
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=run.group)
+        values = values / run.world
+    metrics = dict(zip(names, values.cpu().tolist()))
+
+    if run.grad_scaler is not None:
+        run.grad_scaler.unscale_(run.optimizer)
+    if config.max_grad_norm > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm))
+    else:
+        grad_norm = float(torch.linalg.vector_norm(torch.stack(
+            [p.grad.float().norm() for p in run.params if p.grad is not None])))
+    metrics["grad_norm"] = grad_norm
+    loss_finite = math.isfinite(metrics["loss"])
+    # fp16: inf gradients are the grad scaler's business (it skips the step and lowers the scale).
+    grad_ok = math.isfinite(grad_norm) or run.grad_scaler is not None
+    if loss_finite and grad_ok:
+        if run.grad_scaler is not None:
+            run.grad_scaler.step(run.optimizer)
+        else:
+            run.optimizer.step()
+        run.nonfinite_in_a_row = 0
+    else:
+        run.optimizer.zero_grad(set_to_none=True)
+        run.nonfinite_steps += 1
+        run.nonfinite_in_a_row += 1
+        if run.nonfinite_in_a_row >= config.max_nonfinite_steps:
+            raise RuntimeError(
+                f"training stopped at step {run.step + 1}: {run.nonfinite_in_a_row} steps in a row had a non-finite "
+                f"{'loss' if not loss_finite else 'gradient'} ({run.nonfinite_steps} in total). Try a lower "
+                "learning_rate or beta, mixed_precision bf16 instead of fp16, or check the data; resume from the "
+                "last checkpoint with --resume latest."
+            )
+    if run.grad_scaler is not None:
+        run.grad_scaler.update()
+    run.lr_scheduler.step()
+    run.step += 1
+    metrics["lr"] = run.lr_scheduler.get_last_lr()[0]
+    metrics["nonfinite_steps"] = run.nonfinite_steps
+    return metrics
+
+
+def _batches(run: Run, start_step: int, stop_step: int) -> Iterator[PairBatch]:
+    accum = run.micro_batches_per_step
+    dataset = MicroBatches(run.schedule, run.cache, run.prompts, run.rank, run.config.seed,
+                           run.models.num_train_timesteps, start_step * accum, stop_step * accum)
+    return iter(micro_batch_loader(dataset, run.config.dataloader_num_workers, pin_memory=run.device.type == "cuda"))
+
+
+def _close(run: Run) -> None:
+    if run.owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train as configured; returns where the outputs went and the last metrics."""
+    from tqdm.auto import tqdm
+
+    run = prepare(config)
+    try:
+        main = run.rank == 0
+        if main:
+            import yaml
+
+            (run.output_dir / "train_config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        log = MetricsLog(run.output_dir, enabled=main, tensorboard=config.tensorboard,
+                         resume_step=run.step if run.resumed_from is not None else None)
+        if main and run.skipped_pairs:
+            print(f"rpo-fast train: skipping {run.skipped_pairs} pair(s) with an unreadable image")
+        bar = tqdm(total=config.max_steps, initial=run.step, desc=f"{config.method}{' lora' if config.lora else ''}",
+                   unit="step", disable=not (config.progress and main), dynamic_ncols=True)
+        batches = _batches(run, run.step, config.max_steps)
+        checkpoints: List[Path] = []
+        metrics: Dict[str, Any] = {}
+        window_pairs, window_start = 0, time.perf_counter()
+        while run.step < config.max_steps:
+            metrics = train_step(run, batches)
+            window_pairs += run.global_pairs_per_step
+            elapsed = time.perf_counter() - window_start
+            metrics["pairs_per_s"] = window_pairs / elapsed if elapsed > 0 else float("nan")
+            metrics["epoch"] = run.schedule.epoch_of(run.step * run.micro_batches_per_step - 1)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4g}", acc=f"{metrics.get('implicit_acc', float('nan')):.2f}",
+                            pairs_s=f"{metrics['pairs_per_s']:.1f}", refresh=False)
+            if run.step % config.log_every == 0 or run.step == config.max_steps:
+                log.log(run.step, {**metrics, "skipped_pairs": run.skipped_pairs})
+                window_pairs, window_start = 0, time.perf_counter()
+            if (config.checkpoint_every and run.step % config.checkpoint_every == 0) or run.step == config.max_steps:
+                checkpoints.append(_save_checkpoint(run))
+        bar.close()
+        log.close()
+        saved: List[Path] = []
+        if config.save_final and main:
+            saved = save_trained(run.unet, run.models, config, run.output_dir)
+        run.barrier()
+        return TrainResult(run.output_dir, metrics, run.step, run.skipped_pairs, run.nonfinite_steps, saved, checkpoints)
+    finally:
+        _close(run)
+
+
+def measure_throughput(config: TrainConfig, num_steps: int = 10, warmup_steps: int = 2) -> Dict[str, float]:
+    """Times ``num_steps`` optimizer steps after ``warmup_steps`` (compilation, caches) with the
+    real set-up and step; writes nothing but caches. Returns pairs/s (global), seconds per
+    step and, on CUDA, peak memory in GiB."""
+    if num_steps < 1 or warmup_steps < 0:
+        raise ValueError(f"num_steps >= 1 and warmup_steps >= 0 expected, got {num_steps}, {warmup_steps}")
+    config = dataclasses.replace(config, max_steps=max(config.max_steps, num_steps + warmup_steps), resume=None,
+                                 progress=False, save_final=False)
+    run = prepare(config)
+    try:
+        batches = _batches(run, 0, num_steps + warmup_steps)
+        for _ in range(warmup_steps):
+            train_step(run, batches)
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+            torch.cuda.reset_peak_memory_stats(run.device)
+        start = time.perf_counter()
+        for _ in range(num_steps):
+            train_step(run, batches)  # ends with a host sync (the finite-loss check)
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+        seconds = time.perf_counter() - start
+        result = {"pairs_per_s": num_steps * run.global_pairs_per_step / seconds, "seconds_per_step": seconds / num_steps}
+        if run.device.type == "cuda":
+            result["peak_memory_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+        return result
+    finally:
+        _close(run)
