@@ -291,7 +291,10 @@ def _pair_finish_kernel(
                 tl.store(coef_ptr + i, -beta * inv_m * slope, mask=mask)
                 tl.store(coef_ptr + M + i, beta * inv_m * slope, mask=mask)
             else:
-                loss_sum += tl.load(row_loss_ptr + i, mask=mask, other=0.0)
+                row_loss = tl.load(row_loss_ptr + i, mask=mask, other=0.0)
+                loss_sum += row_loss
+                # NaN rows: a non-finite weight (the tile kernel's mark) or 0 * inf
+                nonfinite += (row_loss != row_loss).to(tl.int32)
                 if HAS_WEIGHTS:
                     wdiag_sum += tl.load(weights_ptr + i.to(tl.int64) * (M + 1), mask=mask, other=0.0)
         if METHOD == 1:

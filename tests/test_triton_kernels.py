@@ -1,0 +1,398 @@
+"""Parity tests of the ``triton`` backend (kernels/triton_loss.py).
+
+On the CPU they run through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+before triton is imported), so shapes stay small; the tests marked ``gpu`` repeat the parity
+check on CUDA tensors at SDXL latent shape.
+
+Tolerances. The per-sample errors must match float64 to a few float32 roundings. End to end,
+the loss is compared with the float64 reference at rtol 1e-5 plus the error that rounding
+the per-sample errors to float32 alone causes, propagated to first order (``_Conditioning``):
+``e_model - e_ref`` is a difference of nearly equal numbers that beta then multiplies, so
+even the float32 ``torch`` backend misses a bare rtol 1e-5 on these inputs (measured: 3.3e-5
+on the ipo loss, 9.9e-6 on sigmoid gradients). The pair stage on its own, given the same
+errors, is held to a bare rtol 1e-5. bf16/fp16 inputs are converted exactly to float64 for
+the reference and accumulate in float32 in the kernels, so only the gradient's final
+rounding to the input dtype is added: rtol 2^-8 (bf16; 2^-7 in the interpreter, see
+INTERPRETER_GRAD_RTOL), 2^-11 (fp16).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import rpo_fast
+from rpo_fast import reference
+from rpo_fast._types import LOSS_TYPES, METRIC_NAMES, loss_type_code, method_code
+from rpo_fast.weights import similarity_weights
+
+from parity_utils import TEST_BETA, make_inputs, reference_in_float64, run_loss
+
+if "triton" not in rpo_fast.available_backends():
+    pytest.skip("the triton backend does not import here", allow_module_level=True)
+
+from rpo_fast.kernels import triton_loss  # noqa: E402
+
+ops = torch.ops.rpo_fast
+SMALL = (4, 7, 9)  # D = 252 divides no block size
+SD_LIKE = (4, 64, 64)  # an SD1.5 latent
+UNIT_ROUNDOFF = 2.0**-24
+# Roundings of one float32 per-sample error (a measured 1.3e-7 relative is ~2 of them).
+ERROR_ROUNDINGS = 4
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+# Triton 3.8's interpreter truncates float32 -> bfloat16 (its cast ignores the rounding
+# mode); a GPU rounds to nearest even. So on the CPU a bf16 gradient may be one ulp off.
+INTERPRETER_GRAD_RTOL = {**GRAD_RTOL, torch.bfloat16: 2.0**-7}
+# Half the smallest fp16 subnormal: a gradient entry that small may round to zero.
+GRAD_ATOL = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 2.0**-25}
+
+
+def assert_within(actual, expected, atol, rtol, what):
+    actual = actual.double()
+    expected = expected.double()
+    bound = atol + rtol * expected.abs()
+    err = (actual - expected).abs()
+    both_nan = actual.isnan() & expected.isnan()
+    bad = ~((err <= bound) | both_nan)
+    assert not bool(bad.any()), (
+        f"{what}: {int(bad.sum())} of {bad.numel()} entries off; worst excess "
+        f"{float((err - bound)[bad].max())}, at actual {actual[bad].flatten()[:3].tolist()} "
+        f"vs expected {expected[bad].flatten()[:3].tolist()}"
+    )
+
+
+class _Conditioning:
+    """How far a float32 implementation may be from float64 when its only error is rounding
+    each per-sample error (first order: gradient and Hessian of the float64 reference)."""
+
+    def __init__(self, method, inputs, loss_type, beta, use_ref_err):
+        pred = inputs["model_pred"].double()
+        target = inputs["target"].double()
+        model_err = (pred - target).pow(2).flatten(1).mean(1)
+        ref_err = (inputs["ref_pred"].double() - target).pow(2).flatten(1).mean(1)
+        weights = inputs["weights"]
+        if inputs["emb_w"] is not None:
+            weights = similarity_weights(inputs["emb_w"].double(), inputs["emb_l"].double())
+        weights = None if weights is None else weights.double()
+
+        def loss_of(e):
+            return reference.pair_loss(e, ref_err, weights, method, loss_type, beta)[0]
+
+        # The errors the kernel rounds: model and ref (a precomputed ref_err is float32 too).
+        step = ERROR_ROUNDINGS * UNIT_ROUNDOFF * (model_err.abs() + ref_err.abs())
+        coef = torch.autograd.functional.jacobian(loss_of, model_err)
+        hess = torch.autograd.functional.hessian(loss_of, model_err)
+        self.loss_atol = float((coef.abs() * step).sum())
+        self.margin_atol = float(step.mean()) * 2
+        coef_atol = hess.abs() @ step + 8 * UNIT_ROUNDOFF * coef.abs()
+        scale = (2.0 * (pred - target) / pred[0].numel()).abs()
+        self.grad_atol = coef_atol.view(-1, *([1] * (pred.dim() - 1))) * scale
+
+
+def check_parity(method, inputs, *, loss_type="sigmoid", use_ref_err=False, beta=TEST_BETA):
+    loss, metrics, grad = run_loss(method, "triton", inputs, use_ref_err=use_ref_err, loss_type=loss_type, beta=beta)
+    ref_loss, ref_metrics, ref_grad = reference_in_float64(
+        method, inputs, use_ref_err=use_ref_err, loss_type=loss_type, beta=beta
+    )
+    cond = _Conditioning(method, inputs, loss_type, beta, use_ref_err)
+    dtype = inputs["model_pred"].dtype
+    grad_rtol = (GRAD_RTOL if grad.is_cuda else INTERPRETER_GRAD_RTOL)[dtype]
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert_within(loss, ref_loss, cond.loss_atol, 1e-5, "loss")
+    assert set(metrics) == set(ref_metrics)
+    for name, value in metrics.items():
+        atol = cond.margin_atol if name == "reward_margin" else 0.0
+        assert_within(value, ref_metrics[name], atol, 1e-5, name)
+    assert grad.dtype == dtype and grad.shape == inputs["model_pred"].shape
+    assert_within(grad, ref_grad, cond.grad_atol + GRAD_ATOL[dtype], max(1e-5, grad_rtol), "grad")
+    return loss, metrics, grad
+
+
+# ----------------------------------------------------------------- end to end parity
+
+
+@pytest.mark.parametrize("pairs", [1, 2, 3, 8, 33])
+@pytest.mark.parametrize(
+    "method,loss_type",
+    [(m, lt) for m in ("rpo", "dpo") for lt in LOSS_TYPES] + [("sft", "sigmoid")],
+)
+def test_parity_every_method_and_loss_type(method, loss_type, pairs):
+    inputs = make_inputs(pairs, SMALL, seed=pairs, with_embeddings=method == "rpo")
+    check_parity(method, inputs, loss_type=loss_type)
+
+
+@pytest.mark.parametrize("pairs", [3, 8])
+@pytest.mark.parametrize("use_ref_err", [False, True], ids=["ref_pred", "ref_err"])
+@pytest.mark.parametrize("weights", ["embeddings", "explicit", "uniform"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
+def test_parity_rpo_weights_and_reference_kinds(weights, use_ref_err, pairs, loss_type):
+    inputs = make_inputs(
+        pairs, SMALL, seed=10 + pairs, with_embeddings=weights == "embeddings", with_weights=weights == "explicit"
+    )
+    check_parity("rpo", inputs, use_ref_err=use_ref_err, loss_type=loss_type)
+
+
+@pytest.mark.parametrize("use_ref_err", [False, True], ids=["ref_pred", "ref_err"])
+def test_parity_dpo_reference_kinds(use_ref_err):
+    check_parity("dpo", make_inputs(8, SMALL, seed=3), use_ref_err=use_ref_err, loss_type="ipo")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("method", ["rpo", "dpo", "sft"])
+def test_parity_layouts_and_dtypes(method, layout, dtype):
+    inputs = make_inputs(3, SMALL, dtype, seed=5, with_embeddings=method == "rpo", layout=layout)
+    _, _, grad = check_parity(method, inputs)
+    if layout == "channels_last":  # the gradient keeps model_pred's layout (empty_like)
+        assert grad.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_parity_mixed_dtypes():
+    """bf16 prediction, fp32 target, fp16 reference: each read in its own dtype."""
+    inputs = make_inputs(3, SMALL, seed=6, with_weights=True)
+    inputs["model_pred"] = inputs["model_pred"].bfloat16()
+    inputs["ref_pred"] = inputs["ref_pred"].half()
+    check_parity("rpo", inputs, loss_type="hinge")
+
+
+def test_parity_mixed_layouts():
+    """channels_last prediction with a contiguous target (a channels_last UNet and its
+    noise): the target is copied into the prediction's layout."""
+    inputs = make_inputs(3, SMALL, seed=7, with_embeddings=True)
+    inputs["model_pred"] = inputs["model_pred"].contiguous(memory_format=torch.channels_last)
+    _, _, grad = check_parity("rpo", inputs)
+    assert grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_parity_sd_like_shape(dtype):
+    """D = 4x64x64 spans several chunks a sample: the two-level reduction."""
+    inputs = make_inputs(8, SD_LIKE, dtype, seed=8, with_embeddings=True)
+    check_parity("rpo", inputs, beta=2500.0 / 25)
+
+
+# ----------------------------------------------------------------- the three ops one by one
+
+
+def _errors64(pred, target):
+    return (pred.double() - target.double()).pow(2).flatten(1).mean(1)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: x,
+        lambda x: x.contiguous(memory_format=torch.channels_last),
+        lambda x: x[..., ::2],  # sliced: copied to contiguous
+        lambda x: x[::2],  # every other sample: walked in place (each sample still dense)
+        lambda x: x.transpose(0, 1).contiguous().transpose(0, 1),  # batch not outermost
+    ],
+    ids=["contiguous", "channels_last", "sliced", "batch_strided", "batch_inner"],
+)
+@pytest.mark.parametrize("programs", [None, 8], ids=["default_grid", "looping_programs"])
+def test_sample_errors_and_error_grad_on_any_layout(make, programs, monkeypatch):
+    """``programs=8`` shrinks the grid so that each program loops over several blocks and
+    a sample spans several chunks, as at SDXL size on a GPU."""
+    if programs is not None:
+        monkeypatch.setattr(triton_loss, "STREAM_TARGET_PROGRAMS", programs)
+    gen = torch.Generator().manual_seed(1)
+    full = (8, 4, 24, 48)  # sliced: (8, 4, 24, 24) -> D = 2304, batch_strided: N = 4
+    target = make(torch.randn(full, generator=gen))
+    ref = make(torch.randn(full, generator=gen))
+    pred = make(torch.randn(full, generator=gen))
+    model_err, ref_err = ops.triton_sample_errors(pred, target, ref)
+    assert model_err.dtype == ref_err.dtype == torch.float32
+    assert_within(model_err, _errors64(pred, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
+    assert_within(ref_err, _errors64(ref, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "ref_err")
+
+    coef = torch.randn(pred.shape[0], generator=gen)
+    grad = ops.triton_error_grad(coef, pred, target)
+    d = pred[0].numel()
+    expected = coef.double().view(-1, 1, 1, 1) * 2 * (pred.double() - target.double()) / d
+    assert grad.shape == pred.shape and grad.stride() == torch.empty_like(pred).stride()
+    assert_within(grad, expected, 0.0, 4 * UNIT_ROUNDOFF, "grad")
+
+
+def test_sample_errors_without_reference_and_deterministic():
+    pred, target = torch.randn(2, 6, 4, 3, 1000).unbind(0)
+    first = ops.triton_sample_errors(pred, target, None)
+    second = ops.triton_sample_errors(pred, target, None)
+    assert first[1].shape == (0,)
+    assert torch.equal(first[0], second[0])  # a fixed summation order, no atomics
+    assert_within(first[0], _errors64(pred, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
+
+
+def _pair_reference64(model_err, ref_err, weights, method, loss_type, beta):
+    e = model_err.double().requires_grad_(True)
+    w = None if weights is None else weights.double()
+    loss, metrics = reference.pair_loss(e, ref_err.double(), w, method, loss_type, beta)
+    (coef,) = torch.autograd.grad(loss, e, allow_unused=True)
+    return loss.detach(), metrics, coef if coef is not None else torch.zeros_like(e)
+
+
+@pytest.mark.parametrize("pairs", [1, 5, 64, 100])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize(
+    "method,with_weights", [("sft", False), ("dpo", False), ("rpo", False), ("rpo", True)],
+    ids=["sft", "dpo", "rpo_uniform", "rpo_weights"],
+)
+def test_pair_loss_stage_at_training_beta(method, with_weights, loss_type, pairs):
+    """The O(M^2) stage alone, given float32 errors, against float64 on the same errors, at
+    beta = 2500. M = 100 spans two 64-wide tiles; M = 64 fills exactly one."""
+    gen = torch.Generator().manual_seed(pairs)
+    ref_err = 0.1 + torch.rand(2 * pairs, generator=gen)
+    model_err = ref_err + 2e-4 * torch.randn(2 * pairs, generator=gen)
+    weights = torch.rand(pairs, pairs, generator=gen) if with_weights else None
+    loss, metrics, coef = ops.triton_pair_loss(
+        model_err, ref_err, weights, method_code(method), loss_type_code(loss_type), 2500.0
+    )
+    ref_loss, ref_metrics, ref_coef = _pair_reference64(model_err, ref_err, weights, method, loss_type, 2500.0)
+    assert loss.shape == () and metrics.shape == (5,) and coef.shape == (2 * pairs,)
+    assert_within(loss, ref_loss, 0.0, 1e-5, "loss")
+    for i, name in enumerate(METRIC_NAMES):
+        assert_within(metrics[i], ref_metrics[i], 0.0, 1e-5, name)
+    # coef: relative to the largest entry (entries that cancel to ~0 have no relative scale)
+    assert_within(coef, ref_coef, 1e-5 * float(ref_coef.abs().max()), 1e-5, "coef")
+
+
+def test_hinge_slope_is_zero_at_the_kink():
+    """z = 1 exactly: relu(1 - z) has slope 0 there in torch, and so here."""
+    model_err = torch.tensor([0.0, 0.0, 0.5, 0.25])
+    ref_err = torch.zeros(4)
+    for method in ("dpo", "rpo"):
+        _, _, coef = ops.triton_pair_loss(model_err, ref_err, torch.eye(2) * 2 if method == "rpo" else None,
+                                          method_code(method), loss_type_code("hinge"), 2.0)
+        _, _, ref_coef = _pair_reference64(model_err, ref_err, torch.eye(2) * 2 if method == "rpo" else None,
+                                           method, "hinge", 2.0)
+        assert torch.equal(coef.double(), ref_coef), method
+
+
+def test_sigmoid_loss_is_stable_for_large_logits():
+    """|z| ~ 1e4: softplus must neither overflow nor lose the tiny loss of a right call."""
+    model_err = torch.tensor([1.0, 5.0, 5.0, 1.0])  # pair 0 favoured, pair 1 not
+    ref_err = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    loss, _, coef = ops.triton_pair_loss(model_err, ref_err, None, method_code("dpo"), 0, 2500.0)
+    ref_loss, _, ref_coef = _pair_reference64(model_err, ref_err, None, "dpo", "sigmoid", 2500.0)
+    assert_within(loss, ref_loss, 0.0, 1e-6, "loss")
+    assert_within(coef, ref_coef, 0.0, 1e-6, "coef")
+    small = ops.triton_pair_loss(torch.tensor([1.0, 1.01]), torch.ones(2), None, 1, 0, 2500.0)[0]
+    assert 0 < float(small) == pytest.approx(math.log1p(math.exp(-25.0)), rel=1e-6)
+
+
+def test_non_finite_inputs_give_nan_loss_and_coef():
+    model_err = torch.tensor([1.0, 2.0, 3.0, float("nan")])
+    ref_err = torch.tensor([1.0, 2.1, 3.0, 4.0])
+    for method in ("dpo", "rpo"):
+        loss, _, coef = ops.triton_pair_loss(model_err, ref_err, None, method_code(method), 0, 10.0)
+        assert loss.isnan() and coef.isnan().all(), method
+    # An infinite weight drives sigmoid's f to 0, a finite value: the loss must still be NaN.
+    weights = torch.tensor([[1.0, float("inf")], [0.5, 0.5]])
+    loss, metrics, coef = ops.triton_pair_loss(torch.tensor([1.0, 2.0, 3.0, 4.0]), ref_err, weights, 2, 0, 10.0)
+    ref_loss, ref_metrics, _ = _pair_reference64(torch.tensor([1.0, 2.0, 3.0, 4.0]), ref_err, weights, "rpo", "sigmoid", 10.0)
+    assert loss.isnan() and ref_loss.isnan() and coef.isnan().all()
+    assert_within(metrics, ref_metrics, 0.0, 1e-6, "metrics")
+    # End to end: a NaN in the prediction gives a NaN loss.
+    inputs = make_inputs(2, SMALL)
+    inputs["model_pred"][1, 0, 0, 0] = float("nan")
+    loss, _, grad = run_loss("rpo", "triton", inputs)
+    assert loss.isnan() and not grad.isfinite().all()
+
+
+# ----------------------------------------------------------------- bad input
+
+
+def test_ops_reject_bad_input_with_named_argument():
+    x = torch.randn(4, 3)
+    with pytest.raises(TypeError, match="model_pred: expected float32, bfloat16 or float16"):
+        ops.triton_sample_errors(x.double(), x, None)
+    with pytest.raises(ValueError, match="target: expected the shape of model_pred"):
+        ops.triton_sample_errors(x, x[:2], None)
+    with pytest.raises(ValueError, match="ref_err: expected shape"):
+        ops.triton_pair_loss(torch.ones(4), torch.ones(3), None, 2, 0, 1.0)
+    with pytest.raises(ValueError, match="model_err: expected shape"):
+        ops.triton_pair_loss(torch.ones(3), torch.ones(3), None, 2, 0, 1.0)
+    with pytest.raises(ValueError, match="method"):
+        ops.triton_pair_loss(torch.ones(4), torch.ones(4), None, 3, 0, 1.0)
+    with pytest.raises(ValueError, match="loss_type"):
+        ops.triton_pair_loss(torch.ones(4), torch.ones(4), None, 2, 7, 1.0)
+    with pytest.raises(ValueError, match="weights: expected shape"):
+        ops.triton_pair_loss(torch.ones(4), torch.ones(4), torch.ones(3, 3), 2, 0, 1.0)
+    with pytest.raises(ValueError, match="coef: expected shape"):
+        ops.triton_error_grad(torch.ones(3), x, x)
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="model_pred: the triton backend runs CUDA tensors"):
+        ops.triton_sample_errors(torch.randn(2, 3), torch.randn(2, 3), None)
+
+
+# ----------------------------------------------------------------- torch.compile
+
+
+def test_compiled_training_step_fullgraph_matches_eager():
+    """torch.compile(fullgraph=True, inductor) of a step that calls the triton loss: no graph
+    break (fullgraph raises on one), and the loss, metrics and parameter gradients of eager.
+    On the CPU inductor runs the surrounding graph as C++ and calls the ops, which run
+    in the interpreter."""
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(4, 4, 3, padding=1)
+    x, target = torch.randn(2, 6, 4, 6, 5).unbind(0)
+    ref = target + 0.1 * torch.randn_like(target)
+    emb = torch.randn(6, 8)
+
+    def forward(x, target, ref):
+        pred = model(x)
+        loss, metrics = rpo_fast.diffusion_rpo_loss(
+            pred, target, ref, emb_w=emb[:3], emb_l=emb[3:], beta=TEST_BETA, backend="triton", return_metrics=True
+        )
+        return loss, metrics["implicit_acc"], metrics["reward_margin"]
+
+    def step(fn):
+        model.zero_grad()
+        out = fn(x, target, ref)
+        out[0].backward()
+        return out, [p.grad.clone() for p in model.parameters()]
+
+    compiled_out, compiled_grads = step(torch.compile(forward, fullgraph=True))
+    eager_out, eager_grads = step(forward)
+    for got, want in zip(compiled_out, eager_out):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(before, model.weight)
+
+
+# ----------------------------------------------------------------- on a real GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gpu_parity_at_sdxl_shape(dtype, layout):
+    inputs = make_inputs(16, (4, 128, 128), dtype, "cuda", with_embeddings=True, layout=layout)
+    loss, metrics, grad = run_loss("rpo", "triton", inputs, beta=2500.0)
+    cpu_inputs = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    ref_loss, ref_metrics, ref_grad = reference_in_float64("rpo", cpu_inputs, beta=2500.0)
+    cond = _Conditioning("rpo", cpu_inputs, "sigmoid", 2500.0, False)
+    assert_within(loss.cpu(), ref_loss, cond.loss_atol, 1e-5, "loss")
+    assert_within(metrics["model_mse"].cpu(), ref_metrics["model_mse"], 0.0, 1e-5, "model_mse")
+    assert_within(grad.cpu(), ref_grad, cond.grad_atol + GRAD_ATOL[dtype], max(1e-5, GRAD_RTOL[dtype]), "grad")
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_step_matches_eager():
+    model = torch.nn.Conv2d(4, 4, 3, padding=1).cuda()
+    x, target = torch.randn(2, 8, 4, 64, 64, device="cuda").unbind(0)
+
+    def forward(x, target):
+        return rpo_fast.diffusion_rpo_loss(model(x), target, target + 0.1, beta=TEST_BETA, backend="triton")
+
+    compiled = torch.compile(forward, fullgraph=True)(x, target)
+    torch.testing.assert_close(compiled, forward(x, target), rtol=1e-5, atol=1e-6)
