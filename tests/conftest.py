@@ -24,3 +24,19 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Tiny SD1.5-like / SDXL-like pipelines saved once per session (rpo_fast.tiny), for the tests
+# that load models through the real from_pretrained code (training, export and reload).
+@pytest.fixture(scope="session")
+def tiny_sd15_dir(tmp_path_factory):
+    from rpo_fast.tiny import build_tiny_sd15
+
+    return build_tiny_sd15(tmp_path_factory.mktemp("tiny-sd15"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    from rpo_fast.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
