@@ -1,0 +1,95 @@
+"""``rpo-fast eval``: base vs tuned model on a prompt file; see :mod:`rpo_fast.evaluation.evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..embedding import PRECISIONS
+from .evaluate import EvalConfig, evaluate
+from .generation import DTYPES, TUNED_KINDS, GenerationSettings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    models = parser.add_argument_group("models")
+    models.add_argument("--base", required=True, help="base pipeline: local diffusers folder or hub id (SD1.5 or SDXL)")
+    models.add_argument("--tuned", required=True,
+                        help="tuned model: an `rpo-fast train` output (unet/ or LoRA weights), a UNet folder, "
+                             "a pipeline folder, or a LoRA .safetensors file")
+    models.add_argument("--tuned-type", choices=TUNED_KINDS, default="auto", help="how to read --tuned")
+    models.add_argument("--lora-scale", type=float, default=1.0, help="LoRA adapter weight")
+    models.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    models.add_argument("--dtype", choices=list(DTYPES), default=None, help="pipeline dtype (default fp16 on CUDA, fp32 on CPU)")
+    models.add_argument("--no-safety-checker", action="store_true", help="load SD1.5 pipelines without the safety checker")
+
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--prompts", required=True, help="prompt file: one prompt a line, or .jsonl with a 'prompt' key")
+    gen.add_argument("--output-dir", required=True, help="where images, metrics.json, report.md and grid.png go")
+    gen.add_argument("--seed", type=int, default=0, help="image k of prompt i uses seed + i * images_per_prompt + k")
+    gen.add_argument("--images-per-prompt", type=int, default=1)
+    gen.add_argument("--num-inference-steps", type=int, default=30)
+    gen.add_argument("--guidance-scale", type=float, default=7.5)
+    gen.add_argument("--height", type=int, default=None, help="default: the model's")
+    gen.add_argument("--width", type=int, default=None, help="default: the model's")
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
+
+    clip = parser.add_argument_group("CLIP score and style alignment (open_clip)")
+    clip.add_argument("--no-clip", action="store_true", help="skip the CLIP score and style metrics")
+    clip.add_argument("--clip-model", default="ViT-L-14-quickgelu", help="open_clip architecture")
+    clip.add_argument("--clip-pretrained", default="openai", help="open_clip tag or local checkpoint file")
+    clip.add_argument("--style-prompt", default=None, help="target style, e.g. 'a painting in the style of Van Gogh'")
+    clip.add_argument("--neutral-prompts", nargs="+", default=["a photo", "an image"],
+                      help="prompts the style prompt competes with in the zero-shot probability")
+    clip.add_argument("--style-images", default=None, help="folder of reference images of the target style")
+    clip.add_argument("--open-clip-config", action="append", default=[], metavar="JSON",
+                      help="register an extra open_clip architecture (name = file stem); repeatable")
+
+    pref = parser.add_argument_group("preference scorers (computed when their weights are given)")
+    pref.add_argument("--pickscore-model", default=None, help="PickScore_v1 folder (transformers CLIPModel)")
+    pref.add_argument("--pickscore-processor", default=None,
+                      help="its processor folder (CLIP-ViT-H-14-laion2B-s32B-b79K); default: --pickscore-model")
+    pref.add_argument("--hps-checkpoint", default=None, help="HPSv2 / HPSv2.1 checkpoint file (e.g. HPS_v2.1_compressed.pt)")
+    pref.add_argument("--hps-model", default="ViT-H-14", help="open_clip architecture of the HPS checkpoint")
+    pref.add_argument("--aesthetic-head", default=None, help="LAION aesthetic predictor head (e.g. sac+logos+ava1-l14-linearMSE.pth)")
+    pref.add_argument("--aesthetic-clip-model", default="ViT-L-14-quickgelu", help="open_clip architecture of its backbone")
+    pref.add_argument("--aesthetic-clip-pretrained", default="openai", help="backbone tag or local checkpoint file")
+
+    out = parser.add_argument_group("scoring and output")
+    out.add_argument("--score-batch-size", type=int, default=16)
+    out.add_argument("--scorer-precision", choices=PRECISIONS, default="fp32")
+    out.add_argument("--grid-columns", type=int, default=8, help="prompts shown in grid.png")
+    out.add_argument("--grid-cell", type=int, default=256, help="pixel size of a grid cell")
+    out.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    generation = GenerationSettings(
+        seed=args.seed, images_per_prompt=args.images_per_prompt, num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+        negative_prompt=args.negative_prompt, batch_size=args.batch_size,
+    )
+    return EvalConfig(
+        base=args.base, tuned=args.tuned, prompts=args.prompts, output_dir=args.output_dir,
+        tuned_type=args.tuned_type, lora_scale=args.lora_scale, generation=generation, device=args.device,
+        dtype=args.dtype, disable_safety_checker=args.no_safety_checker, clip=not args.no_clip,
+        clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, style_prompt=args.style_prompt,
+        neutral_prompts=tuple(args.neutral_prompts), style_images=args.style_images,
+        open_clip_configs=tuple(args.open_clip_config), pickscore_model=args.pickscore_model,
+        pickscore_processor=args.pickscore_processor, hps_checkpoint=args.hps_checkpoint, hps_model=args.hps_model,
+        aesthetic_head=args.aesthetic_head, aesthetic_clip_model=args.aesthetic_clip_model,
+        aesthetic_clip_pretrained=args.aesthetic_clip_pretrained, score_batch_size=args.score_batch_size,
+        scorer_precision=args.scorer_precision, grid_columns=args.grid_columns, grid_cell=args.grid_cell,
+        progress=not args.no_progress,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = evaluate(config_from_args(args))
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"rpo-fast eval: error: {e}", file=sys.stderr)
+        return 2
+    print(result.files["markdown"].read_text())
+    print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    return 0

@@ -1,0 +1,202 @@
+"""Prompt files, base / tuned Stable Diffusion pipelines (SD1.5 or SDXL), seeded generation.
+
+The tuned model is what ``rpo-fast train`` writes, or any diffusers layout:
+
+* ``pipeline``: a full pipeline folder (``model_index.json``);
+* ``unet``: a folder with ``unet/`` (a full fine-tune's output), or a UNet folder itself;
+  the UNet replaces the base pipeline's, everything else is shared;
+* ``lora``: LoRA weights that ``pipeline.load_lora_weights`` reads (a folder with
+  ``pytorch_lora_weights.safetensors`` or one ``.safetensors`` file), loaded onto the base.
+
+Seeds: image k of prompt i uses seed ``seed + i * images_per_prompt + k`` drawn by a CPU
+generator, for the base and the tuned model alike, so both start from the same noise on any
+device and at any batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+from PIL import Image
+
+TUNED_KINDS = ("auto", "pipeline", "unet", "lora")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_PROMPT_KEYS = ("prompt", "caption", "text")
+
+
+def read_prompts(path) -> List[str]:
+    """One prompt a line (``.txt`` and anything not ``.jsonl``), or ``.jsonl`` lines that are
+    objects with a ``prompt`` (or ``caption`` / ``text``) key, or JSON strings. Blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts: no file at {path}")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e})") from None
+            if isinstance(record, dict):
+                key = next((k for k in _PROMPT_KEYS if k in record), None)
+                if key is None:
+                    raise ValueError(f"{path}:{number}: expected a key among {list(_PROMPT_KEYS)}")
+                record = record[key]
+            if not isinstance(record, str):
+                raise ValueError(f"{path}:{number}: expected a prompt string, got {type(record).__name__}")
+            prompts.append(record)
+        else:
+            prompts.append(line.strip())
+    if not prompts:
+        raise ValueError(f"--prompts: {path} holds no prompts")
+    return prompts
+
+
+def _is_unet_folder(folder: Path) -> bool:
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("_class_name") == "UNet2DConditionModel"
+    except json.JSONDecodeError:
+        return False
+
+
+def resolve_tuned(path, kind: str = "auto") -> Tuple[str, Path]:
+    """``(kind, path to load)`` of a tuned model; see the module docstring for the layouts."""
+    if kind not in TUNED_KINDS:
+        raise ValueError(f"--tuned-type: expected one of {list(TUNED_KINDS)}, got {kind!r}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--tuned: nothing at {path}")
+    is_lora_file = path.is_file() and path.suffix in (".safetensors", ".bin")
+    has_lora = path.is_dir() and (any(path.glob("*lora*.safetensors")) or any(path.glob("*lora*.bin")))
+    found = {
+        "pipeline": path if (path / "model_index.json").is_file() else None,
+        "unet": path / "unet" if _is_unet_folder(path / "unet") else path if _is_unet_folder(path) else None,
+        "lora": path if is_lora_file or has_lora else None,
+    }
+    if kind != "auto":
+        if found[kind] is None:
+            raise ValueError(f"--tuned: {path} does not hold a {kind} model ({_LAYOUTS})")
+        return kind, found[kind]
+    for candidate in ("pipeline", "unet", "lora"):
+        if found[candidate] is not None:
+            return candidate, found[candidate]
+    raise ValueError(f"--tuned: {path} holds no model the evaluation can load ({_LAYOUTS})")
+
+
+_LAYOUTS = ("expected a pipeline folder with model_index.json, a folder with unet/config.json, a UNet folder, "
+            "or LoRA weights: a folder with *lora*.safetensors or a .safetensors file")
+
+
+def load_pipeline(source, *, device="cpu", dtype: torch.dtype = torch.float32, disable_safety_checker: bool = False):
+    """A StableDiffusionPipeline or StableDiffusionXLPipeline from a local folder or a hub id."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    source = str(source)
+    kwargs = {"dtype": dtype}
+    local = Path(source)
+    if local.exists():
+        index = local / "model_index.json"
+        if not index.is_file():
+            raise ValueError(f"{source}: expected a diffusers pipeline folder with model_index.json")
+        if disable_safety_checker and "safety_checker" in json.loads(index.read_text()):
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise FileNotFoundError(f"{source}: no such folder (and not a hub id of the form org/name)")
+    elif disable_safety_checker:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        raise ValueError(f"{source}: a {type(pipe).__name__}; the evaluation supports SD1.5 and SDXL pipelines")
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)  # one bar over all images instead
+    return pipe
+
+
+def apply_tuned(pipe, kind: str, path: Path, *, lora_scale: float = 1.0):
+    """Turns the base pipeline into the tuned one in place (``unet``, ``lora``)."""
+    if kind == "unet":
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(str(path), dtype=pipe.unet.dtype)
+        for key in ("in_channels", "cross_attention_dim", "addition_embed_type"):
+            if unet.config.get(key) != pipe.unet.config.get(key):
+                raise ValueError(f"--tuned: UNet {key} {unet.config.get(key)} does not fit the base "
+                                 f"pipeline's ({pipe.unet.config.get(key)})")
+        pipe.unet = unet.to(pipe.device)
+    elif kind == "lora":
+        if path.is_file():
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="tuned")
+        else:
+            pipe.load_lora_weights(str(path), adapter_name="tuned")
+        if lora_scale != 1.0:
+            pipe.set_adapters(["tuned"], adapter_weights=[lora_scale])
+    else:
+        raise ValueError(f"apply_tuned: kind {kind!r} is loaded as its own pipeline")
+    return pipe
+
+
+@dataclass
+class GenerationSettings:
+    seed: int = 0
+    images_per_prompt: int = 1
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+    height: Optional[int] = None
+    width: Optional[int] = None
+    negative_prompt: Optional[str] = None
+    batch_size: int = 4
+
+
+def image_seed(settings: GenerationSettings, prompt_index: int, k: int) -> int:
+    return settings.seed + prompt_index * settings.images_per_prompt + k
+
+
+def generate(pipe, prompts: List[str], settings: GenerationSettings, *, desc: str = "generating",
+             progress: bool = True) -> List[List[Image.Image]]:
+    """``images[i][k]``: image k of prompt i, with the seeds of the module docstring."""
+    from tqdm.auto import tqdm
+
+    jobs = [(i, k) for i in range(len(prompts)) for k in range(settings.images_per_prompt)]
+    images: List[List[Optional[Image.Image]]] = [[None] * settings.images_per_prompt for _ in prompts]
+    with tqdm(total=len(jobs), desc=desc, unit="image", disable=not progress) as bar:
+        for start in range(0, len(jobs), settings.batch_size):
+            batch = jobs[start:start + settings.batch_size]
+            generators = [torch.Generator("cpu").manual_seed(image_seed(settings, i, k)) for i, k in batch]
+            out = pipe(
+                prompt=[prompts[i] for i, _ in batch],
+                negative_prompt=None if settings.negative_prompt is None else [settings.negative_prompt] * len(batch),
+                num_inference_steps=settings.num_inference_steps,
+                guidance_scale=settings.guidance_scale,
+                height=settings.height,
+                width=settings.width,
+                generator=generators,
+                output_type="pil",
+            )
+            for (i, k), image in zip(batch, out.images):
+                images[i][k] = image
+            bar.update(len(batch))
+    return images  # type: ignore[return-value]
+
+
+def save_images(images: List[List[Image.Image]], folder: Path, root: Path) -> List[List[str]]:
+    """Writes image k of prompt i to ``folder/IIII_K.png``; returns the paths relative to ``root``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, per_prompt in enumerate(images):
+        row = []
+        for k, image in enumerate(per_prompt):
+            file = folder / f"{i:04d}_{k}.png"
+            image.save(file)
+            row.append(os.path.relpath(file, root))
+        paths.append(row)
+    return paths

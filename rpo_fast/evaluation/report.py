@@ -1,0 +1,101 @@
+"""Aggregates scores of base vs tuned and writes them: JSON, a markdown table, an image grid."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from PIL import Image, ImageDraw
+
+
+def per_prompt(scores: torch.Tensor) -> torch.Tensor:
+    """``(P, K)`` scores (K images per prompt) -> ``(P,)`` means."""
+    if scores.dim() != 2:
+        raise ValueError(f"scores: expected shape (prompts, images_per_prompt), got {tuple(scores.shape)}")
+    return scores.float().mean(dim=1)
+
+
+def win_rate(tuned: torch.Tensor, base: torch.Tensor) -> float:
+    """Fraction of prompts where the tuned model's mean score beats the base's; ties count half."""
+    if tuned.shape != base.shape or tuned.dim() != 1 or tuned.numel() == 0:
+        raise ValueError(f"win_rate: expected two equal (P,) tensors, got {tuple(tuned.shape)} and {tuple(base.shape)}")
+    wins = (tuned > base).float() + 0.5 * (tuned == base).float()
+    return float(wins.mean())
+
+
+def summarize(base: Dict[str, torch.Tensor], tuned: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float]]:
+    """For each metric: base and tuned means over all images, their difference and the
+    per-prompt win rate of tuned over base."""
+    if set(base) != set(tuned):
+        raise ValueError(f"summarize: base metrics {sorted(base)} differ from tuned metrics {sorted(tuned)}")
+    summary = {}
+    for name in base:
+        b, t = per_prompt(base[name]), per_prompt(tuned[name])
+        summary[name] = {
+            "base": float(b.mean()),
+            "tuned": float(t.mean()),
+            "delta": float(t.mean() - b.mean()),
+            "win_rate": win_rate(t, b),
+        }
+    return summary
+
+
+def markdown_table(summary: Dict[str, Dict[str, float]], num_prompts: int) -> str:
+    lines = [
+        "| metric | base | tuned | tuned - base | tuned win rate |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, s in summary.items():
+        lines.append(f"| {name} | {s['base']:.4f} | {s['tuned']:.4f} | {s['delta']:+.4f} | {100 * s['win_rate']:.1f}% |")
+    lines.append("")
+    lines.append(f"Means over all images; win rate over {num_prompts} prompts (per-prompt means, ties count half).")
+    return "\n".join(lines) + "\n"
+
+
+def image_grid(rows: Dict[str, List[Image.Image]], *, cell: int = 256, label_width: int = 64) -> Image.Image:
+    """One row per model (labelled at the left), one column per prompt; cells are resized to ``cell`` px."""
+    if not rows or not all(rows.values()):
+        raise ValueError("image_grid: expected at least one row with at least one image")
+    columns = max(len(images) for images in rows.values())
+    grid = Image.new("RGB", (label_width + columns * cell, len(rows) * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (label, images) in enumerate(rows.items()):
+        draw.text((4, r * cell + cell // 2), label, fill="black")
+        for c, image in enumerate(images):
+            grid.paste(image.convert("RGB").resize((cell, cell)), (label_width + c * cell, r * cell))
+    return grid
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(output_dir: Path, *, prompts: List[str], summary: Dict[str, Dict[str, float]],
+                 base: Dict[str, torch.Tensor], tuned: Dict[str, torch.Tensor],
+                 image_paths: Dict[str, List[List[str]]], settings: dict,
+                 grid_rows: Optional[Dict[str, List[Image.Image]]] = None, grid_cell: int = 256) -> Dict[str, Path]:
+    """Writes ``metrics.json`` (summary, per-prompt scores, image paths, settings), ``report.md``
+    and ``grid.png``; returns their paths."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    per_prompt_rows = []
+    for i, prompt in enumerate(prompts):
+        per_prompt_rows.append({
+            "prompt": prompt,
+            "base": {name: base[name][i].tolist() for name in base},
+            "tuned": {name: tuned[name][i].tolist() for name in tuned},
+            "images": {model: paths[i] for model, paths in image_paths.items()},
+        })
+    record = {"summary": summary, "num_prompts": len(prompts), "settings": settings, "per_prompt": per_prompt_rows}
+    files = {"json": output_dir / "metrics.json", "markdown": output_dir / "report.md", "grid": output_dir / "grid.png"}
+    _atomic_write_text(files["json"], json.dumps(record, indent=2))
+    _atomic_write_text(files["markdown"], "# Evaluation: base vs tuned\n\n" + markdown_table(summary, len(prompts)))
+    if grid_rows:
+        image_grid(grid_rows, cell=grid_cell).save(files["grid"])
+    else:
+        del files["grid"]
+    return files

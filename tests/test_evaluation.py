@@ -1,0 +1,351 @@
+"""`rpo-fast eval`: scorers loaded by their real loading code from tiny local models,
+tuned-model layouts, seeded generation, reports; tiny SD1.5 / SDXL pipelines at 64 px."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from rpo_fast.cli import main as cli_main
+from rpo_fast.evaluation import EvalConfig, GenerationSettings, evaluate, read_prompts, summarize, win_rate
+from rpo_fast.evaluation.generation import generate, load_pipeline, resolve_tuned
+from rpo_fast.evaluation.report import image_grid
+from rpo_fast.evaluation.scorers import (
+    AestheticScorer,
+    HPSv2Scorer,
+    OpenClipMetrics,
+    PickScoreScorer,
+    load_aesthetic_head,
+)
+from rpo_fast.tiny import build_tiny_sd15, build_tiny_sdxl
+
+from tiny_scorers import (
+    TINY_CLIP_NAME,
+    save_tiny_aesthetic_head,
+    save_tiny_open_clip,
+    save_tiny_pickscore,
+    tiny_open_clip_config,
+)
+
+PROMPTS = ["a red house by the sea", "a cat on a chair", "a mountain at dawn"]
+FAST = dict(num_inference_steps=2, guidance_scale=5.0)
+
+
+def _image(seed: int, size: int = 40) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+def _save_tuned_unet(base: Path, folder: Path) -> Path:
+    """A full fine-tune's output: ``folder/unet`` with perturbed weights."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    unet.save_pretrained(folder / "unet")
+    return folder
+
+
+def _save_lora(base: Path, folder: Path) -> Path:
+    """LoRA weights as the diffusers training examples save them (peft -> save_lora_weights)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights="gaussian"))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # trained LoRA weights are not zero
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    base = build_tiny_sd15(root / "base", sample_size=32)  # the tiny VAE upsamples 2x: 64 px
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n\n")
+    style = root / "style"
+    style.mkdir()
+    for i in range(2):
+        _image(100 + i).save(style / f"ref_{i}.png")
+    clip = save_tiny_open_clip(root / "clip", seed=0)
+    return dict(
+        root=root, base=base, prompts=prompts, style=style, clip=clip,
+        clip_config=root / "clip" / f"{TINY_CLIP_NAME}.json",
+        hps=save_tiny_open_clip(root / "clip", seed=1, hps_style=True),
+        aesthetic=save_tiny_aesthetic_head(root / "aesthetic.pth"),
+        pickscore=save_tiny_pickscore(root / "pickscore"),
+        full=_save_tuned_unet(base, root / "full"),
+        lora=_save_lora(base, root / "lora"),
+    )
+
+
+def _open_clip_direct(path):
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(TINY_CLIP_NAME)
+    state = torch.load(path, weights_only=True)["state_dict"] if str(path).endswith(".pt") else None
+    if state is None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    model.load_state_dict(state)
+    tokenizer = open_clip.get_tokenizer(TINY_CLIP_NAME)
+    model.eval()
+
+    def embed(prompts, images):
+        with torch.no_grad():
+            img = F.normalize(model.encode_image(torch.stack([preprocess(i) for i in images])), dim=-1)
+            txt = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
+        return img, txt, model
+
+    return embed
+
+
+# ----------------------------------------------------------------------------- scorers
+
+
+def test_open_clip_metrics_definitions(assets):
+    images = [_image(1), _image(2)]
+    refs = [_image(100), _image(101)]
+    metrics = OpenClipMetrics(TINY_CLIP_NAME, str(assets["clip"]), style_prompt="a watercolor",
+                              neutral_prompts=["a photo", "an image"], style_images=refs)
+    got = metrics(PROMPTS[:2], images)
+    embed = _open_clip_direct(assets["clip"])
+    img, txt, model = embed(PROMPTS[:2], images)
+    torch.testing.assert_close(got["clip_score"], 100 * (img * txt).sum(-1).clamp(min=0))
+    _, style_txt, _ = embed(["a watercolor", "a photo", "an image"], images[:1] * 3)
+    want_prob = (model.logit_scale.exp() * img @ style_txt.T).softmax(-1)[:, 0]
+    torch.testing.assert_close(got["style_prob"], want_prob)
+    ref_img, _, _ = embed(["x", "x"], refs)
+    torch.testing.assert_close(got["style_similarity"], (img @ ref_img.T).mean(-1))
+    # a reference image itself: mean of cos(r0, r0) = 1 and cos(r0, r1)
+    torch.testing.assert_close(metrics(["x"], [refs[0]])["style_similarity"], (1 + ref_img[0:1] @ ref_img[1]) / 2)
+    assert sorted(got) == ["clip_score", "style_prob", "style_similarity"]
+
+
+def test_hpsv2_scorer_reads_state_dict_checkpoint(assets):
+    images = [_image(3), _image(4)]
+    got = HPSv2Scorer(assets["hps"], model_name=TINY_CLIP_NAME)(PROMPTS[:2], images)["hpsv2"]
+    img, txt, _ = _open_clip_direct(assets["hps"])(PROMPTS[:2], images)
+    torch.testing.assert_close(got, (img * txt).sum(-1))
+    other = HPSv2Scorer(assets["clip"], model_name=TINY_CLIP_NAME)(PROMPTS[:2], images)["hpsv2"]
+    assert not torch.allclose(got, other)  # the checkpoint's weights were used, not a default init
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_aesthetic_scorer(assets, tmp_path, kind):
+    head_path = save_tiny_aesthetic_head(tmp_path / f"{kind}.pth", kind=kind, seed=3)
+    scorer = AestheticScorer(head_path, TINY_CLIP_NAME, str(assets["clip"]))
+    images = [_image(5), _image(6)]
+    img, _, _ = _open_clip_direct(assets["clip"])(["x", "x"], images)
+    head = load_aesthetic_head(head_path)
+    assert isinstance(head, torch.nn.Linear) == (kind == "linear")
+    with torch.no_grad():
+        torch.testing.assert_close(scorer(["x", "y"], images)["aesthetic"], head(img).squeeze(-1))
+
+
+def test_aesthetic_head_errors(assets, tmp_path):
+    from rpo_fast.evaluation.scorers import AestheticMLP
+
+    torch.save(AestheticMLP(768).state_dict(), tmp_path / "real_size.pth")
+    with pytest.raises(ValueError, match="expects 768-dim"):
+        AestheticScorer(tmp_path / "real_size.pth", TINY_CLIP_NAME, str(assets["clip"]))
+    torch.save({"fc.weight": torch.zeros(1, 4)}, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match="unknown layout"):
+        load_aesthetic_head(tmp_path / "odd.pth")
+    with pytest.raises(FileNotFoundError, match="no file"):
+        load_aesthetic_head(tmp_path / "missing.pth")
+
+
+def test_pickscore_scorer(assets):
+    from transformers import AutoProcessor, CLIPModel
+
+    images = [_image(7), _image(8)]
+    got = PickScoreScorer(assets["pickscore"])(PROMPTS[:2], images)["pickscore"]
+    model = CLIPModel.from_pretrained(assets["pickscore"]).eval()
+    processor = AutoProcessor.from_pretrained(assets["pickscore"])
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    tokens = processor(text=PROMPTS[:2], padding=True, return_tensors="pt")
+    assert pixels.shape[-1] == 32  # the saved processor's own settings were read
+    with torch.no_grad():
+        img = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+        txt = model.text_projection(model.text_model(**tokens).pooler_output)
+    want = model.logit_scale.exp() * (F.normalize(img, dim=-1) * F.normalize(txt, dim=-1)).sum(-1)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(FileNotFoundError, match="PickScore model"):
+        PickScoreScorer(assets["root"] / "missing")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def test_read_prompts(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n"b"\n\n{"caption": "c"}\n')
+    assert read_prompts(tmp_path / "p.jsonl") == ["a", "b", "c"]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"title": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        read_prompts(tmp_path / "bad.jsonl")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="no prompts"):
+        read_prompts(tmp_path / "empty.txt")
+    with pytest.raises(FileNotFoundError, match="--prompts"):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_resolve_tuned_layouts(assets, tmp_path):
+    assert resolve_tuned(assets["base"]) == ("pipeline", assets["base"])
+    assert resolve_tuned(assets["full"]) == ("unet", assets["full"] / "unet")
+    assert resolve_tuned(assets["full"] / "unet") == ("unet", assets["full"] / "unet")
+    assert resolve_tuned(assets["lora"]) == ("lora", assets["lora"])
+    lora_file = assets["lora"] / "pytorch_lora_weights.safetensors"
+    assert resolve_tuned(lora_file) == ("lora", lora_file)
+    assert resolve_tuned(assets["base"], "unet") == ("unet", assets["base"] / "unet")
+    with pytest.raises(ValueError, match="does not hold a lora model"):
+        resolve_tuned(assets["full"], "lora")
+    with pytest.raises(ValueError, match="holds no model"):
+        resolve_tuned(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nothing at"):
+        resolve_tuned(tmp_path / "missing")
+    with pytest.raises(ValueError, match="--tuned-type"):
+        resolve_tuned(assets["base"], "dreambooth")
+
+
+# ----------------------------------------------------------------------------- generation and reports
+
+
+def test_generation_is_seeded_per_image(assets):
+    pipe = load_pipeline(assets["base"])
+    one = generate(pipe, PROMPTS[:2], GenerationSettings(images_per_prompt=2, batch_size=4, **FAST), progress=False)
+    two = generate(pipe, PROMPTS[:2], GenerationSettings(images_per_prompt=2, batch_size=3, **FAST), progress=False)
+    assert [[im.size for im in row] for row in one] == [[(64, 64)] * 2] * 2
+    def diff(a, b):
+        return (torch.tensor(np.asarray(a), dtype=torch.int16) - torch.tensor(np.asarray(b), dtype=torch.int16)).abs()
+
+    # the same images whatever the batch size (up to rounding: batched matmuls sum in another order)
+    for row_one, row_two in zip(one, two):
+        for a, b in zip(row_one, row_two):
+            assert diff(a, b).max() <= 2
+    assert diff(one[0][0], one[0][1]).float().mean() > 10  # different seeds, different images
+
+
+def test_summary_and_win_rate():
+    base = {"m": torch.tensor([[1.0, 3.0], [2.0, 2.0], [5.0, 5.0]])}
+    tuned = {"m": torch.tensor([[4.0, 4.0], [2.0, 2.0], [1.0, 1.0]])}
+    s = summarize(base, tuned)["m"]
+    assert s["base"] == pytest.approx(3.0) and s["tuned"] == pytest.approx(14 / 6)
+    assert s["win_rate"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert win_rate(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 3.0])) == 0.5
+    with pytest.raises(ValueError, match="differ"):
+        summarize(base, {"other": tuned["m"]})
+    grid = image_grid({"base": [_image(1)] * 3, "tuned": [_image(2)] * 3}, cell=32, label_width=40)
+    assert grid.size == (40 + 3 * 32, 2 * 32)
+
+
+def _eval_args(assets, out, tuned, *extra):
+    return ["eval", "--base", str(assets["base"]), "--tuned", str(tuned), "--prompts", str(assets["prompts"]),
+            "--output-dir", str(out), "--num-inference-steps", "2", "--guidance-scale", "5", "--device", "cpu",
+            "--clip-model", TINY_CLIP_NAME, "--clip-pretrained", str(assets["clip"]),
+            "--open-clip-config", str(assets["clip_config"]), "--grid-cell", "32", "--no-progress", *extra]
+
+
+def test_eval_command_full_unet_all_metrics(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = _eval_args(
+        assets, out, assets["full"], "--style-prompt", "a watercolor painting", "--style-images", str(assets["style"]),
+        "--pickscore-model", str(assets["pickscore"]), "--hps-checkpoint", str(assets["hps"]),
+        "--hps-model", TINY_CLIP_NAME, "--aesthetic-head", str(assets["aesthetic"]),
+        "--aesthetic-clip-model", TINY_CLIP_NAME, "--aesthetic-clip-pretrained", str(assets["clip"]),
+        "--images-per-prompt", "2", "--batch-size", "3",
+    )
+    assert cli_main(args) == 0
+    record = json.loads((out / "metrics.json").read_text())
+    metrics = ["clip_score", "style_prob", "style_similarity", "pickscore", "hpsv2", "aesthetic"]
+    assert sorted(record["summary"]) == sorted(metrics)
+    assert record["num_prompts"] == 3 and record["settings"]["tuned_kind"] == "unet"
+    for name in metrics:  # the summary follows from the per-prompt scores
+        base = torch.tensor([row["base"][name] for row in record["per_prompt"]])
+        tuned = torch.tensor([row["tuned"][name] for row in record["per_prompt"]])
+        assert base.shape == (3, 2)
+        assert record["summary"][name]["base"] == pytest.approx(float(base.mean()), rel=1e-5)
+        assert record["summary"][name]["win_rate"] == pytest.approx(win_rate(tuned.mean(1), base.mean(1)))
+    row = record["per_prompt"][1]
+    base_image = Image.open(out / row["images"]["base"][0])
+    tuned_image = Image.open(out / row["images"]["tuned"][0])
+    assert base_image.size == (64, 64) and base_image.tobytes() != tuned_image.tobytes()
+    # the base images are those of the base pipeline with the documented seeds (prompt 1, image 0 -> seed 2)
+    pipe = load_pipeline(assets["base"])
+    want = pipe(PROMPTS[1], generator=torch.Generator("cpu").manual_seed(2), output_type="pil", **FAST).images[0]
+    assert want.tobytes() == base_image.tobytes()
+    report = (out / "report.md").read_text()
+    assert all(f"| {name} |" in report for name in metrics)
+    assert Image.open(out / "grid.png").size == (64 + 3 * 32, 2 * 32)
+    assert "pickscore" in capsys.readouterr().out
+
+
+def test_eval_lora_scale(assets, tmp_path):
+    def run(scale):
+        config = EvalConfig(base=str(assets["base"]), tuned=str(assets["lora"]), prompts=str(assets["prompts"]),
+                            output_dir=str(tmp_path / f"lora_{scale}"), lora_scale=scale,
+                            generation=GenerationSettings(**FAST), device="cpu", clip_model=TINY_CLIP_NAME,
+                            clip_pretrained=str(assets["clip"]), grid_cell=32, progress=False)
+        result = evaluate(config)
+        out = result.output_dir / "images"
+        return result, [(Image.open(out / "base" / f"{i:04d}_0.png").tobytes(),
+                         Image.open(out / "tuned" / f"{i:04d}_0.png").tobytes()) for i in range(3)]
+
+    result, images = run(1.0)
+    assert all(base != tuned for base, tuned in images)  # the LoRA changed the model
+    assert set(result.summary) == {"clip_score"}
+    zero, images = run(0.0)
+    assert all(base == tuned for base, tuned in images)  # same seeds, LoRA switched off
+    assert zero.summary["clip_score"]["win_rate"] == 0.5 and zero.summary["clip_score"]["delta"] == 0
+
+
+def test_eval_sdxl(assets, tmp_path):
+    base = build_tiny_sdxl(tmp_path / "xl", sample_size=32)
+    tuned = _save_tuned_unet(base, tmp_path / "xl_tuned")
+    config = EvalConfig(base=str(base), tuned=str(tuned), prompts=str(assets["prompts"]),
+                        output_dir=str(tmp_path / "out"), generation=GenerationSettings(**FAST), device="cpu",
+                        clip_model=TINY_CLIP_NAME, clip_pretrained=str(assets["clip"]), grid_cell=32, progress=False)
+    result = evaluate(config)
+    assert result.scores["tuned"]["clip_score"].shape == (3, 1)
+    assert Image.open(tmp_path / "out" / "images" / "tuned" / "0002_0.png").size == (64, 64)
+
+
+def test_eval_command_errors_before_generating(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    cases = [
+        (["--hps-checkpoint", str(tmp_path / "hps.pt")], "--hps-checkpoint: no file"),
+        (["--style-images", str(tmp_path / "nope")], "--style-images: no folder"),
+        (["--num-inference-steps", "0"], "num_inference_steps"),
+        (["--height", "60"], "multiple of 8"),
+        (["--no-clip"], "no metric to compute"),
+    ]
+    for extra, message in cases:
+        assert cli_main(_eval_args(assets, out, assets["full"], *extra)) == 2
+        assert message in capsys.readouterr().err
+    assert cli_main(_eval_args(assets, out, tmp_path)) == 2
+    assert "holds no model" in capsys.readouterr().err
+    bad_prompts = _eval_args(assets, out, assets["full"])
+    bad_prompts[bad_prompts.index("--prompts") + 1] = str(tmp_path / "none.txt")
+    assert cli_main(bad_prompts) == 2
+    assert "--prompts: no file" in capsys.readouterr().err
+    assert not out.exists()  # nothing was generated
