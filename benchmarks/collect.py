@@ -1,0 +1,132 @@
+"""Turns pytest-benchmark's json into the suite's results: measurements, then derived rows.
+
+Loss rows (one per case and rpo-fast backend):
+  time_s             median forward+backward time
+  speedup_eager      eager time / time           (the Diffusion-DPO trainers' loss)
+  speedup_compiled   compiled eager time / time  (torch.compile of that loss)
+  roofline           copy time / time: the minimal bytes (read model_pred, ref_pred and target
+                     once, write the gradient once) over this time, as a fraction of the
+                     bandwidth a plain copy of as many bytes reached in the same run
+  saved_bytes        bytes autograd keeps for backward (by storage; inputs included)
+  saved_extra_bytes  the same without the storages of the inputs
+End-to-end rows (one per configuration): pairs/s and peak memory of both loops, and their ratios.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Dict, Iterable, List, Optional, Tuple
+
+LOSS_KEYS = ("latents", "pairs", "dtype", "method")
+
+
+def measurements(raw: Dict[str, object]) -> Tuple[List[dict], List[dict]]:
+    """(loss, e2e) measurements from a pytest-benchmark json document."""
+    loss, e2e = [], []
+    for bench in raw.get("benchmarks", []):
+        info = dict(bench.get("extra_info", {}))
+        stats = bench["stats"]
+        if info.get("kind") == "loss":
+            info.update(
+                median_s=stats["median"], min_s=stats["min"], mean_s=stats["mean"], stddev_s=stats["stddev"],
+                rounds=stats["rounds"], iterations=stats.get("iterations", 1),
+            )
+            loss.append(info)
+        elif info.get("kind") == "e2e":
+            info["process_wall_s"] = stats["median"]
+            e2e.append(info)
+    return loss, e2e
+
+
+def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+def loss_rows(loss: Iterable[dict]) -> List[dict]:
+    by_case: Dict[tuple, Dict[str, dict]] = {}
+    for m in loss:
+        by_case.setdefault(tuple(m[k] for k in LOSS_KEYS), {})[m["impl"]] = m
+    rows = []
+    for key, impls in by_case.items():
+        copy, eager, compiled = impls.get("copy"), impls.get("eager"), impls.get("compiled")
+        t = lambda m: m["median_s"] if m else None  # noqa: E731
+        for impl, m in impls.items():
+            if impl in ("copy", "eager", "compiled"):
+                continue
+            row = dict(zip(LOSS_KEYS, key))
+            row.update(
+                backend=impl,
+                time_s=m["median_s"],
+                eager_s=t(eager),
+                compiled_s=t(compiled),
+                copy_s=t(copy),
+                speedup_eager=_ratio(t(eager), m["median_s"]),
+                speedup_compiled=_ratio(t(compiled), m["median_s"]),
+                roofline=_ratio(t(copy), m["median_s"]),
+                copy_gbps=_ratio(m["minimal_bytes"] / 1e9, t(copy)),
+                minimal_bytes=m["minimal_bytes"],
+                saved_bytes=m.get("saved_bytes"),
+                saved_extra_bytes=m.get("saved_extra_bytes"),
+                eager_saved_bytes=(eager or {}).get("saved_bytes"),
+                eager_saved_extra_bytes=(eager or {}).get("saved_extra_bytes"),
+                loss_rel_err=m.get("loss_rel_err"),
+                grad_rel_err=m.get("grad_rel_err"),
+            )
+            rows.append(row)
+    return rows
+
+
+def e2e_rows(e2e: Iterable[dict]) -> List[dict]:
+    by_point: Dict[tuple, Dict[str, dict]] = {}
+    for m in e2e:
+        by_point.setdefault((m["sweep"], m["pairs"], m["resolution"]), {})[m["loop"]] = m
+    rows = []
+    for (sweep, pairs, resolution), loops in sorted(by_point.items()):
+        base, fast = loops.get("baseline"), loops.get("rpo_fast")
+        row = {"sweep": sweep, "pairs": pairs, "resolution": resolution}
+        for name, m in (("baseline", base), ("rpo_fast", fast)):
+            row[f"{name}_pairs_per_s"] = m["pairs_per_s"] if m else None
+            row[f"{name}_step_s"] = statistics.median(m["step_times_s"]) if m else None
+            row[f"{name}_peak_bytes"] = m["peak_bytes"] if m else None
+            row[f"{name}_setup_s"] = m["setup_s"] if m else None
+        row["throughput_ratio"] = _ratio(row["rpo_fast_pairs_per_s"], row["baseline_pairs_per_s"])
+        row["memory_ratio"] = _ratio(row["rpo_fast_peak_bytes"], row["baseline_peak_bytes"])
+        rows.append(row)
+    return rows
+
+
+# The kernel issue's targets, measured on the cpu backend at SDXL latents with 16 pairs.
+LOSS_TARGETS = (("speedup_eager", ">=", 4.0), ("speedup_compiled", ">=", 1.5), ("roofline", ">=", 1 / 1.5))
+E2E_TARGETS = (("throughput_ratio", ">=", 2.0), ("memory_ratio", "<", 1.0))
+
+
+def _check(value: Optional[float], op: str, threshold: float) -> Optional[bool]:
+    if value is None:
+        return None
+    return value >= threshold if op == ">=" else value < threshold
+
+
+def targets(loss: List[dict], e2e: List[dict]) -> List[dict]:
+    """Each target with the measured value and whether it is met (None: not measured here)."""
+    out = []
+    for dtype in ("fp32", "bf16"):
+        for method in ("rpo", "dpo"):
+            row = next((r for r in loss if r["backend"] == "cpu" and r["latents"] == "sdxl" and r["pairs"] == 16
+                        and r["dtype"] == dtype and r["method"] == method), None)
+            for metric, op, threshold in LOSS_TARGETS:
+                value = row[metric] if row else None
+                out.append({"target": f"cpu backend, SDXL, M=16, {dtype}, {method}: {metric} {op} {threshold:.2f}",
+                            "value": value, "met": _check(value, op, threshold)})
+    for metric, op, threshold in E2E_TARGETS:
+        values = [r[metric] for r in e2e if r[metric] is not None]
+        worst = (min(values) if op == ">=" else max(values)) if values else None
+        out.append({"target": f"end to end, every configuration: {metric} {op} {threshold:g}",
+                    "value": worst, "met": _check(worst, op, threshold)})
+    return out
+
+
+def summarize(loss: List[dict], e2e: List[dict]) -> Dict[str, List[dict]]:
+    lrows, erows = loss_rows(loss), e2e_rows(e2e)
+    return {"loss_rows": lrows, "e2e_rows": erows, "targets": targets(lrows, erows)}

@@ -1,0 +1,39 @@
+"""Runs an end-to-end configuration in a fresh worker process and returns its result."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict
+
+from benchmarks.e2e.worker import RESULT_PREFIX
+from benchmarks.profiles import E2EConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def data_rows(configs) -> int:
+    """Pairs in the synthetic dataset: two batches of the largest configuration, at least 16."""
+    return max([16] + [2 * c.pairs for c in configs])
+
+
+def run_worker(config: E2EConfig, model: Path, data: Path, workdir: Path, *, method: str = "rpo",
+               mixed_precision: str = "no", timeout_s: float = 1800) -> Dict[str, object]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable, "-m", "benchmarks.e2e.worker",
+        "--loop", config.loop, "--model", str(model), "--data", str(data), "--workdir", str(workdir),
+        "--pairs", str(config.pairs), "--resolution", str(config.resolution),
+        "--warmup", str(config.warmup_steps), "--steps", str(config.timed_steps),
+        "--method", method, "--mixed-precision", mixed_precision,
+    ]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    results = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not results:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+        raise RuntimeError(f"{config.id}: the worker failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(results[-1][len(RESULT_PREFIX):])

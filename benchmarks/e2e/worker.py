@@ -1,0 +1,114 @@
+"""Runs one end-to-end configuration in this (fresh) process and prints its result as json.
+
+``python -m benchmarks.e2e.worker --loop baseline|rpo_fast --model DIR --data DIR --pairs 2
+--resolution 64 --warmup 2 --steps 8``. The last line of stdout is ``RESULT <json>``: setup
+time, the time of each timed step, pairs per second over the timed steps, and peak memory
+(benchmarks/e2e/memory.py). One process per configuration, so that no configuration's
+memory or compiled code leaks into the next one's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+RESULT_PREFIX = "RESULT "
+
+
+def _import_libraries() -> None:
+    """Everything both loops import, before the memory baseline is taken."""
+    import diffusers  # noqa: F401
+    import transformers  # noqa: F401
+
+    import rpo_fast  # noqa: F401
+    import rpo_fast.data  # noqa: F401
+
+
+def build_loop(args, device: torch.device):
+    if args.loop == "baseline":
+        from benchmarks.e2e.baseline import DiffusionDPOBaseline
+
+        return DiffusionDPOBaseline(
+            args.model, args.data, pairs=args.pairs, resolution=args.resolution, device=device,
+            method=args.method, mixed_precision=args.mixed_precision, seed=args.seed,
+        )
+    from benchmarks.e2e.rpo_fast_loop import RpoFastLoop
+
+    return RpoFastLoop(
+        args.model, args.data, pairs=args.pairs, resolution=args.resolution, device=device,
+        method=args.method, mixed_precision=args.mixed_precision, seed=args.seed, workdir=args.workdir,
+    )
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--loop", required=True, choices=("baseline", "rpo_fast"))
+    p.add_argument("--model", required=True, help="tiny SD1.5 pipeline folder (save_pretrained layout)")
+    p.add_argument("--data", required=True, help="preference data folder (Pick-a-Pic parquet)")
+    p.add_argument("--workdir", required=True, help="scratch folder for outputs and caches")
+    p.add_argument("--pairs", type=int, required=True)
+    p.add_argument("--resolution", type=int, required=True)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--method", default="rpo", choices=("rpo", "dpo"))
+    p.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for name in ("pairs", "resolution", "steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name}: expected a positive integer, got {getattr(args, name)}")
+    if args.warmup < 0:
+        p.error(f"--warmup: expected >= 0, got {args.warmup}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    _import_libraries()
+
+    from benchmarks.e2e.memory import PeakMemory
+
+    memory = PeakMemory(device)
+    start = time.perf_counter()
+    loop = build_loop(args, device)
+    sync()
+    setup_s = time.perf_counter() - start
+
+    step_times, losses = [], []
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        loss = loop.step()
+        sync()
+        elapsed = time.perf_counter() - start
+        if i >= args.warmup:
+            step_times.append(elapsed)
+            losses.append(loss)
+    total = sum(step_times)
+    result = {
+        "loop": args.loop,
+        "pairs": args.pairs,
+        "resolution": args.resolution,
+        "method": args.method,
+        "mixed_precision": args.mixed_precision,
+        "device": str(device),
+        "setup_s": setup_s,
+        "warmup_steps": args.warmup,
+        "step_times_s": step_times,
+        "pairs_per_s": args.pairs * len(step_times) / total,
+        "losses": losses,
+        **memory.report(),
+        **getattr(loop, "details", lambda: {})(),
+    }
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""One loss benchmark: inputs for a case, and the forward+backward of each implementation.
+
+Implementations: ``copy`` (a plain copy of as many bytes as the loss must move at least: the
+roofline), ``eager`` (eager_loss.py, as the Diffusion-DPO trainers write it), ``compiled``
+(``torch.compile`` of that eager loss) and every rpo-fast backend available here
+(``rpo_fast.available_backends()`` that runs on the benchmark device).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+import rpo_fast
+from benchmarks.eager_loss import eager_dpo_loss, eager_rpo_loss
+from benchmarks.profiles import LossCase, Timing
+
+BETA = 2500.0  # rpo-fast's beta; the eager loss gets beta_dpo = 2 * BETA (eager_loss.py)
+TAU = 0.5
+EMBED_DIM = 768  # CLIP ViT-L/14, what the Diffusion-RPO paper embeds with
+BASELINE_IMPLS = ("copy", "eager", "compiled")
+
+
+def backends_for(device: torch.device) -> List[str]:
+    """rpo-fast backends that run on ``device`` tensors here. Triton on the CPU only runs in
+    its interpreter (TRITON_INTERPRET=1, for tests): far too slow to be worth timing."""
+    names = []
+    for name in rpo_fast.available_backends():
+        if name == "cpu" and device.type != "cpu":
+            continue
+        if name == "cuda" and device.type != "cuda":
+            continue
+        if name == "triton" and device.type != "cuda":
+            continue
+        names.append(name)
+    return names
+
+
+def impls_for(device: torch.device) -> List[str]:
+    return list(BASELINE_IMPLS) + backends_for(device)
+
+
+@dataclass
+class LossInputs:
+    model_pred: torch.Tensor  # requires grad: the policy's prediction
+    target: torch.Tensor
+    ref_pred: torch.Tensor
+    emb_w: torch.Tensor  # (M, E) used by rpo only
+    emb_l: torch.Tensor
+
+
+def make_inputs(case: LossCase, device: torch.device, seed: int = 0) -> LossInputs:
+    """A batch like a training step's: the policy close to the reference (as early in
+    fine-tuning), so the logits are O(1) and neither loss saturates."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    target = torch.randn(case.shape, generator=gen)
+    ref_pred = target + torch.randn(case.shape, generator=gen)
+    model_pred = ref_pred + 0.05 * torch.randn(case.shape, generator=gen)
+    emb_w = torch.randn(case.pairs, EMBED_DIM, generator=gen)
+    emb_l = emb_w + torch.randn(case.pairs, EMBED_DIM, generator=gen)
+
+    def put(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=case.torch_dtype)
+
+    return LossInputs(
+        put(model_pred).requires_grad_(True), put(target), put(ref_pred), emb_w.to(device), emb_l.to(device)
+    )
+
+
+def _eager_fn(method: str) -> Callable[[LossInputs], torch.Tensor]:
+    if method == "rpo":
+        return lambda x: eager_rpo_loss(x.model_pred, x.target, x.ref_pred, x.emb_w, x.emb_l, 2 * BETA, TAU)[0]
+    return lambda x: eager_dpo_loss(x.model_pred, x.target, x.ref_pred, 2 * BETA)[0]
+
+
+def _backend_fn(method: str, backend: str) -> Callable[[LossInputs], torch.Tensor]:
+    # return_metrics: a trainer logs them; the fused kernels produce them in the same pass.
+    if method == "rpo":
+        return lambda x: rpo_fast.diffusion_rpo_loss(
+            x.model_pred, x.target, x.ref_pred, emb_w=x.emb_w, emb_l=x.emb_l, beta=BETA, tau=TAU,
+            backend=backend, return_metrics=True,
+        )[0]
+    return lambda x: rpo_fast.diffusion_dpo_loss(
+        x.model_pred, x.target, x.ref_pred, beta=BETA, backend=backend, return_metrics=True
+    )[0]
+
+
+def loss_fn(case: LossCase, impl: str, compile_backend: str = "inductor") -> Callable[[LossInputs], torch.Tensor]:
+    """The loss of ``impl`` as a function of the inputs (``copy`` has none)."""
+    if impl == "eager":
+        return _eager_fn(case.method)
+    if impl == "compiled":
+        # A fresh cache per case: one compiled graph per static shape, no dynamic-shape
+        # recompile and no hitting the recompile limit across the grid.
+        torch._dynamo.reset()
+        eager = eager_rpo_loss if case.method == "rpo" else eager_dpo_loss
+        compiled = torch.compile(eager, dynamic=False, backend=compile_backend)
+        if case.method == "rpo":
+            return lambda x: compiled(x.model_pred, x.target, x.ref_pred, x.emb_w, x.emb_l, 2 * BETA, TAU)[0]
+        return lambda x: compiled(x.model_pred, x.target, x.ref_pred, 2 * BETA)[0]
+    return _backend_fn(case.method, impl)
+
+
+def _synchronize(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def step_fn(case: LossCase, impl: str, inputs: LossInputs, compile_backend: str) -> Callable[[], object]:
+    """What one timed call does: forward + backward of the loss (the gradient with respect to
+    ``model_pred`` returned, not accumulated), or the plain copy for ``copy``."""
+    sync = _synchronize(inputs.model_pred.device)
+    if impl == "copy":
+        # Copying 2N elements reads 2N and writes 2N: the 4N the fused loss must move at least.
+        src = torch.empty(2 * case.numel, dtype=case.torch_dtype, device=inputs.model_pred.device).normal_()
+        dst = torch.empty_like(src)
+
+        def copy_step():
+            dst.copy_(src)
+            sync()
+
+        return copy_step
+    fn = loss_fn(case, impl, compile_backend)
+
+    def loss_step():
+        loss = fn(inputs)
+        (grad,) = torch.autograd.grad(loss, [inputs.model_pred])
+        sync()
+        return loss.detach(), grad
+
+    return loss_step
+
+
+@dataclass(frozen=True)
+class Plan:
+    rounds: int
+    iterations: int
+    first_call_s: float  # includes torch.compile's compilation for ``compiled``
+    call_s: float
+
+
+def plan_rounds(step: Callable[[], object], timing: Timing) -> Plan:
+    """Runs ``step`` until warm and sizes the measurement to ``timing``'s budget."""
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    step()
+    call = max(time.perf_counter() - start, 1e-7)
+    iterations = max(1, math.ceil(timing.min_round_s / call)) if timing.max_rounds > 1 else 1
+    rounds = math.ceil(timing.target_s / (call * iterations)) if timing.target_s > 0 else 1
+    return Plan(min(max(rounds, timing.min_rounds), timing.max_rounds), iterations, first, call)
+
+
+def saved_for_backward(loss: Callable[[], torch.Tensor], inputs: LossInputs) -> Tuple[int, int]:
+    """Bytes the autograd graph of one forward keeps for backward, counted by storage (a view
+    and its base count once): ``(all, beyond the inputs)``. The second is what a training
+    step pays on top of the tensors it holds anyway."""
+    storages: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr() or id(storage)] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = loss()
+    del out
+    own = {t.untyped_storage().data_ptr() for t in (inputs.model_pred, inputs.target, inputs.ref_pred)}
+    total = sum(storages.values())
+    return total, total - sum(n for ptr, n in storages.items() if ptr in own)
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_result(case: LossCase, device: str) -> Tuple[float, torch.Tensor]:
+    """The eager loss and gradient on the case's inputs (cached: every impl compares to it)."""
+    inputs = cached_inputs(case, device)
+    loss = _eager_fn(case.method)(inputs)
+    (grad,) = torch.autograd.grad(loss, [inputs.model_pred])
+    return float(loss), grad
+
+
+@functools.lru_cache(maxsize=1)
+def cached_inputs(case: LossCase, device: str) -> LossInputs:
+    """One case's inputs at a time: every implementation of the case times the same tensors."""
+    return make_inputs(case, torch.device(device))
+
+
+def agreement(case: LossCase, result: Tuple[torch.Tensor, torch.Tensor]) -> Dict[str, float]:
+    """Relative error of an implementation's loss and gradient against the eager loss."""
+    device = str(result[1].device)
+    ref_loss, ref_grad = _reference_result(case, device)
+    loss, grad = result
+    scale = max(abs(ref_loss), 1e-12)
+    grad_scale = float(ref_grad.float().abs().max()) or 1e-12
+    return {
+        "loss_rel_err": abs(float(loss) - ref_loss) / scale,
+        "grad_rel_err": float((grad.float() - ref_grad.float()).abs().max()) / grad_scale,
+    }
+
+
+# Agreement with the eager loss a benchmark row must show: fp32 accumulates the same way up
+# to summation order; bf16 inputs are upcast exactly, the gradient is rounded to bf16.
+TOLERANCE = {"fp32": (1e-3, 1e-3), "bf16": (1e-2, 2e-2)}
+
+
+def run_threads() -> int:
+    return torch.get_num_threads()
+
+
+def environment() -> Dict[str, object]:
+    return {"torch_threads": run_threads(), "triton_interpret": os.environ.get("TRITON_INTERPRET", "")}
