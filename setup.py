@@ -55,13 +55,16 @@ def _extensions():
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0")
 
-    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is inline and runs serially in code compiled without it
+    # (the extension then links the libgomp that torch already loaded).
+    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
     kwargs = dict(
         name="rpo_fast._C",
         sources=cpu_sources + (cuda_sources if with_cuda else []),
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=[("RPO_FAST_WITH_CUDA", "1")] if with_cuda else [],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
+        extra_link_args=["-fopenmp"],
         py_limited_api=False,
     )
     ext = cpp_extension.CUDAExtension(**kwargs) if with_cuda else cpp_extension.CppExtension(**kwargs)

@@ -1,0 +1,57 @@
+// Interface between the CPU op wrappers (ops_cpu.cpp) and the vectorized CPU kernels.
+//
+// The kernels are compiled three times, once per instruction set (kernels_default.cpp,
+// kernels_avx2.cpp, kernels_avx512.cpp, all including kernels_impl.h), and the best one the
+// machine supports is picked at run time. This header is what the wrappers see: raw
+// pointers and sizes only, no ATen types, so that nothing compiled for AVX-512 can leak
+// into code that runs on a machine without it.
+#pragma once
+
+#include <cstdint>
+
+namespace rpo_fast {
+namespace cpu {
+
+// Element types the kernels read; every input may have its own (mixed precision).
+enum class ScalarKind : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
+
+// Per-sample squared errors. Every input holds n samples, sample k being the d contiguous
+// elements at ptr + k * d; the inputs share one element order inside a sample (the
+// wrapper guarantees it), so the sums can run over raw memory.
+struct ErrorsJob {
+  const void* model;
+  const void* target;
+  const void* ref;  // null: no reference errors
+  ScalarKind model_kind, target_kind, ref_kind;
+  int64_t n, d;
+  float* model_err;  // (n,)
+  float* ref_err;    // (n,), unused without ref
+};
+
+// grad[k, :] = coef[k] * 2 / d * (model[k, :] - target[k, :]), written in model's kind.
+struct GradJob {
+  const float* coef;  // (n,)
+  const void* model;
+  const void* target;
+  void* grad;
+  ScalarKind model_kind, target_kind;
+  int64_t n, d;
+};
+
+struct KernelSet {
+  const char* name;  // instruction set: "default", "avx2" or "avx512"
+  void (*sample_errors)(const ErrorsJob&);
+  void (*error_grad)(const GradJob&);
+};
+
+// One per instruction set (defined in kernels_<isa>.cpp).
+KernelSet kernels_default();
+KernelSet kernels_avx2();
+KernelSet kernels_avx512();
+
+// The best set that both this CPU and ATen's capability setting (ATEN_CPU_CAPABILITY)
+// allow; chosen once.
+const KernelSet& selected_kernels();
+
+}  // namespace cpu
+}  // namespace rpo_fast

@@ -1,0 +1,215 @@
+// Body of the CPU kernels, compiled once per instruction set.
+//
+// Include only from kernels_<isa>.cpp, after kernels_prelude.h and after defining
+// CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) and RPO_KERNELS_FN (the name of the function
+// that returns this instruction set's KernelSet). at::vec puts its code in
+// `inline namespace CPU_CAPABILITY`, and so does this file, so the three compilations
+// define distinct symbols.
+//
+// Work split: a sample is cut into chunks of kChunk elements; (sample, chunk) pairs are the
+// work items of at::parallel_for, so that few large samples and many small ones both keep
+// every core busy. Inside a chunk the loop reads all inputs once, converts them to float
+// and accumulates in float vectors over blocks of kBlock elements (few terms per lane, so
+// float rounding stays at the level of the inputs' own precision); each block's sum is
+// added in double. Chunk sums are combined in double in a fixed order, so the result does
+// not depend on the number of threads.
+#pragma once
+
+#ifndef CPU_CAPABILITY
+#error "define CPU_CAPABILITY before including kernels_impl.h"
+#endif
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <vector>
+
+#include "cpu/kernels.h"
+
+namespace rpo_fast {
+namespace cpu {
+inline namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+using fVec = Vectorized<float>;
+
+// Elements per inner step: two float vectors, i.e. one vector of a 16-bit type.
+constexpr int64_t kStep = 2 * fVec::size();
+// Elements summed in float vectors before the block sum goes into a double.
+constexpr int64_t kBlock = 1024;
+// Elements per parallel work item.
+constexpr int64_t kChunk = 16384;
+static_assert(kBlock % kStep == 0 && kChunk % kBlock == 0, "block sizes must nest");
+
+struct NoRef {};  // the reference input is absent
+
+// Two float vectors from kStep elements.
+inline void load2(const float* p, fVec& a, fVec& b) {
+  a = fVec::loadu(p);
+  b = fVec::loadu(p + fVec::size());
+}
+inline void load2(const c10::BFloat16* p, fVec& a, fVec& b) { at::vec::load_to_float(p, a, b); }
+inline void load2(const c10::Half* p, fVec& a, fVec& b) { at::vec::load_to_float(p, a, b); }
+
+// kStep elements from two float vectors (round to nearest even, as tensor.to() does).
+inline void store2(float* p, const fVec& a, const fVec& b) {
+  a.store(p);
+  b.store(p + fVec::size());
+}
+inline void store2(c10::BFloat16* p, const fVec& a, const fVec& b) {
+  at::vec::convert_from_float<c10::BFloat16>(a, b).store(p);
+}
+inline void store2(c10::Half* p, const fVec& a, const fVec& b) {
+  at::vec::convert_from_float<c10::Half>(a, b).store(p);
+}
+
+inline double sum_lanes(const fVec& v) {
+  alignas(64) float lanes[fVec::size()];
+  v.store(lanes);
+  double s = 0.0;
+  for (int64_t i = 0; i < fVec::size(); ++i) s += double(lanes[i]);
+  return s;
+}
+
+// Sums of squared differences over elements [0, len) of one chunk:
+// out[0] = sum (model - target)^2, out[1] = sum (ref - target)^2 (when TR is not NoRef).
+template <typename TM, typename TT, typename TR>
+void chunk_sums(const TM* pm, const TT* pt, const TR* pr, int64_t len, double* out) {
+  constexpr bool kRef = !std::is_same_v<TR, NoRef>;
+  double sum_m = 0.0, sum_r = 0.0;
+  int64_t i = 0;
+  while (i + kStep <= len) {
+    const int64_t block_end = std::min(len - len % kStep, i + kBlock);
+    fVec am0(0.f), am1(0.f), ar0(0.f), ar1(0.f);
+    for (; i < block_end; i += kStep) {
+      fVec t0, t1, m0, m1;
+      load2(pt + i, t0, t1);
+      load2(pm + i, m0, m1);
+      const fVec dm0 = m0 - t0, dm1 = m1 - t1;
+      am0 = at::vec::fmadd(dm0, dm0, am0);
+      am1 = at::vec::fmadd(dm1, dm1, am1);
+      if constexpr (kRef) {
+        fVec r0, r1;
+        load2(pr + i, r0, r1);
+        const fVec dr0 = r0 - t0, dr1 = r1 - t1;
+        ar0 = at::vec::fmadd(dr0, dr0, ar0);
+        ar1 = at::vec::fmadd(dr1, dr1, ar1);
+      }
+    }
+    sum_m += sum_lanes(am0 + am1);
+    if constexpr (kRef) sum_r += sum_lanes(ar0 + ar1);
+  }
+  for (; i < len; ++i) {  // tail shorter than one step
+    const double t = double(float(pt[i]));
+    const double dm = double(float(pm[i])) - t;
+    sum_m += dm * dm;
+    if constexpr (kRef) {
+      const double dr = double(float(pr[i])) - t;
+      sum_r += dr * dr;
+    }
+  }
+  out[0] = sum_m;
+  out[1] = sum_r;
+}
+
+template <typename TM, typename TT, typename TR>
+void sample_errors_typed(const ErrorsJob& job) {
+  constexpr bool kRef = !std::is_same_v<TR, NoRef>;
+  const int64_t n = job.n, d = job.d;
+  const int64_t chunks = std::max<int64_t>(1, (d + kChunk - 1) / kChunk);
+  std::vector<double> partial(static_cast<size_t>(2 * n * chunks), 0.0);
+  const auto* model = static_cast<const TM*>(job.model);
+  const auto* target = static_cast<const TT*>(job.target);
+  const auto* ref = static_cast<const TR*>(job.ref);
+  at::parallel_for(0, n * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t k = item / chunks, c = item % chunks;
+      const int64_t lo = c * kChunk, len = std::min(d, lo + kChunk) - lo;
+      const int64_t offset = k * d + lo;
+      chunk_sums<TM, TT, TR>(model + offset, target + offset, kRef ? ref + offset : nullptr,
+                             len, &partial[2 * item]);
+    }
+  });
+  for (int64_t k = 0; k < n; ++k) {
+    double sum_m = 0.0, sum_r = 0.0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      sum_m += partial[2 * (k * chunks + c)];
+      sum_r += partial[2 * (k * chunks + c) + 1];
+    }
+    // d == 0 gives 0/0 = NaN: the mean of nothing, as torch's mean.
+    job.model_err[k] = float(sum_m / double(d));
+    if constexpr (kRef) job.ref_err[k] = float(sum_r / double(d));
+  }
+}
+
+template <typename TM, typename TT>
+void error_grad_typed(const GradJob& job) {
+  const int64_t n = job.n, d = job.d;
+  if (n == 0 || d == 0) return;
+  const int64_t chunks = (d + kChunk - 1) / kChunk;
+  const auto* model = static_cast<const TM*>(job.model);
+  const auto* target = static_cast<const TT*>(job.target);
+  auto* grad = static_cast<TM*>(job.grad);
+  at::parallel_for(0, n * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t k = item / chunks, c = item % chunks;
+      const int64_t lo = c * kChunk, len = std::min(d, lo + kChunk) - lo;
+      const int64_t offset = k * d + lo;
+      const TM* pm = model + offset;
+      const TT* pt = target + offset;
+      TM* pg = grad + offset;
+      const float scale = float(double(job.coef[k]) * 2.0 / double(d));
+      const fVec vscale(scale);
+      int64_t i = 0;
+      for (; i + kStep <= len; i += kStep) {
+        fVec t0, t1, m0, m1;
+        load2(pt + i, t0, t1);
+        load2(pm + i, m0, m1);
+        store2(pg + i, (m0 - t0) * vscale, (m1 - t1) * vscale);
+      }
+      for (; i < len; ++i) pg[i] = TM((float(pm[i]) - float(pt[i])) * scale);
+    }
+  });
+}
+
+// Calls fn(T{}) with a null pointer of the C++ type of kind: turns runtime kinds into
+// template arguments.
+template <typename Fn>
+void with_type(ScalarKind kind, Fn&& fn) {
+  switch (kind) {
+    case ScalarKind::kFloat: fn(static_cast<float*>(nullptr)); break;
+    case ScalarKind::kBFloat16: fn(static_cast<c10::BFloat16*>(nullptr)); break;
+    case ScalarKind::kHalf: fn(static_cast<c10::Half*>(nullptr)); break;
+  }
+}
+
+void sample_errors(const ErrorsJob& job) {
+  with_type(job.model_kind, [&](auto* m) {
+    with_type(job.target_kind, [&](auto* t) {
+      using TM = std::remove_pointer_t<decltype(m)>;
+      using TT = std::remove_pointer_t<decltype(t)>;
+      if (job.ref == nullptr) {
+        sample_errors_typed<TM, TT, NoRef>(job);
+      } else {
+        with_type(job.ref_kind, [&](auto* r) {
+          sample_errors_typed<TM, TT, std::remove_pointer_t<decltype(r)>>(job);
+        });
+      }
+    });
+  });
+}
+
+void error_grad(const GradJob& job) {
+  with_type(job.model_kind, [&](auto* m) {
+    with_type(job.target_kind, [&](auto* t) {
+      error_grad_typed<std::remove_pointer_t<decltype(m)>, std::remove_pointer_t<decltype(t)>>(job);
+    });
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+
+KernelSet RPO_KERNELS_FN() { return KernelSet{RPO_KERNELS_NAME, &CPU_CAPABILITY::sample_errors, &CPU_CAPABILITY::error_grad}; }
+
+}  // namespace cpu
+}  // namespace rpo_fast

@@ -1,0 +1,142 @@
+// CPU implementations of the rpo_fast ops: argument checks and layout (op_inputs.h), then
+// the vectorized kernels of the best instruction set (kernels.h) for the passes over the
+// predictions, and the pair stage of rpo_math.h.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "op_inputs.h"
+#include "rpo_math.h"
+
+namespace rpo_fast {
+namespace cpu {
+
+const KernelSet& selected_kernels() {
+  static const KernelSet chosen = [] {
+    // ATen's choice honours ATEN_CPU_CAPABILITY (default, avx2, avx512) as well as the CPU;
+    // the feature checks make sure the pragmas of kernels_avx*.cpp hold here too.
+    const std::string aten = at::get_cpu_capability();
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    if (aten == "AVX512" && avx512) return kernels_avx512();
+    if ((aten == "AVX512" || aten == "AVX2") && avx2) return kernels_avx2();
+#endif
+    return kernels_default();
+  }();
+  return chosen;
+}
+
+namespace {
+
+ScalarKind kind_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return ScalarKind::kFloat;
+    case at::kBFloat16: return ScalarKind::kBFloat16;
+    case at::kHalf: return ScalarKind::kHalf;
+    default: TORCH_CHECK_TYPE(false, "rpo_fast: unsupported dtype ", t.scalar_type());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_errors_cpu(const at::Tensor& model_pred, const at::Tensor& target,
+                                                     const std::optional<at::Tensor>& ref_pred) {
+  const SampleBatch b = prepare_sample_batch(model_pred, target, ref_pred);
+  const auto f32 = model_pred.options().dtype(at::kFloat);
+  at::Tensor model_err = at::empty({b.n}, f32);
+  at::Tensor ref_err = at::empty({b.ref.defined() ? b.n : 0}, f32);
+  ErrorsJob job{};
+  job.model = b.model.const_data_ptr();
+  job.target = b.target.const_data_ptr();
+  job.ref = b.ref.defined() ? b.ref.const_data_ptr() : nullptr;
+  job.model_kind = kind_of(b.model);
+  job.target_kind = kind_of(b.target);
+  job.ref_kind = b.ref.defined() ? kind_of(b.ref) : ScalarKind::kFloat;
+  job.n = b.n;
+  job.d = b.d;
+  job.model_err = model_err.mutable_data_ptr<float>();
+  job.ref_err = ref_err.mutable_data_ptr<float>();
+  if (b.n > 0) selected_kernels().sample_errors(job);
+  return {model_err, ref_err};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_cpu(const at::Tensor& model_err, const at::Tensor& ref_err,
+                                                             const std::optional<at::Tensor>& weights, int64_t method,
+                                                             int64_t loss_type, double beta) {
+  const PairArgs a = prepare_pair_args(model_err, ref_err, weights, method, loss_type, beta);
+  const auto f32 = model_err.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({}, f32);
+  at::Tensor metrics = at::empty({math::kNumMetrics}, f32);
+  at::Tensor coef = at::empty({2 * a.m}, f32);
+  const int64_t m = a.m;
+  if (m == 0) {
+    loss.fill_(std::numeric_limits<float>::quiet_NaN());
+    metrics.fill_(std::numeric_limits<float>::quiet_NaN());
+    return {loss, metrics, coef};
+  }
+  math::PairProblem p{a.model_err.const_data_ptr<float>(),
+                      a.ref_err.defined() ? a.ref_err.const_data_ptr<float>() : nullptr,
+                      a.weights.defined() ? a.weights.const_data_ptr<float>() : nullptr,
+                      m, method, loss_type, beta};
+  bool finite = true;
+  for (int64_t k = 0; k < 2 * m; ++k) finite = math::inputs_finite_at(p, k) && finite;
+
+  // Rows and columns are independent: parallel for a large global batch; the row losses
+  // are summed afterwards in a fixed order, so the result does not depend on threads.
+  std::vector<double> row_loss(static_cast<size_t>(m));
+  float* c = coef.mutable_data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, method == math::kRpo ? m : 1));
+  at::parallel_for(0, 2 * m, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      if (k < m) {
+        const math::RowTerms r = math::row_terms(p, k);
+        row_loss[k] = r.loss_sum;
+        c[k] = math::coefficient(p, r.grad_winner, finite);
+      } else {
+        c[k] = math::coefficient(p, math::column_grad(p, k - m), finite);
+      }
+    }
+  });
+  double loss_sum = 0.0;
+  double sums[math::kNumMetrics] = {0.0, 0.0, 0.0, 0.0, 0.0};
+  for (int64_t i = 0; i < m; ++i) {
+    loss_sum += row_loss[i];
+    math::metric_terms(p, i, sums);
+  }
+  loss.fill_(math::finish_loss(p, loss_sum, finite));
+  math::finish_metrics(p, sums, metrics.mutable_data_ptr<float>());
+  return {loss, metrics, coef};
+}
+
+at::Tensor error_grad_cpu(const at::Tensor& coef, const at::Tensor& model_pred, const at::Tensor& target) {
+  GradBatch b = prepare_grad_batch(coef, model_pred, target);
+  const at::Tensor coef_c = coef.contiguous();
+  GradJob job{};
+  job.coef = coef_c.const_data_ptr<float>();
+  job.model = b.model.const_data_ptr();
+  job.target = b.target.const_data_ptr();
+  job.grad = b.out.mutable_data_ptr();
+  job.model_kind = kind_of(b.model);
+  job.target_kind = kind_of(b.target);
+  job.n = b.n;
+  job.d = b.d;
+  selected_kernels().error_grad(job);
+  if (!b.out.is_same(b.grad)) b.grad.copy_(b.out);
+  return b.grad;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace rpo_fast
+
+TORCH_LIBRARY_IMPL(rpo_fast, CPU, m) {
+  m.impl("sample_errors", &rpo_fast::cpu::sample_errors_cpu);
+  m.impl("pair_loss", &rpo_fast::cpu::pair_loss_cpu);
+  m.impl("error_grad", &rpo_fast::cpu::error_grad_cpu);
+}

@@ -1,0 +1,168 @@
+// Argument checks and memory-layout preparation shared by the CPU and CUDA op wrappers.
+//
+// The kernels iterate raw memory: every input as n samples, sample k being the d
+// contiguous elements at data + k * d, with the same element order inside a sample in
+// every input. Sums over a sample do not care about that order and the gradient is
+// elementwise, so contiguous and channels_last inputs (and any other layout whose samples
+// are contiguous blocks) are used as they are. An input in another order than model_pred
+// is copied into model_pred's order, and a model_pred whose samples are not blocks (a
+// sliced view, say) is copied to contiguous: docs/kernels-cpp.md has the measured cost.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace rpo_fast {
+
+inline void check_kernel_dtype(const char* op, const char* name, const at::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "rpo_fast::", op,
+                   ": ", name, " must be float32, bfloat16 or float16, got ", dtype,
+                   " (use backend='torch' for other dtypes)");
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(t.device() == like.device(), "rpo_fast::", op, ": ", name, " must be on ", like.device(),
+                    " (the device of the first argument), got ", t.device());
+}
+
+inline void check_same_shape(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), "rpo_fast::", op, ": ", name, " must have the shape of model_pred ",
+                    like.sizes(), ", got ", t.sizes());
+}
+
+// Whether sample k of t is the block of d = numel / n elements at data + k * d.
+inline bool samples_are_blocks(const at::Tensor& t) {
+  if (!t.is_non_overlapping_and_dense()) return false;
+  if (t.dim() == 0 || t.size(0) <= 1) return true;
+  return t.stride(0) == t.numel() / t.size(0);
+}
+
+// Same sizes assumed: the same strides along every dimension longer than 1 mean the same
+// element order in memory.
+inline bool same_element_order(const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t i = 0; i < a.dim(); ++i) {
+    if (a.size(i) > 1 && a.stride(i) != b.stride(i)) return false;
+  }
+  return true;
+}
+
+// t itself when it already has like's element order, else a copy of t (its own dtype) in
+// like's strides. like must be non-overlapping and dense.
+inline at::Tensor in_order_of(const at::Tensor& t, const at::Tensor& like) {
+  if (same_element_order(t, like)) return t;
+  at::Tensor out = at::empty_like(like, t.options());  // keeps like's strides
+  out.copy_(t);
+  return out;
+}
+
+// The inputs of sample_errors, checked and in one raw-memory order.
+struct SampleBatch {
+  at::Tensor model, target, ref;  // ref undefined when absent
+  int64_t n = 0, d = 0;
+};
+
+inline SampleBatch prepare_sample_batch(const at::Tensor& model_pred, const at::Tensor& target,
+                                        const std::optional<at::Tensor>& ref_pred) {
+  constexpr const char* op = "sample_errors";
+  TORCH_CHECK_VALUE(model_pred.dim() >= 1, "rpo_fast::sample_errors: model_pred must have a batch dimension, got a 0-d tensor");
+  check_kernel_dtype(op, "model_pred", model_pred);
+  check_kernel_dtype(op, "target", target);
+  check_same_shape(op, "target", target, model_pred);
+  check_same_device(op, "target", target, model_pred);
+  const bool has_ref = ref_pred.has_value() && ref_pred->defined();
+  if (has_ref) {
+    check_kernel_dtype(op, "ref_pred", *ref_pred);
+    check_same_shape(op, "ref_pred", *ref_pred, model_pred);
+    check_same_device(op, "ref_pred", *ref_pred, model_pred);
+  }
+  SampleBatch b;
+  b.model = samples_are_blocks(model_pred) ? model_pred : model_pred.contiguous();
+  b.target = in_order_of(target, b.model);
+  if (has_ref) b.ref = in_order_of(*ref_pred, b.model);
+  b.n = model_pred.size(0);
+  b.d = b.n > 0 ? model_pred.numel() / b.n : 0;
+  if (b.n == 0) {  // numel is 0 as well: d is the product of the trailing sizes
+    b.d = 1;
+    for (int64_t i = 1; i < model_pred.dim(); ++i) b.d *= model_pred.size(i);
+  }
+  return b;
+}
+
+// The inputs of error_grad, checked and in the raw-memory order of the gradient they
+// produce. The gradient is at::empty_like(model_pred), exactly what the fake kernel
+// (rpo_fast/ops.py) promises; when its samples are not blocks (a dense tensor with the batch
+// dimension inside, say), the kernel writes a contiguous `out` that is copied into it.
+struct GradBatch {
+  at::Tensor grad, out, model, target;
+  int64_t n = 0, d = 0;
+};
+
+inline GradBatch prepare_grad_batch(const at::Tensor& coef, const at::Tensor& model_pred, const at::Tensor& target) {
+  constexpr const char* op = "error_grad";
+  TORCH_CHECK_VALUE(model_pred.dim() >= 1, "rpo_fast::error_grad: model_pred must have a batch dimension, got a 0-d tensor");
+  check_kernel_dtype(op, "model_pred", model_pred);
+  check_kernel_dtype(op, "target", target);
+  check_same_shape(op, "target", target, model_pred);
+  check_same_device(op, "target", target, model_pred);
+  check_same_device(op, "coef", coef, model_pred);
+  TORCH_CHECK_TYPE(coef.scalar_type() == at::kFloat, "rpo_fast::error_grad: coef must be float32, got ", coef.scalar_type());
+  TORCH_CHECK_VALUE(coef.dim() == 1 && coef.size(0) == model_pred.size(0), "rpo_fast::error_grad: coef must have shape (",
+                    model_pred.size(0), ",), got ", coef.sizes());
+  GradBatch b;
+  b.grad = at::empty_like(model_pred);
+  if (samples_are_blocks(b.grad)) {
+    b.out = b.grad;
+    b.model = in_order_of(model_pred, b.grad);
+  } else {
+    b.model = model_pred.contiguous();
+    b.out = at::empty_like(b.model);
+  }
+  b.target = in_order_of(target, b.out);
+  b.n = model_pred.size(0);
+  b.d = b.n > 0 ? model_pred.numel() / b.n : 0;
+  return b;
+}
+
+// pair_loss arguments: checked; weights made contiguous (absent stays undefined).
+struct PairArgs {
+  at::Tensor model_err, ref_err, weights;
+  int64_t m = 0;
+};
+
+inline PairArgs prepare_pair_args(const at::Tensor& model_err, const at::Tensor& ref_err,
+                                  const std::optional<at::Tensor>& weights, int64_t method, int64_t loss_type,
+                                  double beta) {
+  TORCH_CHECK_VALUE(method >= 0 && method <= 2, "rpo_fast::pair_loss: method must be 0 (sft), 1 (dpo) or 2 (rpo), got ", method);
+  TORCH_CHECK_VALUE(loss_type >= 0 && loss_type <= 2,
+                    "rpo_fast::pair_loss: loss_type must be 0 (sigmoid), 1 (hinge) or 2 (ipo), got ", loss_type);
+  TORCH_CHECK_VALUE(beta > 0.0, "rpo_fast::pair_loss: beta must be > 0, got ", beta);
+  TORCH_CHECK_TYPE(model_err.scalar_type() == at::kFloat, "rpo_fast::pair_loss: model_err must be float32, got ",
+                   model_err.scalar_type());
+  TORCH_CHECK_VALUE(model_err.dim() == 1 && model_err.size(0) % 2 == 0,
+                    "rpo_fast::pair_loss: model_err must have shape (2M,), got ", model_err.sizes());
+  PairArgs a;
+  a.m = model_err.size(0) / 2;
+  a.model_err = model_err.contiguous();
+  check_same_device("pair_loss", "ref_err", ref_err, model_err);
+  TORCH_CHECK_TYPE(ref_err.scalar_type() == at::kFloat, "rpo_fast::pair_loss: ref_err must be float32, got ", ref_err.scalar_type());
+  if (method == 0) {
+    TORCH_CHECK_VALUE(ref_err.dim() == 1, "rpo_fast::pair_loss: ref_err must be 1-d, got ", ref_err.sizes());
+  } else {
+    TORCH_CHECK_VALUE(ref_err.dim() == 1 && ref_err.size(0) == model_err.size(0), "rpo_fast::pair_loss: ref_err must have shape (",
+                      model_err.size(0), ",) for dpo and rpo, got ", ref_err.sizes());
+    a.ref_err = ref_err.contiguous();
+  }
+  if (method == 2 && weights.has_value() && weights->defined()) {
+    check_same_device("pair_loss", "weights", *weights, model_err);
+    TORCH_CHECK_TYPE(weights->scalar_type() == at::kFloat, "rpo_fast::pair_loss: weights must be float32, got ",
+                     weights->scalar_type());
+    TORCH_CHECK_VALUE(weights->dim() == 2 && weights->size(0) == a.m && weights->size(1) == a.m,
+                      "rpo_fast::pair_loss: weights must have shape (", a.m, ", ", a.m, "), got ", weights->sizes());
+    a.weights = weights->contiguous();
+  }
+  return a;
+}
+
+}  // namespace rpo_fast
