@@ -16,6 +16,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -368,7 +369,9 @@ def train_step(run: Run, batches: Iterator[PairBatch]) -> Dict[str, float]:
             )
     if run.grad_scaler is not None:
         run.grad_scaler.update()
-    run.lr_scheduler.step()
+    with warnings.catch_warnings():  # a skipped first step: the schedule still advances with the step count
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+        run.lr_scheduler.step()
     run.step += 1
     metrics["lr"] = run.lr_scheduler.get_last_lr()[0]
     metrics["nonfinite_steps"] = run.nonfinite_steps

@@ -78,7 +78,8 @@ def load_models(config: TrainConfig) -> Models:
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
     for frozen in [vae, *text_encoders]:
         frozen.requires_grad_(False).eval()
-    unet.to(torch.float32)  # trainable weights in fp32 whatever the variant; autocast does the rest
+    if any(p.dtype != torch.float32 for p in unet.parameters()):
+        unet.to(torch.float32)  # trainable weights in fp32 whatever the variant; autocast does the rest
     return Models(model_type, unet, vae, noise_scheduler, tokenizers, text_encoders)
 
 

@@ -1,0 +1,283 @@
+"""rpo_fast.train on tiny SD1.5-like and SDXL-like models loaded from disk by the real code:
+every method x full/LoRA, the reference forms, caches, bad input, export and reload."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rpo_fast.train import TrainConfig, train
+from rpo_fast.train import loop as train_loop
+from rpo_fast.train.batches import PairSchedule, assemble_batch, draw_sample
+from rpo_fast.train.cli import add_arguments, config_from_args
+from rpo_fast.train.latent_cache import build_latent_cache
+from rpo_fast.train.models import load_models, module_identity
+from train_utils import NUM_GOOD_ROWS, one_thread, synthetic_pickapic, tiny_config, unet_weights
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return synthetic_pickapic(tmp_path_factory.mktemp("pairs"))
+
+
+@pytest.fixture(scope="module")
+def latent_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("latents")
+
+
+@pytest.fixture(scope="module")
+def run_training(tiny_sd15_dir, tiny_sdxl_dir, data_dir, latent_root, tmp_path_factory):
+    """Trains each configuration once per module; tests share the results."""
+    done = {}
+    models = {"sd15": tiny_sd15_dir, "sdxl": tiny_sdxl_dir}
+
+    def run(model="sd15", **overrides):
+        key = (model, tuple(sorted(overrides.items())))
+        if key not in done:
+            out = tmp_path_factory.mktemp(f"run-{model}")
+            done[key] = train(tiny_config(models[model], data_dir, out, latent_root, **overrides))
+        return done[key]
+
+    return run
+
+
+def _metrics_lines(result):
+    return [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+CASES = [("sd15", m, lora) for m in ("sft", "dpo", "rpo") for lora in (False, True)] + [
+    ("sdxl", "rpo", True), ("sdxl", "dpo", False),
+]
+
+
+@pytest.mark.parametrize("model,method,lora", CASES)
+def test_a_few_steps(run_training, tiny_sd15_dir, tiny_sdxl_dir, model, method, lora):
+    result = run_training(model, method=method, lora=lora)
+    assert result.steps == 2 and result.nonfinite_steps == 0
+    assert result.skipped_pairs == 1  # the row with the corrupt image
+    lines = _metrics_lines(result)
+    assert [x["step"] for x in lines] == [1, 2]
+    assert all(np.isfinite(x["loss"]) and x["grad_norm"] > 0 for x in lines)
+    if method != "sft":
+        # Step 1 starts from the pretrained weights: the policy equals the reference.
+        assert lines[0]["model_mse"] == pytest.approx(lines[0]["ref_mse"], rel=1e-5)
+        assert lines[0]["implicit_acc"] is not None
+        if method == "dpo":
+            assert lines[0]["loss"] == pytest.approx(np.log(2), rel=1e-4)
+    # the trained weights were saved in diffusers format and differ from the pretrained ones
+    pretrained = unet_weights((tiny_sd15_dir if model == "sd15" else tiny_sdxl_dir) / "unet")
+    if lora:
+        lora_file = result.output_dir / "pytorch_lora_weights.safetensors"
+        assert lora_file.exists() and not (result.output_dir / "unet").exists()
+        lora_weights = unet_weights(result.output_dir)
+        assert lora_weights and all(k.startswith("unet.") for k in lora_weights)
+        assert any(v.abs().sum() > 0 for k, v in lora_weights.items() if "lora_B" in k or "lora.up" in k)
+    else:
+        trained = unet_weights(result.output_dir / "unet")
+        assert trained.keys() == pretrained.keys()
+        assert any(not torch.equal(trained[k], pretrained[k]) for k in trained)
+    assert result.checkpoints and result.checkpoints[-1].name == "checkpoint-2"
+
+
+def test_precomputed_reference_equals_live_reference(run_training):
+    live = run_training(method="dpo", lora=False)
+    pre = run_training(method="dpo", lora=False, precompute_ref=True)
+    assert (pre.output_dir / "reference_errors.safetensors").exists()
+    for a, b in zip(_metrics_lines(live), _metrics_lines(pre)):
+        assert a["ref_mse"] == pytest.approx(b["ref_mse"], rel=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    w_live, w_pre = unet_weights(live.output_dir / "unet"), unet_weights(pre.output_dir / "unet")
+    for k in w_live:
+        torch.testing.assert_close(w_live[k], w_pre[k], rtol=1e-4, atol=1e-6)
+
+    lora_live = run_training(method="rpo", lora=True)
+    lora_pre = run_training(method="rpo", lora=True, precompute_ref=True)
+    for a, b in zip(_metrics_lines(lora_live), _metrics_lines(lora_pre)):
+        assert a["ref_mse"] == pytest.approx(b["ref_mse"], rel=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_rpo_with_an_embedding_cache(run_training, data_dir, tmp_path):
+    from rpo_fast.data import load_preference_dataset
+    from rpo_fast.embedding import build_embedding_cache
+
+    def mean_color(prompts, images):  # a stand-in embedder: mean RGB of the image, plus the prompt's length
+        return torch.tensor([[*np.asarray(im, np.float32).mean((0, 1)), len(p)] for p, im in zip(prompts, images)])
+
+    mean_color.identity = "mean-color-test"
+    dataset = load_preference_dataset(data_dir)
+    path = build_embedding_cache(dataset, mean_color, tmp_path / "emb.safetensors", progress=False)
+    result = run_training(method="rpo", lora=True, embeddings=str(path), batch_pairs=4)
+    uniform = run_training(method="rpo", lora=True, batch_pairs=4)
+    diag = [x["weight_diag"] for x in _metrics_lines(result)]
+    assert all(d != pytest.approx(0.25) for d in diag)  # not the uniform 1/M
+    assert [x["weight_diag"] for x in _metrics_lines(uniform)] == [pytest.approx(0.25)] * 2
+
+
+def test_export_reloads_into_pipelines_and_generates(run_training, tiny_sd15_dir, tiny_sdxl_dir):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    def generate(pipe):
+        g = torch.Generator().manual_seed(0)
+        return pipe("a picture of object 3", num_inference_steps=2, generator=g, output_type="np").images
+
+    for model, pipeline_class in (("sd15", StableDiffusionPipeline), ("sdxl", StableDiffusionXLPipeline)):
+        folder = tiny_sd15_dir if model == "sd15" else tiny_sdxl_dir
+        pipe = pipeline_class.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        base = generate(pipe)
+        lora = run_training(model, method="rpo", lora=True, learning_rate=1e-2)
+        pipe.load_lora_weights(lora.output_dir)
+        tuned = generate(pipe)
+        assert tuned.shape == base.shape and np.isfinite(tuned).all()
+        assert not np.allclose(tuned, base, atol=1e-6)  # the adapter changed the output
+
+    full = run_training("sd15", method="dpo", lora=False)
+    unet = UNet2DConditionModel.from_pretrained(full.output_dir / "unet")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir, unet=unet)
+    pipe.set_progress_bar_config(disable=True)
+    image = generate(pipe)
+    assert image.shape[0] == 1 and np.isfinite(image).all()
+
+
+def test_nonfinite_loss_is_skipped_then_stops(run_training, tiny_sd15_dir, data_dir, latent_root, tmp_path, monkeypatch):
+    real = train_loop.compute_loss
+    calls = {"n": 0}
+
+    def nan_on_second_call(run, batch):
+        calls["n"] += 1
+        loss, metrics = real(run, batch)
+        return (loss * float("nan") if calls["n"] == 2 else loss), metrics
+
+    monkeypatch.setattr(train_loop, "compute_loss", nan_on_second_call)
+    before = train_loop.prepare
+    result = train(tiny_config(tiny_sd15_dir, data_dir, tmp_path / "a", latent_root, method="dpo", lora=True,
+                               max_steps=3))
+    assert result.steps == 3 and result.nonfinite_steps == 1
+    assert train_loop.prepare is before
+
+    def always_nan(run, batch):
+        loss, metrics = real(run, batch)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(train_loop, "compute_loss", always_nan)
+    with pytest.raises(RuntimeError, match="2 steps in a row had a non-finite loss"):
+        train(tiny_config(tiny_sd15_dir, data_dir, tmp_path / "b", latent_root, method="dpo", lora=True,
+                          max_steps=5, max_nonfinite_steps=2))
+
+
+def test_bad_input_is_a_clear_error_at_start(tiny_sd15_dir, data_dir, latent_root, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    pq.write_table(pa.table({"caption": ["a"], "jpg_0": [b""], "label_0": [1.0]}), bad / "x.parquet")
+    with pytest.raises(ValueError, match="missing column.*jpg_1"):
+        train(tiny_config(tiny_sd15_dir, bad, tmp_path / "o", latent_root))
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        train(tiny_config(tiny_sd15_dir, data_dir, tmp_path / "o2", latent_root, batch_pairs=64))
+    with pytest.raises(ValueError, match="model_index.json"):
+        train(tiny_config(tmp_path, data_dir, tmp_path / "o3", latent_root))
+    with pytest.raises(ValueError, match="resolution"):
+        tiny_config(tiny_sd15_dir, data_dir, tmp_path, latent_root, resolution=30)
+    with pytest.raises(ValueError, match="method"):
+        tiny_config(tiny_sd15_dir, data_dir, tmp_path, latent_root, method="ppo")
+    with pytest.raises(ValueError, match="precompute_ref"):
+        tiny_config(tiny_sd15_dir, data_dir, tmp_path, latent_root, method="sft", precompute_ref=True)
+
+
+def test_resume_refuses_other_settings(run_training, tiny_sd15_dir, data_dir, latent_root):
+    result = run_training(method="dpo", lora=True)
+    with pytest.raises(ValueError, match="beta: checkpoint 2500.0 vs now 100.0"):
+        train(tiny_config(tiny_sd15_dir, data_dir, result.output_dir, latent_root, method="dpo", lora=True,
+                          beta=100.0, max_steps=3, resume="latest"))
+
+
+def test_latent_cache_is_keyed_reused_and_resumable(tiny_sd15_dir, data_dir, tmp_path):
+    from rpo_fast.data import load_preference_dataset
+
+    dataset = load_preference_dataset(data_dir)
+    models = load_models(TrainConfig(pretrained_model=str(tiny_sd15_dir), data=str(data_dir), output_dir=str(tmp_path)))
+    ident = module_identity(models.vae)
+    kwargs = dict(vae_identity=ident, device=torch.device("cpu"), shard_size=5, progress=False)
+    cache = build_latent_cache(dataset, models.vae, 32, tmp_path, **kwargs)
+    assert cache.num_rows == len(dataset) == NUM_GOOD_ROWS + 1 and cache.num_shards == 4
+    assert cache.valid.sum() == NUM_GOOD_ROWS and not cache.valid[-1]
+    mean_w, std_w, mean_l, std_l = cache.get(3)
+    assert mean_w.shape == (4, 16, 16) and (std_w > 0).all() and not torch.equal(mean_w, mean_l)
+    # reused: a complete cache opens without a VAE
+    assert build_latent_cache(dataset, None, 32, tmp_path, **kwargs).folder == cache.folder
+    # resumable: a lost shard is re-encoded, the others are kept as they are
+    kept = (cache.folder / "shard-00000.safetensors").stat().st_mtime_ns
+    (cache.folder / "shard-00002.safetensors").unlink()
+    again = build_latent_cache(dataset, models.vae, 32, tmp_path, **kwargs)
+    assert (again.folder / "shard-00000.safetensors").stat().st_mtime_ns == kept
+    torch.testing.assert_close(again.get(11)[0], cache.get(11)[0])
+    # keyed: another resolution or another VAE is another folder
+    assert build_latent_cache(dataset, models.vae, 16, tmp_path, **kwargs).folder != cache.folder
+    kwargs["vae_identity"] = "another-vae"
+    with pytest.raises(ValueError, match="incomplete"):
+        build_latent_cache(dataset, None, 32, tmp_path, **kwargs)
+
+
+def test_batches_are_pure_functions_of_seed_epoch_row(tiny_sd15_dir, data_dir, tmp_path):
+    schedule = PairSchedule(np.arange(10), batch_pairs=2, world=2, seed=3)
+    assert schedule.micro_batches_per_epoch == 2  # 10 rows, global batch 4: last 2 rows dropped
+    epoch0 = np.concatenate([schedule.global_rows(u)[1] for u in range(2)])
+    assert len(set(epoch0.tolist())) == 4 * 2
+    assert schedule.global_rows(2)[0] == 1 and not np.array_equal(schedule.permutation(0), schedule.permutation(1))
+    _, r0 = schedule.local_rows(1, 0)
+    _, r1 = schedule.local_rows(1, 1)
+    np.testing.assert_array_equal(np.concatenate([r0, r1]), schedule.global_rows(1)[1])
+
+    a, b = draw_sample(0, 1, 5, (4, 2, 2), 1000), draw_sample(0, 1, 5, (4, 2, 2), 1000)
+    assert a.timestep == b.timestep and torch.equal(a.noise, b.noise)
+    assert not torch.equal(a.noise, draw_sample(0, 2, 5, (4, 2, 2), 1000).noise)
+
+    class FakeCache:
+        def get(self, row):
+            base = torch.full((4, 2, 2), float(row))
+            return base, torch.ones(4, 2, 2), -base, torch.ones(4, 2, 2)
+
+    batch = assemble_batch(0, np.array([4, 7, 1]), FakeCache(), lambda r: f"p{r}", 0, 1000)
+    assert batch.latents.shape == (6, 4, 2, 2) and batch.prompts == ["p4", "p7", "p1"]
+    torch.testing.assert_close(batch.noise[:3], batch.noise[3:])  # one noise per pair
+    assert torch.equal(batch.timesteps[:3], batch.timesteps[3:])  # one timestep per pair
+
+
+def test_cli_documents_every_option_and_merges_yaml(tmp_path):
+    import argparse
+    import dataclasses
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    text = parser.format_help()
+    for f in dataclasses.fields(TrainConfig):
+        assert f"--{f.name.replace('_', '-')}" in text
+    for alias in ("--train_batch_size", "--max_train_steps", "--pretrained_model_name_or_path", "--resume_from_checkpoint"):
+        assert alias in text
+    (tmp_path / "c.yaml").write_text("pretrained_model: m\ndata: d\noutput_dir: o\nmethod: dpo\nbeta: 100\nlora: true\n")
+    config = config_from_args(parser.parse_args(["--config", str(tmp_path / "c.yaml"), "--beta", "50",
+                                                 "--train_batch_size", "3", "--no-lora", "--lora-alpha", "none"]))
+    assert (config.method, config.beta, config.batch_pairs, config.lora, config.lora_alpha) == ("dpo", 50.0, 3, False, None)
+    (tmp_path / "bad.yaml").write_text("pretrained_model: m\ndata: d\noutput_dir: o\nbetta: 1\n")
+    with pytest.raises(ValueError, match="unknown option.*betta"):
+        config_from_args(parser.parse_args(["--config", str(tmp_path / "bad.yaml")]))
+    with pytest.raises(ValueError, match="missing required option.*output_dir"):
+        config_from_args(parser.parse_args(["--pretrained-model", "m", "--data", "d"]))
+
+
+@pytest.mark.slow
+def test_compiled_unet_trains(run_training):
+    result = run_training(method="rpo", lora=True, compile=True)
+    eager = run_training(method="rpo", lora=True)
+    for a, b in zip(_metrics_lines(result), _metrics_lines(eager)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
