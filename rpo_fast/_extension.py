@@ -43,6 +43,9 @@ def unavailable_reason() -> str:
     return _reason
 
 
+# Constant for the life of the process: torch.compile evaluates it once while tracing
+# instead of tracing the dispatcher query (which would break the graph).
+@torch.compiler.assume_constant_result
 def has_kernel(dispatch_key: str) -> bool:
     """Whether the extension registered ``rpo_fast::sample_errors`` for this dispatch key."""
     if not load():
