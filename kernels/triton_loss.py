@@ -45,7 +45,7 @@ STREAM_WARPS = 4
 STREAM_TARGET_PROGRAMS = 4096
 # The partial-sum reduction and the O(M) loops of the pair stage.
 SMALL_BLOCK = 256
-FLT_MAX = 3.4028234663852886e38
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # a constexpr: kernels may read it
 
 
 # --------------------------------------------------------------------------- kernels

@@ -1,0 +1,120 @@
+"""Compiles every Triton kernel variant of the loss for a GPU architecture, without a GPU.
+
+Triton's interpreter (how the CPU tests run the kernels) accepts code the GPU compiler
+rejects, so CI also lowers each variant to PTX with Triton's bundled ptxas tool chain, and
+checks that the streaming kernels read their inputs with 128-bit vector loads when the
+launch sees aligned pointers and 16-divisible lengths (as at SD/SDXL latent sizes).
+
+    python -m rpo_fast.kernels.compile_check [--arch 90]
+
+Must run without ``TRITON_INTERPRET=1`` (the kernels must be ``JITFunction`` objects);
+exits non-zero on the first failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Dict, Iterable, Tuple
+
+_VECTOR_LOAD = re.compile(r"ld\.global[\w:.]*\.v4")
+
+
+def _variants(kernels) -> Iterable[Tuple[object, Dict[str, str], Dict[str, object], int, Tuple[str, ...], int]]:
+    """(kernel, signature, constexprs, num_warps, 16-divisible args, min vector loads)."""
+    k = kernels
+    stream_ints = dict(chunks="i32", chunk_len="i32")
+    for dtype in ("fp32", "bf16", "fp16"):
+        # 8 elements a thread: one v4 load per 16-bit input, two per fp32 input.
+        loads_per_input = 2 if dtype == "fp32" else 1
+        for has_ref in (True, False):
+            sig = dict(
+                pred_ptr=f"*{dtype}", target_ptr=f"*{dtype}", ref_ptr=f"*{dtype}",
+                model_part_ptr="*fp32", ref_part_ptr="*fp32", D="i32",
+                pred_row_stride="i64", target_row_stride="i64", ref_row_stride="i64",
+                divisor="fp32", **stream_ints,
+            )
+            aligned = tuple(n for n in sig if n.endswith(("_ptr", "_stride")) or n in ("D", "chunk_len"))
+            yield (k._partial_sq_err_kernel, sig, dict(HAS_REF=has_ref, BLOCK=k.STREAM_BLOCK), k.STREAM_WARPS,
+                   aligned, loads_per_input * (3 if has_ref else 2))
+        sig = dict(
+            coef_ptr="*fp32", pred_ptr=f"*{dtype}", target_ptr=f"*{dtype}", out_ptr=f"*{dtype}", D="i32",
+            pred_row_stride="i64", target_row_stride="i64", out_row_stride="i64", two_over_d="fp32", **stream_ints,
+        )
+        aligned = tuple(n for n in sig if n.endswith(("_ptr", "_stride")) or n in ("D", "chunk_len"))
+        yield k._error_grad_kernel, sig, dict(BLOCK=k.STREAM_BLOCK), k.STREAM_WARPS, aligned, loads_per_input * 2
+    # A mixed-dtype launch: bf16 prediction, fp32 target, fp16 reference.
+    yield (k._partial_sq_err_kernel,
+           dict(pred_ptr="*bf16", target_ptr="*fp32", ref_ptr="*fp16", model_part_ptr="*fp32", ref_part_ptr="*fp32",
+                D="i32", pred_row_stride="i64", target_row_stride="i64", ref_row_stride="i64", divisor="fp32",
+                **stream_ints),
+           dict(HAS_REF=True, BLOCK=k.STREAM_BLOCK), k.STREAM_WARPS, (), 0)
+    for has_ref in (True, False):
+        yield (k._sum_partials_kernel,
+               dict(model_part_ptr="*fp32", ref_part_ptr="*fp32", model_err_ptr="*fp32", ref_err_ptr="*fp32",
+                    chunks="i32", divisor="fp32"),
+               dict(HAS_REF=has_ref, BLOCK=64), 1, (), 0)
+    pair_ptrs = dict(model_err_ptr="*fp32", ref_err_ptr="*fp32", weights_ptr="*fp32", row_loss_ptr="*fp32",
+                     coef_ptr="*fp32")
+    for loss_type in range(3):
+        for has_weights in (True, False):
+            for block in (16, 32, 64):
+                yield (k._rpo_tile_kernel,
+                       dict(pair_ptrs, M="i32", beta="fp32", uniform_weight="fp32", coef_scale="fp32", nan="fp32"),
+                       dict(LOSS_TYPE=loss_type, HAS_WEIGHTS=has_weights, BLOCK=block), 4, (), 0)
+        for method in range(3):
+            yield (k._pair_finish_kernel,
+                   dict(pair_ptrs, loss_ptr="*fp32", metrics_ptr="*fp32", M="i32", beta="fp32",
+                        uniform_weight="fp32", nan="fp32"),
+                   dict(METHOD=method, LOSS_TYPE=loss_type, HAS_WEIGHTS=method == 2, BLOCK=k.SMALL_BLOCK), 4, (), 0)
+
+
+def compile_all(arch: int = 90, verbose: bool = True) -> int:
+    """Compiles every variant for ``sm_{arch}``; returns how many. Raises on a failure."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import triton_loss
+
+    if not isinstance(triton_loss._partial_sq_err_kernel, triton.runtime.JITFunction):
+        raise RuntimeError("compile_check: run it without TRITON_INTERPRET=1 (the kernels are interpreted)")
+    target = GPUTarget("cuda", arch, 32)
+    count = 0
+    for kernel, sig, constexprs, num_warps, aligned, min_vector_loads in _variants(triton_loss):
+        names = kernel.arg_names
+        src = ASTSource(
+            kernel,
+            signature={**sig, **{name: "constexpr" for name in constexprs}},
+            constexprs={(names.index(name),): value for name, value in constexprs.items()},
+            attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned},
+        )
+        compiled = triton.compile(src, target=target, options={"num_warps": num_warps})
+        vector_loads = len(_VECTOR_LOAD.findall(compiled.asm["ptx"]))
+        if vector_loads < min_vector_loads:
+            raise AssertionError(
+                f"{kernel.__name__} {constexprs} {sig.get('pred_ptr', '')}: {vector_loads} 128-bit loads in the "
+                f"PTX, expected at least {min_vector_loads}"
+            )
+        if verbose:
+            print(f"sm_{arch} {kernel.__name__} {constexprs} {sig.get('pred_ptr', '')}: ok, {vector_loads} v4 loads")
+        count += 1
+    return count
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer: 80, 90, ...")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: the check compiles, it does not interpret")
+    count = compile_all(args.arch, verbose=not args.quiet)
+    print(f"compile_check: {count} kernel variants compiled for sm_{args.arch}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
