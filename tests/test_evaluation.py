@@ -23,7 +23,6 @@ from rpo_fast.evaluation.scorers import (
     PickScoreScorer,
     load_aesthetic_head,
 )
-from rpo_fast.tiny import build_tiny_sd15, build_tiny_sdxl
 
 from tiny_scorers import (
     TINY_CLIP_NAME,
@@ -34,7 +33,8 @@ from tiny_scorers import (
 )
 
 PROMPTS = ["a red house by the sea", "a cat on a chair", "a mountain at dawn"]
-FAST = dict(num_inference_steps=2, guidance_scale=5.0)
+FAST = dict(num_inference_steps=2, guidance_scale=5.0, height=64, width=64)
+FASTER = dict(num_inference_steps=2, guidance_scale=1.0)  # 16 px, no classifier-free guidance
 
 
 def _image(seed: int, size: int = 40) -> Image.Image:
@@ -76,9 +76,9 @@ def _save_lora(base: Path, folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, tiny_sd15_dir):
     root = tmp_path_factory.mktemp("eval")
-    base = build_tiny_sd15(root / "base", sample_size=32)  # the tiny VAE upsamples 2x: 64 px
+    base = tiny_sd15_dir  # 16 px images by default (its VAE upsamples 2x); 64 px where a test asks
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n\n")
     style = root / "style"
@@ -233,8 +233,9 @@ def test_resolve_tuned_layouts(assets, tmp_path):
 
 def test_generation_is_seeded_per_image(assets):
     pipe = load_pipeline(assets["base"])
-    one = generate(pipe, PROMPTS[:2], GenerationSettings(images_per_prompt=2, batch_size=4, **FAST), progress=False)
-    two = generate(pipe, PROMPTS[:2], GenerationSettings(images_per_prompt=2, batch_size=3, **FAST), progress=False)
+    settings = dict(FASTER, height=64, width=64, images_per_prompt=2)
+    one = generate(pipe, PROMPTS[:2], GenerationSettings(batch_size=4, **settings), progress=False)
+    two = generate(pipe, PROMPTS[:2], GenerationSettings(batch_size=3, **settings), progress=False)
     assert [[im.size for im in row] for row in one] == [[(64, 64)] * 2] * 2
     def diff(a, b):
         return (torch.tensor(np.asarray(a), dtype=torch.int16) - torch.tensor(np.asarray(b), dtype=torch.int16)).abs()
@@ -262,6 +263,7 @@ def test_summary_and_win_rate():
 def _eval_args(assets, out, tuned, *extra):
     return ["eval", "--base", str(assets["base"]), "--tuned", str(tuned), "--prompts", str(assets["prompts"]),
             "--output-dir", str(out), "--num-inference-steps", "2", "--guidance-scale", "5", "--device", "cpu",
+            "--height", "64", "--width", "64",
             "--clip-model", TINY_CLIP_NAME, "--clip-pretrained", str(assets["clip"]),
             "--open-clip-config", str(assets["clip_config"]), "--grid-cell", "32", "--no-progress", *extra]
 
@@ -304,7 +306,7 @@ def test_eval_lora_scale(assets, tmp_path):
     def run(scale):
         config = EvalConfig(base=str(assets["base"]), tuned=str(assets["lora"]), prompts=str(assets["prompts"]),
                             output_dir=str(tmp_path / f"lora_{scale}"), lora_scale=scale,
-                            generation=GenerationSettings(**FAST), device="cpu", clip_model=TINY_CLIP_NAME,
+                            generation=GenerationSettings(**FASTER), device="cpu", clip_model=TINY_CLIP_NAME,
                             clip_pretrained=str(assets["clip"]), grid_cell=32, progress=False)
         result = evaluate(config)
         out = result.output_dir / "images"
@@ -319,15 +321,14 @@ def test_eval_lora_scale(assets, tmp_path):
     assert zero.summary["clip_score"]["win_rate"] == 0.5 and zero.summary["clip_score"]["delta"] == 0
 
 
-def test_eval_sdxl(assets, tmp_path):
-    base = build_tiny_sdxl(tmp_path / "xl", sample_size=32)
-    tuned = _save_tuned_unet(base, tmp_path / "xl_tuned")
-    config = EvalConfig(base=str(base), tuned=str(tuned), prompts=str(assets["prompts"]),
-                        output_dir=str(tmp_path / "out"), generation=GenerationSettings(**FAST), device="cpu",
+def test_eval_sdxl(assets, tmp_path, tiny_sdxl_dir):
+    tuned = _save_tuned_unet(tiny_sdxl_dir, tmp_path / "xl_tuned")
+    config = EvalConfig(base=str(tiny_sdxl_dir), tuned=str(tuned), prompts=str(assets["prompts"]),
+                        output_dir=str(tmp_path / "out"), generation=GenerationSettings(**FASTER), device="cpu",
                         clip_model=TINY_CLIP_NAME, clip_pretrained=str(assets["clip"]), grid_cell=32, progress=False)
     result = evaluate(config)
     assert result.scores["tuned"]["clip_score"].shape == (3, 1)
-    assert Image.open(tmp_path / "out" / "images" / "tuned" / "0002_0.png").size == (64, 64)
+    assert Image.open(tmp_path / "out" / "images" / "tuned" / "0002_0.png").size == (16, 16)
 
 
 def test_eval_command_errors_before_generating(assets, tmp_path, capsys):
