@@ -71,6 +71,22 @@ def _variants(kernels) -> Iterable[Tuple[object, Dict[str, str], Dict[str, objec
                    dict(METHOD=method, LOSS_TYPE=loss_type, HAS_WEIGHTS=method == 2, BLOCK=k.SMALL_BLOCK), 4, (), 0)
 
 
+def _with_ones(variants):
+    """Each variant, plus one per integer argument that a launch commonly passes as 1 (Triton
+    then specializes it into a constant: M = 1 pair, one chunk a sample). Only launches
+    that happen: M = 1 uses the smallest tile; the partial sums are skipped for one chunk."""
+    for kernel, sig, constexprs, num_warps, aligned, min_vector_loads in variants:
+        yield kernel, sig, constexprs, num_warps, aligned, min_vector_loads
+        if kernel.__name__ == "_sum_partials_kernel":  # not launched for one chunk
+            continue
+        if kernel.__name__ == "_rpo_tile_kernel" and constexprs["BLOCK"] != 16:  # M = 1: the smallest tile
+            continue
+        for name in ("M", "chunks"):
+            if name in sig:
+                rest = {k: v for k, v in sig.items() if k != name}
+                yield kernel, rest, {**constexprs, name: 1}, num_warps, aligned, min_vector_loads
+
+
 def compile_all(arch: int = 90, verbose: bool = True) -> int:
     """Compiles every variant for ``sm_{arch}``; returns how many. Raises on a failure."""
     import triton
@@ -83,11 +99,12 @@ def compile_all(arch: int = 90, verbose: bool = True) -> int:
         raise RuntimeError("compile_check: run it without TRITON_INTERPRET=1 (the kernels are interpreted)")
     target = GPUTarget("cuda", arch, 32)
     count = 0
-    for kernel, sig, constexprs, num_warps, aligned, min_vector_loads in _variants(triton_loss):
+    for kernel, sig, constexprs, num_warps, aligned, min_vector_loads in _with_ones(_variants(triton_loss)):
         names = kernel.arg_names
         src = ASTSource(
             kernel,
-            signature={**sig, **{name: "constexpr" for name in constexprs}},
+            # in the kernel's argument order, constants included
+            signature={name: sig.get(name, "constexpr") for name in names},
             constexprs={(names.index(name),): value for name, value in constexprs.items()},
             attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned},
         )

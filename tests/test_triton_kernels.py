@@ -70,7 +70,7 @@ class _Conditioning:
     """How far a float32 implementation may be from float64 when its only error is rounding
     each per-sample error (first order: gradient and Hessian of the float64 reference)."""
 
-    def __init__(self, method, inputs, loss_type, beta, use_ref_err):
+    def __init__(self, method, inputs, loss_type, beta):
         pred = inputs["model_pred"].double()
         target = inputs["target"].double()
         model_err = (pred - target).pow(2).flatten(1).mean(1)
@@ -99,7 +99,7 @@ def check_parity(method, inputs, *, loss_type="sigmoid", use_ref_err=False, beta
     ref_loss, ref_metrics, ref_grad = reference_in_float64(
         method, inputs, use_ref_err=use_ref_err, loss_type=loss_type, beta=beta
     )
-    cond = _Conditioning(method, inputs, loss_type, beta, use_ref_err)
+    cond = _Conditioning(method, inputs, loss_type, beta)
     dtype = inputs["model_pred"].dtype
     grad_rtol = (GRAD_RTOL if grad.is_cuda else INTERPRETER_GRAD_RTOL)[dtype]
     assert loss.dtype == torch.float32 and loss.shape == ()
@@ -399,7 +399,7 @@ def test_gpu_parity_at_sdxl_shape(dtype, layout):
     loss, metrics, grad = run_loss("rpo", "triton", inputs, beta=2500.0)
     cpu_inputs = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     ref_loss, ref_metrics, ref_grad = reference_in_float64("rpo", cpu_inputs, beta=2500.0)
-    cond = _Conditioning("rpo", cpu_inputs, "sigmoid", 2500.0, False)
+    cond = _Conditioning("rpo", cpu_inputs, "sigmoid", 2500.0)
     assert_within(loss.cpu(), ref_loss, cond.loss_atol, 1e-5, "loss")
     assert_within(metrics["model_mse"].cpu(), ref_metrics["model_mse"], 0.0, 1e-5, "model_mse")
     assert_within(grad.cpu(), ref_grad, cond.grad_atol + GRAD_ATOL[dtype], max(1e-5, GRAD_RTOL[dtype]), "grad")
