@@ -79,7 +79,7 @@ setup(
     name="rpo-fast",
     version="0.1.0",
     description="Diffusion-RPO losses as fused kernels, and a lean trainer for SD1.5/SDXL",
-    packages=["rpo_fast", "rpo_fast.kernels"],
+    packages=["rpo_fast", "rpo_fast.kernels", "rpo_fast.train"],
     package_dir={"rpo_fast": "rpo_fast", "rpo_fast.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "safetensors", "tqdm", "pyyaml"],
