@@ -104,12 +104,16 @@ def check_open_clip_source(model_name: str, pretrained: Optional[str], what: str
 
 
 def load_open_clip(model_name: str, pretrained: Optional[str], *, device="cpu", precision: str = "fp32",
-                   what: str = "model"):
+                   what: str = "model", allow_pickle: bool = False):
     """``(model, preprocess, tokenizer)`` of an open_clip model in eval mode.
 
     ``pretrained``: a tag (downloaded by open_clip) or a local checkpoint file (``.pt`` with or
     without a ``state_dict`` key, ``.bin``, ``.safetensors``), read by open_clip's own loader.
+    A ``.pt`` holding pickled objects besides tensors is refused unless ``allow_pickle`` (only
+    for files from a trusted source: unpickling can run code).
     """
+    import pickle
+
     import open_clip
 
     if precision not in PRECISIONS:
@@ -117,15 +121,13 @@ def load_open_clip(model_name: str, pretrained: Optional[str], *, device="cpu", 
     check_open_clip_source(model_name, pretrained, what)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, device=device, precision=precision
+            model_name, pretrained=pretrained, device=device, precision=precision, weights_only=not allow_pickle
         )
-    except RuntimeError as e:
-        if "weights_only" in str(e) or "Unpickl" in str(e):
-            raise ValueError(
-                f"{what}: {pretrained} holds pickled objects beyond tensors and is not loaded "
-                f"for safety; re-save its state_dict with torch.save or safetensors ({e})"
-            ) from None
-        raise
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{what}: {pretrained} holds pickled objects besides tensors; if you trust its source, allow "
+            f"unpickling (--allow-pickle, allow_pickle=True) ({str(e).splitlines()[0]})"
+        ) from None
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(model_name)
 
@@ -191,11 +193,12 @@ class OpenCLIPEmbedder:
 
 
 def open_clip_embedder(model_name: str, pretrained: Optional[str], mode: str = "joint", device="cpu",
-                       precision: str = "fp32") -> OpenCLIPEmbedder:
+                       precision: str = "fp32", allow_pickle: bool = False) -> OpenCLIPEmbedder:
     """An :data:`Embedder` from an open_clip model name and a pretrained tag or local checkpoint."""
     if mode not in EMBED_MODES:
         raise ValueError(f"mode: expected one of {list(EMBED_MODES)}, got {mode!r}")
-    model, preprocess, tokenizer = load_open_clip(model_name, pretrained, device=device, precision=precision)
+    model, preprocess, tokenizer = load_open_clip(model_name, pretrained, device=device, precision=precision,
+                                                  allow_pickle=allow_pickle)
     identity = f"open_clip:{model_name}:{_pretrained_identity(pretrained)}:{mode}"
     return OpenCLIPEmbedder(model, preprocess, tokenizer, mode, identity)
 
@@ -335,6 +338,7 @@ def build_embedding_cache(
         path.unlink(missing_ok=True)
     if path.exists():
         _check_identity(str(path), _read_metadata(path), fingerprint, identity, num_rows)
+        shutil.rmtree(parts, ignore_errors=True)  # left over if a run stopped right after the merge
         return path  # already complete
 
     manifest_path = parts / "manifest.json"
@@ -468,6 +472,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="model precision")
     parser.add_argument("--storage-dtype", choices=("float32", "float16"), default="float32", help="dtype on disk")
     parser.add_argument("--overwrite", action="store_true", help="discard an existing cache at --output")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load a .pt checkpoint that holds pickled objects (only from a trusted source)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -479,7 +485,8 @@ def run(args: argparse.Namespace) -> int:
         dataset = load_preference_dataset(args.data, split=args.split, drop_ties=not args.keep_ties,
                                           max_rows=args.max_rows)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        embedder = open_clip_embedder(args.model, args.pretrained, args.mode, device=device, precision=args.precision)
+        embedder = open_clip_embedder(args.model, args.pretrained, args.mode, device=device, precision=args.precision,
+                                      allow_pickle=args.allow_pickle)
         path = build_embedding_cache(
             dataset, embedder, args.output, batch_size=args.batch_size, progress=not args.no_progress,
             chunk_rows=args.chunk_rows, num_workers=args.num_workers, overwrite=args.overwrite,

@@ -150,6 +150,20 @@ def test_hpsv2_scorer_reads_state_dict_checkpoint(assets):
     assert not torch.allclose(got, other)  # the checkpoint's weights were used, not a default init
 
 
+def test_pickled_checkpoint_needs_opt_in(assets, tmp_path):
+    import argparse
+
+    state = torch.load(assets["hps"], weights_only=True)
+    state["args"] = argparse.Namespace(lr=1e-5)  # training state saved next to the weights
+    torch.save(state, tmp_path / "hps_pickled.pt")
+    with pytest.raises(ValueError, match="allow-pickle"):
+        HPSv2Scorer(tmp_path / "hps_pickled.pt", model_name=TINY_CLIP_NAME)
+    images = [_image(3)]
+    got = HPSv2Scorer(tmp_path / "hps_pickled.pt", model_name=TINY_CLIP_NAME, allow_pickle=True)(PROMPTS[:1], images)
+    want = HPSv2Scorer(assets["hps"], model_name=TINY_CLIP_NAME)(PROMPTS[:1], images)
+    torch.testing.assert_close(got["hpsv2"], want["hpsv2"])
+
+
 @pytest.mark.parametrize("kind", ["mlp", "linear"])
 def test_aesthetic_scorer(assets, tmp_path, kind):
     head_path = save_tiny_aesthetic_head(tmp_path / f"{kind}.pth", kind=kind, seed=3)
@@ -319,6 +333,17 @@ def test_eval_lora_scale(assets, tmp_path):
     zero, images = run(0.0)
     assert all(base == tuned for base, tuned in images)  # same seeds, LoRA switched off
     assert zero.summary["clip_score"]["win_rate"] == 0.5 and zero.summary["clip_score"]["delta"] == 0
+
+
+def test_eval_tuned_pipeline_folder(assets, tmp_path):
+    """A full pipeline as the tuned model: here the base itself, so both rows match exactly."""
+    config = EvalConfig(base=str(assets["base"]), tuned=str(assets["base"]), prompts=str(assets["prompts"]),
+                        output_dir=str(tmp_path / "out"), generation=GenerationSettings(**FASTER), device="cpu",
+                        clip_model=TINY_CLIP_NAME, clip_pretrained=str(assets["clip"]), grid_cell=32, progress=False)
+    result = evaluate(config)
+    torch.testing.assert_close(result.scores["tuned"]["clip_score"], result.scores["base"]["clip_score"])
+    record = json.loads(result.files["json"].read_text())
+    assert record["settings"]["tuned_kind"] == "pipeline" and record["summary"]["clip_score"]["win_rate"] == 0.5
 
 
 def test_eval_sdxl(assets, tmp_path, tiny_sdxl_dir):

@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pref.add_argument("--aesthetic-clip-model", default="ViT-L-14-quickgelu", help="open_clip architecture of its backbone")
     pref.add_argument("--aesthetic-clip-pretrained", default="openai", help="backbone tag or local checkpoint file")
 
+    pref.add_argument("--allow-pickle", action="store_true",
+                      help="load .pt checkpoints that hold pickled objects (only files from a trusted source)")
+
     out = parser.add_argument_group("scoring and output")
     out.add_argument("--score-batch-size", type=int, default=16)
     out.add_argument("--scorer-precision", choices=PRECISIONS, default="fp32")
@@ -78,7 +81,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         open_clip_configs=tuple(args.open_clip_config), pickscore_model=args.pickscore_model,
         pickscore_processor=args.pickscore_processor, hps_checkpoint=args.hps_checkpoint, hps_model=args.hps_model,
         aesthetic_head=args.aesthetic_head, aesthetic_clip_model=args.aesthetic_clip_model,
-        aesthetic_clip_pretrained=args.aesthetic_clip_pretrained, score_batch_size=args.score_batch_size,
+        aesthetic_clip_pretrained=args.aesthetic_clip_pretrained, allow_pickle=args.allow_pickle,
+        score_batch_size=args.score_batch_size,
         scorer_precision=args.scorer_precision, grid_columns=args.grid_columns, grid_cell=args.grid_cell,
         progress=not args.no_progress,
     )

@@ -67,6 +67,7 @@ class EvalConfig:
     aesthetic_head: Optional[str] = None
     aesthetic_clip_model: str = "ViT-L-14-quickgelu"
     aesthetic_clip_pretrained: Optional[str] = "openai"
+    allow_pickle: bool = False              # load .pt checkpoints holding pickled objects (trusted files only)
     score_batch_size: int = 16
     scorer_precision: str = "fp32"
     grid_columns: int = 8
@@ -103,20 +104,21 @@ def _check_config(config: EvalConfig) -> None:
 
 def _build_scorers(config: EvalConfig, device: str):
     """Yields one scorer at a time, so that only one is in memory."""
-    precision = config.scorer_precision
+    precision, allow_pickle = config.scorer_precision, config.allow_pickle
     if config.clip:
         refs = [Image.open(p).convert("RGB") for p in list_images(config.style_images)] if config.style_images else None
         yield OpenClipMetrics(config.clip_model, config.clip_pretrained, device=device, precision=precision,
                               style_prompt=config.style_prompt, neutral_prompts=config.neutral_prompts,
-                              style_images=refs)
+                              style_images=refs, allow_pickle=allow_pickle)
     if config.pickscore_model:
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         yield PickScoreScorer(config.pickscore_model, config.pickscore_processor, device=device, dtype=dtype)
     if config.hps_checkpoint:
-        yield HPSv2Scorer(config.hps_checkpoint, config.hps_model, device=device, precision=precision)
+        yield HPSv2Scorer(config.hps_checkpoint, config.hps_model, device=device, precision=precision,
+                          allow_pickle=allow_pickle)
     if config.aesthetic_head:
         yield AestheticScorer(config.aesthetic_head, config.aesthetic_clip_model, config.aesthetic_clip_pretrained,
-                              device=device, precision=precision)
+                              device=device, precision=precision, allow_pickle=allow_pickle)
 
 
 def _free(device: str) -> None:

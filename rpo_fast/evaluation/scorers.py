@@ -23,6 +23,7 @@ Definitions:
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -50,11 +51,11 @@ class OpenClipMetrics:
 
     def __init__(self, model_name: str, pretrained: Optional[str], *, device="cpu", precision="fp32",
                  style_prompt: Optional[str] = None, neutral_prompts: Sequence[str] = ("a photo", "an image"),
-                 style_images: Optional[Sequence[Image.Image]] = None):
+                 style_images: Optional[Sequence[Image.Image]] = None, allow_pickle: bool = False):
         if style_prompt is not None and not list(neutral_prompts):
             raise ValueError("neutral_prompts: the style probability needs at least one neutral prompt")
         self.model, self.preprocess, self.tokenizer = load_open_clip(
-            model_name, pretrained, device=device, precision=precision, what="CLIP scorer")
+            model_name, pretrained, device=device, precision=precision, what="CLIP scorer", allow_pickle=allow_pickle)
         self.names = ["clip_score"]
         self.style_text = None
         if style_prompt is not None:
@@ -84,11 +85,12 @@ class HPSv2Scorer:
 
     names = ["hpsv2"]
 
-    def __init__(self, checkpoint, model_name: str = "ViT-H-14", *, device="cpu", precision="fp32"):
+    def __init__(self, checkpoint, model_name: str = "ViT-H-14", *, device="cpu", precision="fp32",
+                 allow_pickle: bool = False):
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"HPSv2 checkpoint: no file at {checkpoint}")
         self.model, self.preprocess, self.tokenizer = load_open_clip(
-            model_name, str(checkpoint), device=device, precision=precision, what="HPSv2")
+            model_name, str(checkpoint), device=device, precision=precision, what="HPSv2", allow_pickle=allow_pickle)
 
     @torch.inference_mode()
     def __call__(self, prompts: List[str], images: List[Image.Image]) -> Dict[str, torch.Tensor]:
@@ -119,7 +121,7 @@ class AestheticMLP(torch.nn.Module):
         return self.layers(x)
 
 
-def load_aesthetic_head(path) -> torch.nn.Module:
+def load_aesthetic_head(path, allow_pickle: bool = False) -> torch.nn.Module:
     """The v2 MLP head (keys ``layers.N.*``) or the v1 linear head (keys ``weight``, ``bias``,
     as ``sa_0_4_vit_l_14_linear.pth``), from a ``.pth`` or ``.safetensors`` state dict."""
     path = Path(path)
@@ -131,9 +133,10 @@ def load_aesthetic_head(path) -> torch.nn.Module:
         state = load_file(str(path))
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - unpickling errors have many types
-            raise ValueError(f"aesthetic head {path}: not a loadable state dict ({e})") from None
+            state = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"aesthetic head {path}: holds pickled objects besides tensors; if you trust its "
+                             f"source, allow unpickling (--allow-pickle) ({str(e).splitlines()[0]})") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -161,10 +164,11 @@ class AestheticScorer:
     names = ["aesthetic"]
 
     def __init__(self, head_path, clip_model: str = "ViT-L-14-quickgelu", clip_pretrained: Optional[str] = "openai",
-                 *, device="cpu", precision="fp32"):
-        self.head = load_aesthetic_head(head_path).to(device)
+                 *, device="cpu", precision="fp32", allow_pickle: bool = False):
+        self.head = load_aesthetic_head(head_path, allow_pickle).to(device)
         self.model, self.preprocess, _ = load_open_clip(
-            clip_model, clip_pretrained, device=device, precision=precision, what="aesthetic CLIP")
+            clip_model, clip_pretrained, device=device, precision=precision, what="aesthetic CLIP",
+            allow_pickle=allow_pickle)
         width = self.model.visual.output_dim
         expected = self.head.in_features if isinstance(self.head, torch.nn.Linear) else self.head.input_size
         if width != expected:
