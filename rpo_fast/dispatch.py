@@ -7,11 +7,10 @@ An explicitly requested backend that cannot run here is an error that lists thos
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -76,8 +75,19 @@ def _triton_usable() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+# Plain dicts rather than functools.lru_cache: torch.compile traces through a dict lookup,
+# while it warns on (and ignores) an lru_cache at every compiled step.
+_BACKENDS: Dict[str, Backend] = {}
+_LOGGED: Set[str] = set()
+
+
 def _backend(name: str) -> Backend:
+    if name not in _BACKENDS:
+        _BACKENDS[name] = _make_backend(name)
+    return _BACKENDS[name]
+
+
+def _make_backend(name: str) -> Backend:
     if name == "torch":
         return TORCH_BACKEND
     if name in ("cpu", "cuda"):
@@ -104,9 +114,10 @@ def available_backends() -> List[str]:
     return found
 
 
-@functools.lru_cache(maxsize=None)
 def _log_once(message: str) -> None:
-    logger.warning(message)
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        logger.warning(message)
 
 
 def _runs_on(name: str, device: torch.device) -> bool:
