@@ -1,0 +1,448 @@
+"""Parity tests of the ``cpu`` backend: the C++ ops of ``rpo_fast._C`` (csrc/).
+
+Every case compares the loss, the metrics and d loss / d model_pred with the ``torch``
+reference evaluated in float64 (``parity_utils.reference_in_float64``).
+
+Tolerances. The kernels sum each sample in float32 vectors over short blocks and combine
+the blocks in double, so a per-sample error is within a few float32 roundings of its
+float64 value; but it is returned as float32 (the op contract), and ``e_model - e_ref`` is a
+difference of nearly equal numbers that beta then multiplies. Rounding the errors alone
+therefore moves the loss by more than rtol 1e-5 on some inputs, whatever the kernel does
+(the float32 ``torch`` backend misses a bare 1e-5 just the same). Each comparison is held
+to rtol 1e-5 plus that propagated rounding (``Conditioning``: first order, from the
+gradient and Hessian of the float64 reference), i.e. an absolute term that vanishes where
+the loss does not amplify the rounding. The pair stage alone, given the same float32
+errors, is held to a bare rtol 1e-5. bf16 and fp16 inputs convert exactly to float64 for
+the reference and accumulate in float32 here, so loss and metrics keep those tolerances;
+the gradient, written in the input's dtype, adds its final rounding: rtol 2^-8 (bf16),
+2^-11 (fp16).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rpo_fast
+from rpo_fast import reference
+from rpo_fast._types import LOSS_TYPES, METRIC_NAMES, loss_type_code, method_code
+from rpo_fast.weights import similarity_weights
+
+from parity_utils import TEST_BETA, make_inputs, reference_in_float64, run_loss
+
+ops = torch.ops.rpo_fast
+SMALL = (4, 7, 9)  # D = 252: divides no vector width or block size
+SD_LIKE = (4, 64, 64)  # an SD1.5 latent
+UNIT_ROUNDOFF = 2.0**-24
+ERROR_ROUNDINGS = 4  # float32 roundings allowed on one per-sample error
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+GRAD_ATOL = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 2.0**-25}  # fp16 subnormals
+
+
+def test_extension_is_built_with_vector_kernels():
+    """The cpu backend exists, and on an x86 machine with AVX2 or AVX-512 it runs the
+    kernels compiled for it, not the scalar fallback."""
+    assert "cpu" in rpo_fast.available_backends(), rpo_fast._extension.unavailable_reason()
+    isa = ops.cpu_isa()
+    assert isa in ("default", "avx2", "avx512")
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert isa == {"AVX512": "avx512", "AVX2": "avx2"}.get(capability, "default")
+
+
+def assert_within(actual, expected, atol, rtol, what):
+    actual, expected = actual.double(), expected.double()
+    err = (actual - expected).abs()
+    ok = (err <= atol + rtol * expected.abs()) | (actual.isnan() & expected.isnan())
+    assert bool(ok.all()), (
+        f"{what}: {int((~ok).sum())} of {ok.numel()} entries off; actual "
+        f"{actual[~ok].flatten()[:3].tolist()} vs expected {expected[~ok].flatten()[:3].tolist()}"
+    )
+
+
+class Conditioning:
+    """Absolute error bounds that rounding each per-sample error to float32 alone causes,
+    to first order (gradient and Hessian of the float64 reference's pair loss)."""
+
+    def __init__(self, method, inputs, loss_type, beta):
+        pred, target = inputs["model_pred"].double(), inputs["target"].double()
+        model_err = (pred - target).pow(2).flatten(1).mean(1)
+        ref_err = (inputs["ref_pred"].double() - target).pow(2).flatten(1).mean(1)
+        weights = inputs["weights"]
+        if inputs["emb_w"] is not None:
+            weights = similarity_weights(inputs["emb_w"].double(), inputs["emb_l"].double())
+        weights = None if weights is None else weights.double()
+
+        def loss_of(e):
+            return reference.pair_loss(e, ref_err, weights, method, loss_type, beta)[0]
+
+        step = ERROR_ROUNDINGS * UNIT_ROUNDOFF * (model_err.abs() + ref_err.abs())
+        coef = torch.autograd.functional.jacobian(loss_of, model_err)
+        hess = torch.autograd.functional.hessian(loss_of, model_err)
+        self.loss_atol = float((coef.abs() * step).sum())
+        self.margin_atol = 2 * float(step.mean())
+        coef_atol = hess.abs() @ step + 8 * UNIT_ROUNDOFF * coef.abs()
+        scale = (2.0 * (pred - target) / pred[0].numel()).abs()
+        self.grad_atol = coef_atol.view(-1, *([1] * (pred.dim() - 1))) * scale
+
+
+def check_parity(method, inputs, *, backend="cpu", loss_type="sigmoid", use_ref_err=False, beta=TEST_BETA):
+    """Runs ``backend`` and the float64 reference on ``inputs`` and compares everything."""
+    loss, metrics, grad = run_loss(method, backend, inputs, use_ref_err=use_ref_err, loss_type=loss_type, beta=beta)
+    ref_loss, ref_metrics, ref_grad = reference_in_float64(
+        method, inputs, use_ref_err=use_ref_err, loss_type=loss_type, beta=beta
+    )
+    cpu_inputs = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    cond = Conditioning(method, cpu_inputs, loss_type, beta)
+    dtype = inputs["model_pred"].dtype
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert_within(loss.cpu(), ref_loss.cpu(), cond.loss_atol, 1e-5, "loss")
+    assert set(metrics) == set(ref_metrics)
+    for name, value in metrics.items():
+        atol = cond.margin_atol if name == "reward_margin" else 0.0
+        assert_within(value.cpu(), ref_metrics[name].cpu(), atol, 1e-5, name)
+    assert grad.dtype == dtype and grad.shape == inputs["model_pred"].shape
+    assert grad.device == inputs["model_pred"].device
+    assert_within(grad.cpu(), ref_grad.cpu(), cond.grad_atol + GRAD_ATOL[dtype], GRAD_RTOL[dtype], "grad")
+    return loss, metrics, grad
+
+
+# ----------------------------------------------------------------- end to end parity
+
+
+@pytest.mark.parametrize("pairs", [1, 2, 3, 8, 33])
+@pytest.mark.parametrize(
+    "method,loss_type", [(m, lt) for m in ("rpo", "dpo") for lt in LOSS_TYPES] + [("sft", "sigmoid")]
+)
+def test_parity_every_method_and_loss_type(method, loss_type, pairs):
+    inputs = make_inputs(pairs, SMALL, seed=pairs, with_embeddings=method == "rpo")
+    check_parity(method, inputs, loss_type=loss_type)
+
+
+@pytest.mark.parametrize("pairs", [3, 8])
+@pytest.mark.parametrize("use_ref_err", [False, True], ids=["ref_pred", "ref_err"])
+@pytest.mark.parametrize("weights", ["embeddings", "explicit", "uniform"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_parity_rpo_weights_and_reference_kinds(weights, use_ref_err, pairs, loss_type):
+    inputs = make_inputs(
+        pairs, SMALL, seed=10 + pairs, with_embeddings=weights == "embeddings", with_weights=weights == "explicit"
+    )
+    check_parity("rpo", inputs, use_ref_err=use_ref_err, loss_type=loss_type)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("use_ref_err", [False, True], ids=["ref_pred", "ref_err"])
+def test_parity_dpo_reference_kinds(use_ref_err, loss_type):
+    check_parity("dpo", make_inputs(8, SMALL, seed=3), use_ref_err=use_ref_err, loss_type=loss_type)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("method", ["rpo", "dpo", "sft"])
+def test_parity_layouts_and_dtypes(method, layout, dtype):
+    inputs = make_inputs(3, SMALL, dtype, seed=5, with_embeddings=method == "rpo", layout=layout)
+    _, _, grad = check_parity(method, inputs)
+    if layout == "channels_last":  # the gradient keeps model_pred's layout (empty_like)
+        assert grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (torch.bfloat16, torch.float32, torch.bfloat16),  # autocast prediction, fp32 noise
+        (torch.float16, torch.float32, torch.float16),
+        (torch.float32, torch.bfloat16, torch.float16),
+        (torch.bfloat16, torch.float16, torch.float32),
+    ],
+    ids=lambda d: "-".join(str(x).split(".")[1] for x in d),
+)
+def test_parity_mixed_dtypes(dtypes):
+    """Each input read in its own dtype (model_pred, target, ref_pred)."""
+    inputs = make_inputs(3, SMALL, seed=6, with_weights=True)
+    for name, dtype in zip(("model_pred", "target", "ref_pred"), dtypes):
+        inputs[name] = inputs[name].to(dtype)
+    check_parity("rpo", inputs, loss_type="hinge")
+    check_parity("dpo", inputs)
+
+
+def test_parity_mixed_layouts():
+    """channels_last prediction, contiguous target, sliced reference: the odd ones are
+    brought into the prediction's layout; the gradient keeps it."""
+    inputs = make_inputs(3, SMALL, seed=7, with_embeddings=True)
+    inputs["model_pred"] = inputs["model_pred"].contiguous(memory_format=torch.channels_last)
+    wide = torch.cat([inputs["ref_pred"], inputs["ref_pred"]], dim=-1)
+    inputs["ref_pred"] = wide[..., : SMALL[-1]]
+    assert not inputs["ref_pred"].is_contiguous()
+    _, _, grad = check_parity("rpo", inputs)
+    assert grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("method", ["rpo", "dpo", "sft"])
+def test_parity_sd_like_shape(method, dtype):
+    """D = 4x64x64: a sample spans several blocks (the float -> double hand-over)."""
+    inputs = make_inputs(8, SD_LIKE, dtype, seed=8, with_embeddings=method == "rpo")
+    check_parity(method, inputs, beta=TEST_BETA / 4)
+
+
+# ----------------------------------------------------------------- the three ops one by one
+
+
+def _errors64(pred, target):
+    return (pred.double() - target.double()).pow(2).flatten(1).mean(1)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: x,
+        lambda x: x.contiguous(memory_format=torch.channels_last),
+        lambda x: x[..., ::2],  # sliced: copied to contiguous
+        lambda x: x[::2],  # every other sample: samples dense but not adjacent, copied
+        lambda x: x.transpose(0, 1).contiguous().transpose(0, 1),  # dense, batch not outermost
+    ],
+    ids=["contiguous", "channels_last", "sliced", "batch_strided", "batch_inner"],
+)
+def test_sample_errors_and_error_grad_on_any_layout(make):
+    gen = torch.Generator().manual_seed(1)
+    full = (8, 4, 24, 48)
+    target, ref, pred = (make(torch.randn(full, generator=gen)) for _ in range(3))
+    model_err, ref_err = ops.sample_errors(pred, target, ref)
+    assert model_err.dtype == ref_err.dtype == torch.float32
+    assert_within(model_err, _errors64(pred, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
+    assert_within(ref_err, _errors64(ref, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "ref_err")
+
+    coef = torch.randn(pred.shape[0], generator=gen)
+    grad = ops.error_grad(coef, pred, target)
+    expected = coef.double().view(-1, 1, 1, 1) * 2 * (pred.double() - target.double()) / pred[0].numel()
+    # the layout the fake kernel promises (torch.compile relies on it)
+    assert grad.shape == pred.shape and grad.stride() == torch.empty_like(pred).stride()
+    assert_within(grad, expected, 0.0, 4 * UNIT_ROUNDOFF, "grad")
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 1), (2, 31), (2, 33), (4, 1023), (2, 1025), (2, 3, 101, 109), (6, 16384), (2, 16385)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_vector_tails_blocks_and_chunks(shape, dtype):
+    """Sizes around the vector step, the 1024-element block and the 16384-element chunk:
+    every tail and hand-over path of the loops."""
+    gen = torch.Generator().manual_seed(2)
+    pred, target, ref = (torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
+    model_err, ref_err = ops.sample_errors(pred, target, ref)
+    assert_within(model_err, _errors64(pred, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
+    assert_within(ref_err, _errors64(ref, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "ref_err")
+    coef = torch.randn(shape[0], generator=gen)
+    grad = ops.error_grad(coef, pred, target)
+    view = (-1,) + (1,) * (len(shape) - 1)
+    expected = (coef.double().view(view) * 2 * (pred.double() - target.double()) / pred[0].numel()).to(dtype)
+    assert grad.dtype == dtype
+    # the same float32 arithmetic, then one rounding to dtype: at most one ulp apart
+    assert_within(grad, expected, GRAD_ATOL[dtype], 2 * GRAD_RTOL[dtype] if dtype != torch.float32 else 4 * UNIT_ROUNDOFF, "grad")
+
+
+def test_sample_errors_without_reference_deterministic_and_thread_independent():
+    pred, target = torch.randn(2, 6, 4, 3, 3000).unbind(0)  # 36000 elements: 3 chunks a sample
+    first = ops.sample_errors(pred, target, None)
+    assert first[1].shape == (0,)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = ops.sample_errors(pred, target, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(first[0], single[0])  # a fixed summation order, whatever the threads
+    assert_within(first[0], _errors64(pred, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
+
+
+def test_sums_stay_accurate_on_large_samples():
+    """A float32 running sum over 2^20 elements would be off by ~1e-4 relative; the kernels'
+    short float blocks summed in double stay at the float32 rounding of the result."""
+    gen = torch.Generator().manual_seed(3)
+    pred = 1.0 + 0.01 * torch.randn(2, 1 << 20, generator=gen)
+    target = torch.zeros(2, 1 << 20)
+    model_err, _ = ops.sample_errors(pred, target, None)
+    assert_within(model_err, _errors64(pred, target), 0.0, 2 * UNIT_ROUNDOFF, "model_err")
+
+
+def test_forced_instruction_sets_match(tmp_path):
+    """The AVX2 and scalar builds of the kernels (picked with ATEN_CPU_CAPABILITY) give the
+    results of the float64 reference too; on this machine they otherwise never run."""
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import sys, torch, rpo_fast\n"
+        "ops = torch.ops.rpo_fast\n"
+        "print(ops.cpu_isa())\n"
+        "g = torch.Generator().manual_seed(4)\n"
+        "for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"
+        "    p, t, r = (torch.randn(4, 3, 101, 109, generator=g).to(dtype) for _ in range(3))\n"
+        "    e, re = ops.sample_errors(p, t, r)\n"
+        "    want = lambda a: (a.double() - t.double()).pow(2).flatten(1).mean(1)\n"
+        "    assert torch.allclose(e.double(), want(p), rtol=2.4e-7, atol=0), (dtype, e, want(p))\n"
+        "    assert torch.allclose(re.double(), want(r), rtol=2.4e-7, atol=0), dtype\n"
+        "    c = torch.randn(4, generator=g)\n"
+        "    grad = ops.error_grad(c, p, t)\n"
+        "    exp = (c.double().view(-1, 1, 1, 1) * 2 * (p.double() - t.double()) / p[0].numel())\n"
+        "    tol = {torch.float32: 5e-7, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]\n"
+        "    assert torch.allclose(grad.double(), exp, rtol=tol, atol=1e-7), dtype\n"
+        "print('ok')\n"
+    )
+    supported = {"AVX512": ["default", "avx2", "avx512"], "AVX2": ["default", "avx2"]}.get(
+        torch.backends.cpu.get_cpu_capability(), ["default"]
+    )
+    for isa in ("default", "avx2"):
+        if isa not in supported:
+            continue
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
+        done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        assert done.stdout.split() == [isa, "ok"], done.stdout
+
+
+# ----------------------------------------------------------------- the pair stage
+
+
+def _pair_reference64(model_err, ref_err, weights, method, loss_type, beta):
+    e = model_err.double().requires_grad_(True)
+    w = None if weights is None else weights.double()
+    loss, metrics = reference.pair_loss(e, ref_err.double(), w, method, loss_type, beta)
+    (coef,) = torch.autograd.grad(loss, e, allow_unused=True)
+    return loss.detach(), metrics, coef if coef is not None else torch.zeros_like(e)
+
+
+@pytest.mark.parametrize("pairs", [1, 5, 64, 100])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize(
+    "method,with_weights", [("sft", False), ("dpo", False), ("rpo", False), ("rpo", True)],
+    ids=["sft", "dpo", "rpo_uniform", "rpo_weights"],
+)
+def test_pair_loss_stage_at_training_beta(method, with_weights, loss_type, pairs):
+    """The O(M^2) stage alone, given float32 errors, against float64 on the same errors."""
+    gen = torch.Generator().manual_seed(pairs)
+    ref_err = 0.1 + torch.rand(2 * pairs, generator=gen)
+    model_err = ref_err + 2e-4 * torch.randn(2 * pairs, generator=gen)
+    weights = torch.rand(pairs, pairs, generator=gen) if with_weights else None
+    sent_ref = ref_err if method != "sft" else torch.empty(0)
+    loss, metrics, coef = ops.pair_loss(model_err, sent_ref, weights, method_code(method), loss_type_code(loss_type), 2500.0)
+    ref_loss, ref_metrics, ref_coef = _pair_reference64(model_err, ref_err, weights, method, loss_type, 2500.0)
+    assert loss.shape == () and metrics.shape == (5,) and coef.shape == (2 * pairs,)
+    assert_within(loss, ref_loss, 0.0, 1e-5, "loss")
+    for i, name in enumerate(METRIC_NAMES):
+        assert_within(metrics[i], ref_metrics[i], 0.0, 1e-5, name)
+    # coef: relative to the largest entry (entries that cancel to ~0 have no relative scale)
+    assert_within(coef, ref_coef, 1e-5 * float(ref_coef.abs().max()), 1e-5, "coef")
+
+
+def test_pair_loss_is_thread_independent():
+    gen = torch.Generator().manual_seed(9)
+    model_err, ref_err = torch.rand(2, 600, generator=gen)
+    weights = torch.rand(300, 300, generator=gen)
+    first = ops.pair_loss(model_err, ref_err, weights, 2, 0, 2500.0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = ops.pair_loss(model_err, ref_err, weights, 2, 0, 2500.0)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(first, single):
+        assert torch.equal(a, b)
+
+
+def test_hinge_slope_is_zero_at_the_kink():
+    """x = 1 exactly: relu(1 - x) has slope 0 there in torch, and so here."""
+    model_err = torch.tensor([0.0, 0.0, 0.5, 0.25])
+    ref_err = torch.zeros(4)
+    for method in ("dpo", "rpo"):
+        weights = torch.eye(2) * 2 if method == "rpo" else None
+        _, _, coef = ops.pair_loss(model_err, ref_err, weights, method_code(method), loss_type_code("hinge"), 2.0)
+        _, _, ref_coef = _pair_reference64(model_err, ref_err, weights, method, "hinge", 2.0)
+        assert torch.equal(coef.double(), ref_coef), method
+
+
+def test_sigmoid_loss_is_stable_for_large_logits():
+    """|z| ~ 1e4: softplus must neither overflow nor lose the tiny loss of a right call."""
+    model_err = torch.tensor([1.0, 5.0, 5.0, 1.0])  # pair 0 favoured, pair 1 not
+    ref_err = torch.ones(4)
+    loss, _, coef = ops.pair_loss(model_err, ref_err, None, method_code("dpo"), 0, 2500.0)
+    ref_loss, _, ref_coef = _pair_reference64(model_err, ref_err, None, "dpo", "sigmoid", 2500.0)
+    assert_within(loss, ref_loss, 0.0, 1e-6, "loss")
+    assert_within(coef, ref_coef, 0.0, 1e-6, "coef")
+    small = ops.pair_loss(torch.tensor([1.0, 1.01]), torch.ones(2), None, 1, 0, 2500.0)[0]
+    assert 0 < float(small) == pytest.approx(math.log1p(math.exp(-25.0)), rel=1e-6)
+
+
+def test_non_finite_inputs_give_nan_loss_and_coef():
+    model_err = torch.tensor([1.0, 2.0, 3.0, float("nan")])
+    ref_err = torch.tensor([1.0, 2.1, 3.0, 4.0])
+    for method in ("dpo", "rpo"):
+        loss, _, coef = ops.pair_loss(model_err, ref_err, None, method_code(method), 0, 10.0)
+        assert loss.isnan() and coef.isnan().all(), method
+    inf_ref = torch.tensor([1.0, float("inf"), 3.0, 4.0])
+    loss, _, coef = ops.pair_loss(torch.ones(4), inf_ref, None, 2, 1, 10.0)
+    assert loss.isnan() and coef.isnan().all()
+    # An infinite weight drives sigmoid's f to 0, a finite value: the loss must still be NaN.
+    weights = torch.tensor([[1.0, float("inf")], [0.5, 0.5]])
+    finite_err = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    loss, metrics, coef = ops.pair_loss(finite_err, ref_err, weights, 2, 0, 10.0)
+    ref_loss, ref_metrics, _ = _pair_reference64(finite_err, ref_err, weights, "rpo", "sigmoid", 10.0)
+    assert loss.isnan() and ref_loss.isnan() and coef.isnan().all()
+    assert_within(metrics, ref_metrics, 0.0, 1e-6, "metrics")
+    # sft has no finiteness rule: NaN flows through the mean, as in the reference.
+    loss, metrics, coef = ops.pair_loss(model_err, torch.empty(0), None, 0, 0, 10.0)
+    assert float(loss) == pytest.approx(1.5) and metrics[2].isnan() and torch.equal(coef, torch.tensor([0.5, 0.5, 0, 0]))
+    # End to end: a NaN in the prediction gives a NaN loss.
+    inputs = make_inputs(2, SMALL)
+    inputs["model_pred"][1, 0, 0, 0] = float("nan")
+    loss, _, grad = run_loss("rpo", "cpu", inputs)
+    assert loss.isnan() and not grad.isfinite().all()
+
+
+# ----------------------------------------------------------------- bad input
+
+
+def test_ops_reject_bad_input_with_named_argument():
+    x = torch.randn(4, 3)
+    with pytest.raises(TypeError, match="model_pred must be float32, bfloat16 or float16, got Double"):
+        ops.sample_errors(x.double(), x, None)
+    with pytest.raises(TypeError, match="target must be float32, bfloat16 or float16, got Int"):
+        ops.sample_errors(x, x.int(), None)
+    with pytest.raises(TypeError, match="ref_pred must be float32, bfloat16 or float16, got Double"):
+        ops.sample_errors(x, x, x.double())
+    with pytest.raises(TypeError, match="model_pred must be float32, bfloat16 or float16, got Double"):
+        ops.error_grad(torch.ones(4), x.double(), x)
+    with pytest.raises(TypeError, match="coef must be float32"):
+        ops.error_grad(torch.ones(4, dtype=torch.float64), x, x)
+    with pytest.raises(ValueError, match="target must have the shape of model_pred"):
+        ops.sample_errors(x, x[:2], None)
+    with pytest.raises(ValueError, match="ref_pred must have the shape of model_pred"):
+        ops.sample_errors(x, x, x[:, :2])
+    with pytest.raises(ValueError, match="coef must have shape"):
+        ops.error_grad(torch.ones(3), x, x)
+    with pytest.raises(ValueError, match="ref_err must have shape"):
+        ops.pair_loss(torch.ones(4), torch.ones(3), None, 2, 0, 1.0)
+    with pytest.raises(ValueError, match="model_err must have shape"):
+        ops.pair_loss(torch.ones(3), torch.ones(3), None, 2, 0, 1.0)
+    with pytest.raises(TypeError, match="model_err must be float32"):
+        ops.pair_loss(torch.ones(4, dtype=torch.float64), torch.ones(4), None, 2, 0, 1.0)
+    with pytest.raises(ValueError, match="method must be"):
+        ops.pair_loss(torch.ones(4), torch.ones(4), None, 3, 0, 1.0)
+    with pytest.raises(ValueError, match="loss_type must be"):
+        ops.pair_loss(torch.ones(4), torch.ones(4), None, 2, 7, 1.0)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        ops.pair_loss(torch.ones(4), torch.ones(4), None, 2, 0, 0.0)
+    with pytest.raises(ValueError, match="weights must have shape"):
+        ops.pair_loss(torch.ones(4), torch.ones(4), torch.ones(3, 3), 2, 0, 1.0)
+    with pytest.raises(TypeError, match="weights must be float32"):
+        ops.pair_loss(torch.ones(4), torch.ones(4), torch.ones(2, 2, dtype=torch.float64), 2, 0, 1.0)
+
+
+def test_float64_needs_the_torch_backend():
+    inputs = make_inputs(2, SMALL, torch.float64)
+    with pytest.raises(TypeError, match="backend: 'cpu' takes float32, bfloat16 or float16"):
+        run_loss("rpo", "cpu", inputs)
