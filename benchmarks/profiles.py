@@ -52,9 +52,14 @@ class LossCase:
         return f"{self.latents}-M{self.pairs}-{self.dtype}-{self.method}"
 
 
+# The Diffusion-DPO-style baseline; rpo-fast with a frozen reference copy (its default for full
+# fine-tuning); rpo-fast with the reference errors precomputed before training.
+E2E_LOOPS = ("baseline", "rpo_fast", "rpo_fast_precompute_ref")
+
+
 @dataclass(frozen=True)
 class E2EConfig:
-    loop: str  # baseline | rpo_fast
+    loop: str  # one of E2E_LOOPS
     pairs: int  # preference pairs per step
     resolution: int  # pixels
     sweep: str  # batch | resolution: which scaling series the point belongs to
@@ -95,7 +100,7 @@ def _e2e_grid(batches, resolutions, base_pairs, base_resolution, warmup, timed) 
     points = [(b, base_resolution, "batch") for b in batches]
     points += [(base_pairs, r, "resolution") for r in resolutions if r != base_resolution]
     return tuple(
-        E2EConfig(loop, b, r, sweep, warmup, timed) for b, r, sweep in points for loop in ("baseline", "rpo_fast")
+        E2EConfig(loop, b, r, sweep, warmup, timed) for b, r, sweep in points for loop in E2E_LOOPS
     )
 
 

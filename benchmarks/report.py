@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from benchmarks.collect import summarize
+from benchmarks.profiles import E2E_LOOPS
 
 MIB = 2**20
+LOOP_LABELS = {"baseline": "baseline", "rpo_fast": "rpo-fast", "rpo_fast_precompute_ref": "rpo-fast precompute_ref"}
+LOOP_COLORS = {"baseline": "tab:red", "rpo_fast": "tab:blue", "rpo_fast_precompute_ref": "tab:green"}
 
 
 def _fmt(value: Optional[float], spec: str = ".2f", scale: float = 1.0) -> str:
@@ -73,20 +76,30 @@ def markdown(results: Dict[str, object], plots: Dict[str, str]) -> str:
 
     if summary["e2e_rows"]:
         out += ["", "## End to end: training steps", ""]
-        out += ["Steady-state pairs/s over the timed steps (after warm-up) and peak memory above the imported "
-                "libraries, each configuration in a fresh process; setup (model loading, and for rpo-fast the "
-                "latent cache) is reported separately.", ""]
+        out += ["Pairs/s over the timed steps after warm-up (for `--precompute_ref`, the reference pass it runs "
+                "before training is spread over the steps it serves) and peak memory above the imported "
+                "libraries, each configuration in a fresh process. `×`: over the baseline. Set-up (model "
+                "loading; for rpo-fast also the latent cache) is listed, not counted.", ""]
         if plots.get("e2e"):
             out += [f"![end to end]({plots['e2e']})", ""]
-        out.append(_table(
-            ["sweep", "pairs", "px", "baseline pairs/s", "rpo-fast pairs/s", "×", "baseline peak MiB",
-             "rpo-fast peak MiB", "memory ratio", "baseline setup s", "rpo-fast setup s"],
-            [[r["sweep"], str(r["pairs"]), str(r["resolution"]), _fmt(r["baseline_pairs_per_s"]),
-              _fmt(r["rpo_fast_pairs_per_s"]), _fmt(r["throughput_ratio"]),
-              _fmt(r["baseline_peak_bytes"], ".0f", 1 / MIB), _fmt(r["rpo_fast_peak_bytes"], ".0f", 1 / MIB),
-              _fmt(r["memory_ratio"]), _fmt(r["baseline_setup_s"], ".1f"), _fmt(r["rpo_fast_setup_s"], ".1f")]
-             for r in summary["e2e_rows"]],
-        ))
+        header = ["sweep", "pairs", "px"]
+        for loop in E2E_LOOPS:
+            label = LOOP_LABELS[loop]
+            header += [f"{label} pairs/s"] + (["×"] if loop != "baseline" else []) + [f"{label} peak MiB"]
+            header += (["mem ×"] if loop != "baseline" else []) + [f"{label} setup s"]
+        body = []
+        for r in summary["e2e_rows"]:
+            cells = [r["sweep"], str(r["pairs"]), str(r["resolution"])]
+            for loop in E2E_LOOPS:
+                cells.append(_fmt(r[f"{loop}_pairs_per_s"]))
+                if loop != "baseline":
+                    cells.append(_fmt(r[f"{loop}_throughput_ratio"]))
+                cells.append(_fmt(r[f"{loop}_peak_bytes"], ".0f", 1 / MIB))
+                if loop != "baseline":
+                    cells.append(_fmt(r[f"{loop}_memory_ratio"]))
+                cells.append(_fmt(r[f"{loop}_setup_s"], ".1f"))
+            body.append(cells)
+        out.append(_table(header, body))
     return "\n".join(out) + "\n"
 
 
@@ -163,13 +176,14 @@ def plot_e2e(results: Dict[str, object], png: Path) -> None:
         if sweep == "resolution" and points:
             base_pairs = points[0]["pairs"]
             points += [m for m in e2e if m["sweep"] == "batch" and m["pairs"] == base_pairs]
-        for loop, color in (("baseline", "tab:red"), ("rpo_fast", "tab:blue")):
+        for loop in E2E_LOOPS:
+            color, label = LOOP_COLORS[loop], LOOP_LABELS[loop]
             sel = sorted((m for m in points if m["loop"] == loop), key=lambda m: m[xkey])
             if not sel:
                 continue
             xs = [m[xkey] for m in sel]
-            axes[0][col].plot(xs, [m["pairs_per_s"] for m in sel], marker="o", color=color, label=loop)
-            axes[1][col].plot(xs, [m["peak_bytes"] / MIB for m in sel], marker="o", color=color, label=loop)
+            axes[0][col].plot(xs, [m["pairs_per_s"] for m in sel], marker="o", color=color, label=label)
+            axes[1][col].plot(xs, [m["peak_bytes"] / MIB for m in sel], marker="o", color=color, label=label)
         for row, ylabel in ((0, "pairs / s"), (1, "peak memory (MiB)")):
             ax = axes[row][col]
             ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel)

@@ -44,5 +44,5 @@ def test_train_step(benchmark, e2e_item, e2e_workdir, bench_profile):
         run_worker, args=(config, model, data, run_dir), kwargs={"mixed_precision": mixed_precision},
         rounds=1, iterations=1,
     )
-    benchmark.extra_info.update(kind="e2e", **dataclasses.asdict(config), **result)
+    benchmark.extra_info.update({"kind": "e2e", **dataclasses.asdict(config), **result})
     assert result["pairs_per_s"] > 0

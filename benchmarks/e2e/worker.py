@@ -1,8 +1,10 @@
 """Runs one end-to-end configuration in this (fresh) process and prints its result as json.
 
-``python -m benchmarks.e2e.worker --loop baseline|rpo_fast --model DIR --data DIR --pairs 2
+``python -m benchmarks.e2e.worker --loop baseline|rpo_fast|rpo_fast_precompute_ref --model DIR --data DIR --pairs 2
 --resolution 64 --warmup 2 --steps 8``. The last line of stdout is ``RESULT <json>``: setup
-time, the time of each timed step, pairs per second over the timed steps, and peak memory
+time, the time of each timed step, pairs per second over the timed steps (``pairs_per_s``
+adds the reference pass that ``precompute_ref`` runs before training, spread over the steps
+it serves; ``step_pairs_per_s`` leaves it out), and peak memory
 (benchmarks/e2e/memory.py). One process per configuration, so that no configuration's
 memory or compiled code leaks into the next one's numbers.
 """
@@ -16,16 +18,19 @@ import time
 
 import torch
 
+from benchmarks.profiles import E2E_LOOPS as LOOPS
+
 RESULT_PREFIX = "RESULT "
 
 
 def _import_libraries() -> None:
-    """Everything both loops import, before the memory baseline is taken."""
-    import diffusers  # noqa: F401
-    import transformers  # noqa: F401
+    """What either loop imports, imported by both before the memory baseline is taken, so that
+    neither is charged for libraries."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
-    import rpo_fast  # noqa: F401
-    import rpo_fast.data  # noqa: F401
+    import benchmarks.e2e.baseline  # noqa: F401
+    import rpo_fast.train  # noqa: F401
 
 
 def build_loop(args, device: torch.device):
@@ -41,12 +46,13 @@ def build_loop(args, device: torch.device):
     return RpoFastLoop(
         args.model, args.data, pairs=args.pairs, resolution=args.resolution, device=device,
         method=args.method, mixed_precision=args.mixed_precision, seed=args.seed, workdir=args.workdir,
+        total_steps=args.warmup + args.steps, precompute_ref=args.loop == "rpo_fast_precompute_ref",
     )
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--loop", required=True, choices=("baseline", "rpo_fast"))
+    p.add_argument("--loop", required=True, choices=LOOPS)
     p.add_argument("--model", required=True, help="tiny SD1.5 pipeline folder (save_pretrained layout)")
     p.add_argument("--data", required=True, help="preference data folder (Pick-a-Pic parquet)")
     p.add_argument("--workdir", required=True, help="scratch folder for outputs and caches")
@@ -91,6 +97,10 @@ def main(argv=None) -> int:
             step_times.append(elapsed)
             losses.append(loss)
     total = sum(step_times)
+    details = getattr(loop, "details", lambda: {})()
+    # Work done for the steps before they start (the precomputed reference pass) is spread
+    # over the steps it serves, so that throughputs stay comparable.
+    upfront_per_step = details.get("ref_precompute_s", 0.0) / (args.warmup + args.steps)
     result = {
         "loop": args.loop,
         "pairs": args.pairs,
@@ -101,10 +111,11 @@ def main(argv=None) -> int:
         "setup_s": setup_s,
         "warmup_steps": args.warmup,
         "step_times_s": step_times,
-        "pairs_per_s": args.pairs * len(step_times) / total,
+        "step_pairs_per_s": args.pairs * len(step_times) / total,
+        "pairs_per_s": args.pairs * len(step_times) / (total + upfront_per_step * len(step_times)),
         "losses": losses,
         **memory.report(),
-        **getattr(loop, "details", lambda: {})(),
+        **details,
     }
     print(RESULT_PREFIX + json.dumps(result), flush=True)
     return 0
