@@ -23,7 +23,11 @@ def load() -> bool:
     if _loaded is None:
         try:
             importlib.import_module("rpo_fast._C")  # registers the ops
+            from .ops import register_cxx_ops
 
+            # Fake kernels and autograd now, at import: registering them on the first loss
+            # call would break a torch.compile(fullgraph=True) that makes that call.
+            register_cxx_ops()
             _loaded = True
         except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
             _loaded = False
