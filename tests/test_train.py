@@ -280,4 +280,6 @@ def test_compiled_unet_trains(run_training):
     result = run_training(method="rpo", lora=True, compile=True)
     eager = run_training(method="rpo", lora=True)
     for a, b in zip(_metrics_lines(result), _metrics_lines(eager)):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+        # errors, not the loss: beta = 2500 magnifies fused-kernel rounding in the loss
+        assert a["model_mse"] == pytest.approx(b["model_mse"], rel=1e-3)
+        assert a["ref_mse"] == pytest.approx(b["ref_mse"], rel=1e-3)
