@@ -99,7 +99,7 @@ def check_open_clip_source(model_name: str, pretrained: Optional[str], what: str
     if _looks_like_path(pretrained):
         raise FileNotFoundError(f"{what}: no checkpoint file at {pretrained}")
     tags = open_clip.list_pretrained_tags_by_model(name)
-    if pretrained not in tags:
+    if pretrained.lower().replace("-", "_") not in tags:  # open_clip's own tag normalization
         raise ValueError(f"{what}: {pretrained!r} is neither a checkpoint file nor a pretrained tag of {name} (tags: {tags})")
 
 

@@ -13,6 +13,7 @@ from rpo_fast.cli import main as cli_main
 from rpo_fast.data import load_preference_dataset, write_pickapic_parquet
 from rpo_fast.embedding import (
     build_embedding_cache,
+    check_open_clip_source,
     embedding_cache_info,
     load_embedding_cache,
     open_clip_embedder,
@@ -96,6 +97,7 @@ def test_open_clip_embedder_bad_sources(tiny_clip, tmp_path):
         open_clip_embedder(TINY_CLIP_NAME, str(tmp_path / "missing.pt"))
     with pytest.raises(ValueError, match="neither a checkpoint file nor a pretrained tag"):
         open_clip_embedder("ViT-B-32", "not_a_tag")
+    check_open_clip_source("ViT-H-14", "laion2B-s32B-b79K")  # open_clip's own spelling of the tag is fine
     with pytest.raises(ValueError, match="mode"):
         open_clip_embedder(TINY_CLIP_NAME, str(tiny_clip), "audio")
     with pytest.raises(ValueError, match="precision"):

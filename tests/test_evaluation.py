@@ -358,7 +358,10 @@ def test_eval_sdxl(assets, tmp_path, tiny_sdxl_dir):
 
 def test_eval_command_errors_before_generating(assets, tmp_path, capsys):
     out = tmp_path / "out"
+    (tmp_path / "bad_style").mkdir()
+    (tmp_path / "bad_style" / "broken.png").write_bytes(b"not a png")
     cases = [
+        (["--style-images", str(tmp_path / "bad_style")], "cannot read"),
         (["--hps-checkpoint", str(tmp_path / "hps.pt")], "--hps-checkpoint: no file"),
         (["--style-images", str(tmp_path / "nope")], "--style-images: no folder"),
         (["--num-inference-steps", "0"], "num_inference_steps"),

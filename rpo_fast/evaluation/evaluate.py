@@ -35,7 +35,7 @@ from .scorers import (
     OpenClipMetrics,
     PickScoreScorer,
     check_scorer_paths,
-    list_images,
+    load_style_images,
 )
 
 
@@ -102,11 +102,10 @@ def _check_config(config: EvalConfig) -> None:
         raise ValueError("--style-prompt / --style-images need the CLIP scorer (drop --no-clip)")
 
 
-def _build_scorers(config: EvalConfig, device: str):
+def _build_scorers(config: EvalConfig, device: str, refs: Optional[List[Image.Image]]):
     """Yields one scorer at a time, so that only one is in memory."""
     precision, allow_pickle = config.scorer_precision, config.allow_pickle
     if config.clip:
-        refs = [Image.open(p).convert("RGB") for p in list_images(config.style_images)] if config.style_images else None
         yield OpenClipMetrics(config.clip_model, config.clip_pretrained, device=device, precision=precision,
                               style_prompt=config.style_prompt, neutral_prompts=config.neutral_prompts,
                               style_images=refs, allow_pickle=allow_pickle)
@@ -127,8 +126,8 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def score_images(config: EvalConfig, device: str, prompts: List[str],
-                 images: Dict[str, List[List[Image.Image]]]) -> Dict[str, Dict[str, torch.Tensor]]:
+def score_images(config: EvalConfig, device: str, prompts: List[str], images: Dict[str, List[List[Image.Image]]],
+                 style_refs: Optional[List[Image.Image]] = None) -> Dict[str, Dict[str, torch.Tensor]]:
     """``scores[model][metric]``: a ``(P, K)`` tensor for each model in ``images``."""
     from tqdm.auto import tqdm
 
@@ -137,7 +136,7 @@ def score_images(config: EvalConfig, device: str, prompts: List[str],
     scores: Dict[str, Dict[str, torch.Tensor]] = {model: {} for model in images}
     batches = sum(-(-len(f) // config.score_batch_size) for f in flat.values())
     with tqdm(desc="scoring", unit="batch", disable=not config.progress) as bar:
-        for scorer in _build_scorers(config, device):
+        for scorer in _build_scorers(config, device, style_refs):
             bar.total = (bar.total or 0) + batches
             bar.refresh()
             for model, items in flat.items():
@@ -161,8 +160,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
     check_scorer_paths(pickscore_model=config.pickscore_model, pickscore_processor=config.pickscore_processor,
                        hps_checkpoint=config.hps_checkpoint, aesthetic_head=config.aesthetic_head,
                        style_images=config.style_images)
-    if config.style_images:
-        list_images(config.style_images)
+    style_refs = load_style_images(config.style_images) if config.style_images else None
     tuned_kind, tuned_path = resolve_tuned(config.tuned, config.tuned_type)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[config.dtype or ("fp16" if str(device).startswith("cuda") else "fp32")]
@@ -183,7 +181,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
     del pipe
     _free(device)
 
-    scores = score_images(config, device, prompts, images)
+    scores = score_images(config, device, prompts, images, style_refs)
     summary = summarize(scores["base"], scores["tuned"])
     grid_rows = {model: [row[0] for row in rows[: config.grid_columns]] for model, rows in images.items()}
     record = asdict(config)

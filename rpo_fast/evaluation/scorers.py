@@ -46,6 +46,18 @@ def list_images(folder) -> List[Path]:
     return files
 
 
+def load_style_images(folder) -> List[Image.Image]:
+    """The reference style images of ``folder``, decoded now so a bad file fails early."""
+    images = []
+    for path in list_images(folder):
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except OSError as e:
+            raise ValueError(f"style images: cannot read {path} ({e})") from None
+    return images
+
+
 class OpenClipMetrics:
     """CLIP score and the two style-alignment metrics, from one open_clip model."""
 
