@@ -183,9 +183,9 @@ class OpenCLIPEmbedder:
             raise ValueError(f"images: expected one image per prompt ({len(prompts)}), got {len(images)}")
         parts = []
         if self.mode in ("text", "joint"):
-            unique = list(dict.fromkeys(prompts))  # each pair's prompt comes twice (chosen, rejected)
-            text = encode_texts(self.model, self.tokenizer, unique)
-            parts.append(text[torch.tensor([unique.index(p) for p in prompts], device=text.device)])
+            position = {p: i for i, p in enumerate(dict.fromkeys(prompts))}  # each pair's prompt comes twice
+            text = encode_texts(self.model, self.tokenizer, list(position))
+            parts.append(text[torch.tensor([position[p] for p in prompts], device=text.device)])
         if self.mode in ("image", "joint"):
             parts.append(encode_images(self.model, self.preprocess, images))
         emb = parts[0] if len(parts) == 1 else F.normalize(parts[0] + parts[1], dim=-1)
