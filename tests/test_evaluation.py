@@ -29,7 +29,6 @@ from tiny_scorers import (
     save_tiny_aesthetic_head,
     save_tiny_open_clip,
     save_tiny_pickscore,
-    tiny_open_clip_config,
 )
 
 PROMPTS = ["a red house by the sea", "a cat on a chair", "a mountain at dawn"]
