@@ -105,7 +105,8 @@ def build_tiny_sd15(
     seed: int = 0,
 ) -> Path:
     """Saves a tiny SD1.5-architecture pipeline (unet, vae, text_encoder, tokenizer,
-    scheduler) to ``save_dir`` and returns it. Images are ``8 * sample_size`` pixels."""
+    scheduler) to ``save_dir`` and returns it. The tiny VAE (two blocks) downsamples by 2,
+    so the UNet's native images are ``2 * sample_size`` pixels (any multiple of 4 works)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
