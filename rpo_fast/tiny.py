@@ -94,6 +94,25 @@ def _scheduler(prediction_type: str = "epsilon"):
     )
 
 
+def _unet(sample_size: int, block_out_channels: Sequence[int], **extra):
+    """A UNet2DConditionModel with SD's block layout (cross-attention below the top level)."""
+    from diffusers import UNet2DConditionModel
+
+    levels = len(block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=list(block_out_channels),
+        layers_per_block=1,
+        down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (levels - 1),
+        up_block_types=["CrossAttnUpBlock2D"] * (levels - 1) + ["UpBlock2D"],
+        attention_head_dim=8,
+        norm_num_groups=8,
+        **extra,
+    )
+
+
 def build_tiny_sd15(
     save_dir: PathLike,
     *,
@@ -107,24 +126,13 @@ def build_tiny_sd15(
     """Saves a tiny SD1.5-architecture pipeline (unet, vae, text_encoder, tokenizer,
     scheduler) to ``save_dir`` and returns it. The tiny VAE (two blocks) downsamples by 2,
     so the UNet's native images are ``2 * sample_size`` pixels (any multiple of 4 works)."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
 
     torch.manual_seed(seed)
     save_dir = Path(save_dir)
     tokenizer = build_tokenizer(save_dir / "tokenizer", num_merges)
     text_encoder = _text_encoder(len(tokenizer), text_hidden, text_hidden, 77, with_projection=False)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=list(block_out_channels),
-        layers_per_block=1,
-        down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (len(block_out_channels) - 1),
-        up_block_types=["CrossAttnUpBlock2D"] * (len(block_out_channels) - 1) + ["UpBlock2D"],
-        cross_attention_dim=text_hidden,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+    unet = _unet(sample_size, block_out_channels, cross_attention_dim=text_hidden)
     pipe = StableDiffusionPipeline(
         vae=_vae(),
         text_encoder=text_encoder,
@@ -151,7 +159,7 @@ def build_tiny_sdxl(
 ) -> Path:
     """Saves a tiny SDXL-architecture pipeline: two text encoders (the second with a
     projection giving the pooled embedding), ``text_time`` added conditioning."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline
 
     torch.manual_seed(seed)
     save_dir = Path(save_dir)
@@ -160,22 +168,14 @@ def build_tiny_sdxl(
     text_encoder = _text_encoder(len(tokenizer), text_hidden, text_hidden, 77, with_projection=False)
     text_encoder_2 = _text_encoder(len(tokenizer_2), text_hidden, text_hidden, 77, with_projection=True)
     time_embed_dim = 8
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=list(block_out_channels),
-        layers_per_block=1,
-        down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (len(block_out_channels) - 1),
-        up_block_types=["CrossAttnUpBlock2D"] * (len(block_out_channels) - 1) + ["UpBlock2D"],
+    unet = _unet(
+        sample_size,
+        block_out_channels,
         cross_attention_dim=2 * text_hidden,  # both encoders' hidden states, concatenated
-        attention_head_dim=8,
-        norm_num_groups=8,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_embed_dim,
         # pooled text embedding + 6 time ids (original size, crop offset, target size)
         projection_class_embeddings_input_dim=text_hidden + 6 * time_embed_dim,
-        transformer_layers_per_block=1,
     )
     pipe = StableDiffusionXLPipeline(
         vae=_vae(),
