@@ -1,0 +1,184 @@
+"""Parity tests of the ``cuda`` backend: the CUDA ops of ``rpo_fast._C`` (csrc/cuda/).
+
+All marked ``gpu``: they run where a CUDA device is present (``make test-gpu``) and are
+skipped elsewhere (tests/conftest.py); on machines without one the CUDA sources are still
+compiled by the build. Checks and tolerances are those of the CPU kernels
+(test_cpu_kernels.py, whose module docstring explains them); the pair-stage arithmetic is
+the same header (csrc/rpo_math.h) on both.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rpo_fast
+from rpo_fast._types import LOSS_TYPES, METRIC_NAMES, loss_type_code, method_code
+
+from parity_utils import make_inputs, run_loss
+from test_cpu_kernels import (
+    ERROR_ROUNDINGS,
+    SD_LIKE,
+    SMALL,
+    UNIT_ROUNDOFF,
+    _errors64,
+    _pair_reference64,
+    assert_within,
+    check_parity,
+)
+
+pytestmark = pytest.mark.gpu
+ops = torch.ops.rpo_fast
+
+
+def _cuda(inputs):
+    return {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+
+def test_cuda_backend_is_available():
+    assert "cuda" in rpo_fast.available_backends(), "rpo_fast._C was built without its CUDA part"
+
+
+@pytest.mark.parametrize("pairs", [1, 2, 3, 8, 33])
+@pytest.mark.parametrize(
+    "method,loss_type", [(m, lt) for m in ("rpo", "dpo") for lt in LOSS_TYPES] + [("sft", "sigmoid")]
+)
+def test_parity_every_method_and_loss_type(method, loss_type, pairs):
+    inputs = _cuda(make_inputs(pairs, SMALL, seed=pairs, with_embeddings=method == "rpo"))
+    check_parity(method, inputs, backend="cuda", loss_type=loss_type)
+
+
+@pytest.mark.parametrize("use_ref_err", [False, True], ids=["ref_pred", "ref_err"])
+@pytest.mark.parametrize("weights", ["embeddings", "explicit", "uniform"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_parity_rpo_weights_and_reference_kinds(weights, use_ref_err, loss_type):
+    inputs = make_inputs(8, SMALL, seed=18, with_embeddings=weights == "embeddings", with_weights=weights == "explicit")
+    check_parity("rpo", _cuda(inputs), backend="cuda", use_ref_err=use_ref_err, loss_type=loss_type)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("method", ["rpo", "dpo", "sft"])
+def test_parity_layouts_and_dtypes(method, layout, dtype):
+    inputs = make_inputs(3, SMALL, dtype, "cuda", seed=5, with_embeddings=method == "rpo", layout=layout)
+    _, _, grad = check_parity(method, inputs, backend="cuda")
+    if layout == "channels_last":
+        assert grad.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_parity_mixed_dtypes():
+    inputs = make_inputs(3, SD_LIKE, seed=6, with_weights=True)
+    for name, dtype in zip(("model_pred", "target", "ref_pred"), (torch.bfloat16, torch.float32, torch.float16)):
+        inputs[name] = inputs[name].to(dtype)
+    check_parity("rpo", _cuda(inputs), backend="cuda", loss_type="hinge", beta=25.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_sdxl_shape_matches_the_cpu_backend(dtype, layout):
+    """SDXL latents, M = 16, training beta: the two C++ backends agree."""
+    inputs = make_inputs(16, (4, 128, 128), dtype, "cuda", with_embeddings=True, layout=layout)
+    loss, metrics, grad = run_loss("rpo", "cuda", inputs, beta=2500.0)
+    cpu_inputs = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    cpu_loss, cpu_metrics, cpu_grad = run_loss("rpo", "cpu", cpu_inputs, beta=2500.0)
+    assert_within(loss.cpu(), cpu_loss, 0.0, 1e-4, "loss")
+    for name in metrics:
+        assert_within(metrics[name].cpu(), cpu_metrics[name], 1e-6, 1e-4, name)
+    rtol = 1e-4 if dtype == torch.float32 else 2.0**-7
+    assert_within(grad.cpu(), cpu_grad, 1e-4 * float(cpu_grad.abs().max()), rtol, "grad")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: x,
+        lambda x: x.contiguous(memory_format=torch.channels_last),
+        lambda x: x[..., ::2],
+        lambda x: x[::2],
+        lambda x: x.transpose(0, 1).contiguous().transpose(0, 1),
+        lambda x: torch.cat([x.new_zeros(1), x.flatten()])[1:].view(x.shape),  # 4-byte misaligned: scalar loads
+    ],
+    ids=["contiguous", "channels_last", "sliced", "batch_strided", "batch_inner", "misaligned"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sample_errors_and_error_grad_on_any_layout(make, dtype):
+    gen = torch.Generator().manual_seed(1)
+    full = (8, 4, 24, 48)
+    target, ref, pred = (make(torch.randn(full, generator=gen).to(dtype).cuda()) for _ in range(3))
+    model_err, ref_err = ops.sample_errors(pred, target, ref)
+    assert_within(model_err.cpu(), _errors64(pred.cpu(), target.cpu()), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
+    assert_within(ref_err.cpu(), _errors64(ref.cpu(), target.cpu()), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "ref_err")
+    coef = torch.randn(pred.shape[0], generator=gen)
+    grad = ops.error_grad(coef.cuda(), pred, target)
+    expected = coef.double().view(-1, 1, 1, 1) * 2 * (pred.cpu().double() - target.cpu().double()) / pred[0].numel()
+    assert grad.shape == pred.shape and grad.stride() == torch.empty_like(pred).stride()
+    rtol = 4 * UNIT_ROUNDOFF if dtype == torch.float32 else 2.0**-8
+    assert_within(grad.cpu(), expected, 0.0, rtol, "grad")
+
+
+@pytest.mark.parametrize("shape", [(2, 1), (2, 31), (2, 8191), (2, 8193), (4, 3, 101, 109)], ids=str)
+def test_tails_and_chunks(shape):
+    gen = torch.Generator().manual_seed(2)
+    pred, target = (torch.randn(shape, generator=gen) for _ in range(2))
+    model_err, ref_err = ops.sample_errors(pred.cuda(), target.cuda(), None)
+    assert ref_err.shape == (0,)
+    assert_within(model_err.cpu(), _errors64(pred, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
+    again, _ = ops.sample_errors(pred.cuda(), target.cuda(), None)
+    assert torch.equal(model_err, again)  # no atomics: the same bits every run
+
+
+@pytest.mark.parametrize("pairs", [1, 5, 100, 600])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize(
+    "method,with_weights", [("sft", False), ("dpo", False), ("rpo", False), ("rpo", True)],
+    ids=["sft", "dpo", "rpo_uniform", "rpo_weights"],
+)
+def test_pair_loss_stage(method, with_weights, loss_type, pairs):
+    """M = 600: more rows than threads in the block."""
+    gen = torch.Generator().manual_seed(pairs)
+    ref_err = 0.1 + torch.rand(2 * pairs, generator=gen)
+    model_err = ref_err + 2e-4 * torch.randn(2 * pairs, generator=gen)
+    weights = torch.rand(pairs, pairs, generator=gen) if with_weights else None
+    sent_ref = ref_err if method != "sft" else torch.empty(0)
+    loss, metrics, coef = ops.pair_loss(
+        model_err.cuda(), sent_ref.cuda(), None if weights is None else weights.cuda(),
+        method_code(method), loss_type_code(loss_type), 2500.0,
+    )
+    ref_loss, ref_metrics, ref_coef = _pair_reference64(model_err, ref_err, weights, method, loss_type, 2500.0)
+    assert_within(loss.cpu(), ref_loss, 0.0, 1e-5, "loss")
+    for i, name in enumerate(METRIC_NAMES):
+        assert_within(metrics[i].cpu(), ref_metrics[i], 0.0, 1e-5, name)
+    assert_within(coef.cpu(), ref_coef, 1e-5 * float(ref_coef.abs().max()), 1e-5, "coef")
+
+
+def test_non_finite_inputs_give_nan_loss_and_coef():
+    model_err = torch.tensor([1.0, 2.0, 3.0, float("nan")], device="cuda")
+    ref_err = torch.tensor([1.0, 2.1, 3.0, 4.0], device="cuda")
+    for method in ("dpo", "rpo"):
+        loss, _, coef = ops.pair_loss(model_err, ref_err, None, method_code(method), 0, 10.0)
+        assert loss.isnan() and coef.isnan().all(), method
+    weights = torch.tensor([[1.0, float("inf")], [0.5, 0.5]], device="cuda")
+    loss, _, coef = ops.pair_loss(ref_err, ref_err, weights, 2, 0, 10.0)
+    assert loss.isnan() and coef.isnan().all()
+
+
+def test_compiled_step_on_cuda():
+    torch._dynamo.reset()
+    model = torch.nn.Conv2d(4, 4, 3, padding=1).cuda()
+    x, target = torch.randn(2, 6, 4, 8, 8, device="cuda").unbind(0)
+    ref = target + 0.1 * torch.randn_like(target)
+
+    def forward(x):
+        return rpo_fast.diffusion_rpo_loss(model(x), target, ref, beta=100.0, backend="cuda")
+
+    def run(fn):
+        model.zero_grad()
+        loss = fn(x)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    compiled_loss, compiled_grads = run(torch.compile(forward, fullgraph=True))
+    eager_loss, eager_grads = run(forward)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
