@@ -86,22 +86,28 @@ def test_a_few_steps(run_training, tiny_sd15_dir, tiny_sdxl_dir, model, method, 
     assert result.checkpoints and result.checkpoints[-1].name == "checkpoint-2"
 
 
-def test_precomputed_reference_equals_live_reference(run_training):
+def test_precomputed_reference_equals_live_reference(run_training, tiny_sd15_dir):
     live = run_training(method="dpo", lora=False)
     pre = run_training(method="dpo", lora=False, precompute_ref=True)
     assert (pre.output_dir / "reference_errors.safetensors").exists()
+    # The errors agree to fp32 rounding (another batch composition, another error kernel);
+    # the loss multiplies their differences by beta = 2500, hence its looser tolerance.
     for a, b in zip(_metrics_lines(live), _metrics_lines(pre)):
         assert a["ref_mse"] == pytest.approx(b["ref_mse"], rel=1e-6)
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["loss"] == pytest.approx(b["loss"], abs=2e-3)
+    w0 = unet_weights(tiny_sd15_dir / "unet")
     w_live, w_pre = unet_weights(live.output_dir / "unet"), unet_weights(pre.output_dir / "unet")
-    for k in w_live:
-        torch.testing.assert_close(w_live[k], w_pre[k], rtol=1e-4, atol=1e-6)
+    update_live = torch.cat([(w_live[k] - w0[k]).flatten() for k in w0])
+    update_pre = torch.cat([(w_pre[k] - w0[k]).flatten() for k in w0])
+    # Adam turns rounding-level gradient differences of near-zero entries into lr-sized ones:
+    # ~0.5% of the update norm here; a reference error given to the wrong row moves it by ~100%.
+    assert (update_pre - update_live).norm() < 2e-2 * update_live.norm()
 
     lora_live = run_training(method="rpo", lora=True)
     lora_pre = run_training(method="rpo", lora=True, precompute_ref=True)
     for a, b in zip(_metrics_lines(lora_live), _metrics_lines(lora_pre)):
         assert a["ref_mse"] == pytest.approx(b["ref_mse"], rel=1e-6)
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["loss"] == pytest.approx(b["loss"], abs=2e-3)
 
 
 def test_rpo_with_an_embedding_cache(run_training, data_dir, tmp_path):
@@ -273,6 +279,28 @@ def test_cli_documents_every_option_and_merges_yaml(tmp_path):
         config_from_args(parser.parse_args(["--config", str(tmp_path / "bad.yaml")]))
     with pytest.raises(ValueError, match="missing required option.*output_dir"):
         config_from_args(parser.parse_args(["--pretrained-model", "m", "--data", "d"]))
+
+
+def test_speed_and_memory_options(run_training, tiny_sd15_dir, data_dir, latent_root, tmp_path_factory):
+    # bf16 autocast with gradient checkpointing (CPU autocast here; CUDA in real runs)
+    result = run_training(method="rpo", lora=True, mixed_precision="bf16", gradient_checkpointing=True)
+    lines = _metrics_lines(result)
+    assert all(np.isfinite(x["loss"]) for x in lines) and lines[-1]["model_mse"] != lines[-1]["ref_mse"]
+    # DataLoader workers build the same batches (they are pure functions of seed, epoch, row)
+    with_workers = run_training(method="rpo", lora=False, dataloader_num_workers=1)
+    for a, b in zip(_metrics_lines(with_workers), _metrics_lines(run_training(method="rpo", lora=False))):
+        assert a["loss"] == b["loss"] and a["model_mse"] == b["model_mse"]
+    # a v-prediction model: the target is the velocity
+    from rpo_fast.tiny import build_tiny_sd15
+
+    v_model = build_tiny_sd15(tmp_path_factory.mktemp("tiny-sd15-v"), prediction_type="v_prediction")
+    v_run = train(tiny_config(v_model, data_dir, tmp_path_factory.mktemp("v-run"), latent_root, method="dpo", lora=True))
+    assert v_run.steps == 2 and np.isfinite(v_run.final_metrics["loss"])
+    # the benchmark entry point
+    speed = train_loop.measure_throughput(
+        tiny_config(tiny_sd15_dir, data_dir, tmp_path_factory.mktemp("speed"), latent_root, method="rpo", lora=True),
+        num_steps=2, warmup_steps=1)
+    assert speed["pairs_per_s"] > 0 and speed["seconds_per_step"] > 0
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import random
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ class Run:
     emb_l: Optional[torch.Tensor]
     skipped_pairs: int
     owns_process_group: bool
+    dataset_fingerprint: str
     step: int = 0
     nonfinite_steps: int = 0
     nonfinite_in_a_row: int = 0
@@ -213,7 +215,8 @@ def prepare(config: TrainConfig) -> Run:
     grad_scaler = torch.amp.GradScaler(device.type) if config.mixed_precision == "fp16" else None
 
     run = Run(config, output_dir, device, rank, world, group, models, unet, unet, None, reference, params,
-              optimizer, lr_scheduler, grad_scaler, schedule, cache, prompts, emb_w, emb_l, skipped_pairs, owns_group)
+              optimizer, lr_scheduler, grad_scaler, schedule, cache, prompts, emb_w, emb_l, skipped_pairs, owns_group,
+              dataset.fingerprint)
 
     # Resume: weights, optimizer, LR schedule, RNG states, data position, counters.
     path = ckpt.find_checkpoint(output_dir, config.resume)
@@ -232,7 +235,6 @@ def prepare(config: TrainConfig) -> Run:
         if reference is not None and reference.model is not None:
             reference.forward = torch.compile(reference.model, mode=config.compile_mode)
     run.forward_model = forward_model
-    run.dataset_fingerprint = dataset.fingerprint  # type: ignore[attr-defined]
     return run
 
 
@@ -270,7 +272,7 @@ def _save_checkpoint(run: Run) -> Path:
         "nonfinite_steps": run.nonfinite_steps,
         "nonfinite_in_a_row": run.nonfinite_in_a_row,
         "skipped_pairs": run.skipped_pairs,
-        "compat": _compat(run.config, run.world, run.dataset_fingerprint),  # type: ignore[attr-defined]
+        "compat": _compat(run.config, run.world, run.dataset_fingerprint),
         "config": config_to_dict(run.config),
     }
     model_state = trainable_state_dict(run.unet, run.config.lora) if run.rank == 0 else {}
@@ -370,7 +372,7 @@ def train_step(run: Run, batches: Iterator[PairBatch]) -> Dict[str, float]:
     if run.grad_scaler is not None:
         run.grad_scaler.update()
     with warnings.catch_warnings():  # a skipped first step: the schedule still advances with the step count
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
         run.lr_scheduler.step()
     run.step += 1
     metrics["lr"] = run.lr_scheduler.get_last_lr()[0]
