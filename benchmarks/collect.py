@@ -74,6 +74,7 @@ def loss_rows(loss: Iterable[dict]) -> List[dict]:
                 saved_extra_bytes=m.get("saved_extra_bytes"),
                 eager_saved_bytes=(eager or {}).get("saved_bytes"),
                 eager_saved_extra_bytes=(eager or {}).get("saved_extra_bytes"),
+                compiled_saved_extra_bytes=(compiled or {}).get("saved_extra_bytes"),
                 loss_rel_err=m.get("loss_rel_err"),
                 grad_rel_err=m.get("grad_rel_err"),
             )

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -113,29 +112,32 @@ def _synchronize(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def step_fn(case: LossCase, impl: str, inputs: LossInputs, compile_backend: str) -> Callable[[], object]:
-    """What one timed call does: forward + backward of the loss (the gradient with respect to
-    ``model_pred`` returned, not accumulated), or the plain copy for ``copy``."""
+def copy_step(case: LossCase, device: torch.device) -> Callable[[], None]:
+    """A plain copy of as many bytes as the fused loss must move at least: copying 2N
+    elements reads 2N and writes 2N, the 4N of reading three inputs and writing the gradient."""
+    sync = _synchronize(device)
+    src = torch.empty(2 * case.numel, dtype=case.torch_dtype, device=device).normal_()
+    dst = torch.empty_like(src)
+
+    def step():
+        dst.copy_(src)
+        sync()
+
+    return step
+
+
+def loss_step(fn: Callable[[LossInputs], torch.Tensor], inputs: LossInputs) -> Callable[[], tuple]:
+    """Forward + backward of ``fn``: the gradient with respect to ``model_pred`` is returned,
+    not accumulated into ``.grad`` (which would add a pass over it)."""
     sync = _synchronize(inputs.model_pred.device)
-    if impl == "copy":
-        # Copying 2N elements reads 2N and writes 2N: the 4N the fused loss must move at least.
-        src = torch.empty(2 * case.numel, dtype=case.torch_dtype, device=inputs.model_pred.device).normal_()
-        dst = torch.empty_like(src)
 
-        def copy_step():
-            dst.copy_(src)
-            sync()
-
-        return copy_step
-    fn = loss_fn(case, impl, compile_backend)
-
-    def loss_step():
+    def step():
         loss = fn(inputs)
         (grad,) = torch.autograd.grad(loss, [inputs.model_pred])
         sync()
         return loss.detach(), grad
 
-    return loss_step
+    return step
 
 
 @dataclass(frozen=True)
@@ -211,9 +213,3 @@ def agreement(case: LossCase, result: Tuple[torch.Tensor, torch.Tensor]) -> Dict
 TOLERANCE = {"fp32": (1e-3, 1e-3), "bf16": (1e-2, 2e-2)}
 
 
-def run_threads() -> int:
-    return torch.get_num_threads()
-
-
-def environment() -> Dict[str, object]:
-    return {"torch_threads": run_threads(), "triton_interpret": os.environ.get("TRITON_INTERPRET", "")}

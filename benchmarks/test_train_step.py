@@ -36,7 +36,7 @@ def test_train_step(benchmark, e2e_item, e2e_workdir, bench_profile):
     device = bench_device()
     mixed_precision = "bf16" if device.type == "cuda" else "no"
     model = tiny_model(e2e_workdir)
-    data = preference_data(e2e_workdir, config.resolution, data_rows(bench_profile.e2e_configs))
+    data = preference_data(e2e_workdir, config.resolution, data_rows(bench_profile))
     run_dir = e2e_workdir / "runs" / config.id
 
     benchmark.group = f"e2e-{config.sweep}"

@@ -15,9 +15,10 @@ from benchmarks.profiles import E2EConfig
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def data_rows(configs) -> int:
-    """Pairs in the synthetic dataset: two batches of the largest configuration, at least 16."""
-    return max([16] + [2 * c.pairs for c in configs])
+def data_rows(profile) -> int:
+    """Pairs in the synthetic dataset: the profile's size, and at least two batches of its
+    largest configuration."""
+    return max([profile.e2e_data_rows] + [2 * c.pairs for c in profile.e2e_configs])
 
 
 def run_worker(config: E2EConfig, model: Path, data: Path, workdir: Path, *, method: str = "rpo",

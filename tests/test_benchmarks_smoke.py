@@ -1,0 +1,130 @@
+"""The benchmark suite, run small (``python -m benchmarks.run --smoke``), so that it cannot rot.
+
+One subprocess runs the whole suite the way ``make bench`` does, on toy shapes with one
+round: every loss implementation and every end-to-end loop must produce rows with finite,
+positive numbers, and the json, the markdown table and the plots must be written. The
+other tests check the arithmetic that turns timings into the table's columns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `benchmarks` is a folder of the repository, not an installed package
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.collect import e2e_rows, loss_rows, targets  # noqa: E402
+from benchmarks.loss_bench import impls_for, loss_fn, make_inputs, saved_for_backward  # noqa: E402
+from benchmarks.profiles import E2E_LOOPS, LossCase, get_profile  # noqa: E402
+from benchmarks.report import main as report_main  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _finite_positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # as `make bench`: no interpreted Triton on the CPU
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out), "--name", "smoke",
+         "--e2e-workdir", str(out / "work")],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return out, json.loads((out / "smoke.json").read_text())
+
+
+def test_every_loss_implementation_is_timed(smoke_run):
+    _, results = smoke_run
+    profile = get_profile("smoke", torch.device("cpu"))
+    timed = {(m["latents"], m["pairs"], m["dtype"], m["method"], m["impl"]): m for m in results["loss"]}
+    for case in profile.loss_cases:
+        for impl in impls_for(torch.device("cpu")):
+            m = timed.get((case.latents, case.pairs, case.dtype, case.method, impl))
+            assert m is not None, f"no measurement for {case.id} {impl}"
+            assert _finite_positive(m["median_s"]) and m["rounds"] >= 1
+    rows = results["loss_rows"]
+    assert {r["backend"] for r in rows} == set(impls_for(torch.device("cpu"))) - {"copy", "eager", "compiled"}
+    for r in rows:
+        for key in ("time_s", "speedup_eager", "speedup_compiled", "roofline"):
+            assert _finite_positive(r[key]), (key, r)
+        assert r["loss_rel_err"] <= 1e-2
+
+
+def test_every_training_loop_is_timed(smoke_run):
+    _, results = smoke_run
+    assert {m["loop"] for m in results["e2e"]} == set(E2E_LOOPS)
+    for m in results["e2e"]:
+        assert _finite_positive(m["pairs_per_s"]) and _finite_positive(m["peak_bytes"]), m
+        assert all(math.isfinite(x) for x in m["losses"])
+    (row,) = results["e2e_rows"]
+    assert _finite_positive(row["rpo_fast_throughput_ratio"]) and _finite_positive(row["rpo_fast_memory_ratio"])
+
+
+def test_table_and_plots_are_written(smoke_run, tmp_path):
+    out, results = smoke_run
+    md = (out / "smoke.md").read_text()
+    assert results["machine"]["slug"] in md
+    assert "## Loss: forward + backward" in md and "## End to end: training steps" in md
+    assert md.count("| tiny |") == len(results["loss_rows"])
+    for name in ("smoke-loss-time.png", "smoke-loss-speedup.png", "smoke-e2e.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    # benchmarks/report.py redraws the same table from the json alone.
+    assert report_main([str(out / "smoke.json"), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "smoke.md").read_text() == md
+
+
+def _loss_measurement(impl, median_s, **case):
+    base = dict(kind="loss", latents="sdxl", pairs=16, dtype="fp32", method="rpo", minimal_bytes=4000)
+    return {**base, **case, "impl": impl, "median_s": median_s}
+
+
+def test_columns_are_ratios_of_the_same_case():
+    loss = [_loss_measurement("copy", 1.0), _loss_measurement("eager", 20.0), _loss_measurement("compiled", 4.0),
+            _loss_measurement("cpu", 2.0), _loss_measurement("eager", 7.0, dtype="bf16")]
+    (row,) = loss_rows(loss)
+    assert row["backend"] == "cpu" and row["dtype"] == "fp32"
+    assert row["speedup_eager"] == 10.0 and row["speedup_compiled"] == 2.0 and row["roofline"] == 0.5
+    assert row["copy_gbps"] == pytest.approx(4000 / 1e9)
+    met = {t["target"]: t["met"] for t in targets([row], [])}
+    assert met["cpu backend, SDXL, M=16, fp32, rpo: speedup_eager >= 4.00"] is True
+    assert met["cpu backend, SDXL, M=16, fp32, rpo: roofline >= 0.67"] is False  # 2x the copy time
+    assert met["cpu backend, SDXL, M=16, bf16, rpo: speedup_eager >= 4.00"] is None  # not measured
+
+
+def test_end_to_end_ratios_pair_the_same_configuration():
+    def m(loop, pairs, pairs_per_s, peak):
+        return dict(loop=loop, sweep="batch", pairs=pairs, resolution=64, pairs_per_s=pairs_per_s,
+                    step_times_s=[1.0], peak_bytes=peak, setup_s=1.0)
+
+    rows = e2e_rows([m("baseline", 2, 1.0, 100), m("rpo_fast", 2, 3.0, 50), m("baseline", 4, 2.0, 200)])
+    assert [r["pairs"] for r in rows] == [2, 4]
+    assert rows[0]["rpo_fast_throughput_ratio"] == 3.0 and rows[0]["rpo_fast_memory_ratio"] == 0.5
+    assert rows[1]["rpo_fast_throughput_ratio"] is None
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_saved_bytes_count_each_storage_once(dtype):
+    case = LossCase("tiny", 2, dtype, "dpo")
+    inputs = make_inputs(case, torch.device("cpu"))
+    fn = loss_fn(case, "eager")
+    total, extra = saved_for_backward(lambda: fn(inputs), inputs)
+    fp32_copy = case.numel * 4
+    if dtype == "fp32":  # mse_loss keeps model_pred and target themselves: nothing beyond the inputs
+        assert extra < 1024 and total >= 2 * fp32_copy
+    else:  # .float() makes fp32 copies of model_pred and target, and autograd keeps both
+        assert 2 * fp32_copy <= extra < 2 * fp32_copy + 1024
