@@ -37,7 +37,7 @@ test-gpu: setup
 	$(PYTEST) -m gpu
 
 bench: setup
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)  # e.g. BENCH_ARGS=--quick
 
 clean:
 	rm -rf build *.egg-info rpo_fast/_C*.so $(BUILD_STAMP)
