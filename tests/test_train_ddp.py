@@ -54,7 +54,7 @@ def setup(tiny_sd15_dir, tmp_path_factory):
 def _jobs(root, tiny_sd15_dir, data, emb, batch_pairs, tag):
     jobs = []
     for method in ("rpo", "dpo"):
-        config = tiny_config(tiny_sd15_dir, data, root / f"out-{tag}-{method}", root / "latents", method=method,
+        config = tiny_config(tiny_sd15_dir, data, root / f"out-{tag}-{method}", root / f"latents-{tag}", method=method,
                              batch_pairs=batch_pairs, embeddings=str(emb) if method == "rpo" else None)
         jobs.append({"config": {k: v for k, v in vars(config).items()}, "out": str(root / f"{tag}-{method}.pt")})
     path = root / f"jobs-{tag}.json"

@@ -139,11 +139,22 @@ def build_latent_cache(
     encodes shards ``rank, rank + world, ...`` and ``barrier()`` waits for all of them.
     """
     folder = Path(root) / cache_key(dataset.fingerprint, resolution, vae_identity)
+    if not _complete(folder, len(dataset), _existing_shard_size(folder, shard_size)):
+        if vae is None:
+            raise ValueError(f"latent cache {folder} is incomplete and no VAE was given to fill it")
+        _fill(folder, dataset, vae, resolution, vae_identity, device, batch_size, num_workers, shard_size,
+              storage_dtype, progress, rank, world)
+    if barrier is not None:  # every rank, whether it had work or not: collectives must pair up
+        barrier()
+    if not _complete(folder, len(dataset), _existing_shard_size(folder, shard_size)):
+        raise RuntimeError(f"latent cache {folder} is incomplete after filling it")
+    return LatentCache(folder)
+
+
+def _fill(folder: Path, dataset: PreferenceDataset, vae, resolution: int, vae_identity: str, device,
+          batch_size: int, num_workers: int, shard_size: int, storage_dtype: torch.dtype, progress: bool,
+          rank: int, world: int) -> None:
     num_rows = len(dataset)
-    if _complete(folder, num_rows, _existing_shard_size(folder, shard_size)):
-        return LatentCache(folder)
-    if vae is None:
-        raise ValueError(f"latent cache {folder} is incomplete and no VAE was given to fill it")
     shard_size = _existing_shard_size(folder, shard_size)
     scaling = float(vae.config.scaling_factor)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -190,11 +201,6 @@ def build_latent_cache(
         save_file(tensors, str(tmp))
         os.replace(tmp, folder / shard_name(shard))
     bar.close()
-    if barrier is not None:
-        barrier()
-    if not _complete(folder, num_rows, shard_size):
-        raise RuntimeError(f"latent cache {folder} is incomplete after filling it")
-    return LatentCache(folder)
 
 
 def _existing_shard_size(folder: Path, default: int) -> int:
