@@ -1,0 +1,205 @@
+"""The demo's base model: a tiny Stable Diffusion 1.5-architecture pipeline for 32x32 images.
+
+Components, all stock diffusers/transformers classes so that the unmodified trainer
+(:mod:`rpo_fast.train`) and ``StableDiffusionPipeline`` run it:
+
+* tokenizer + CLIP text encoder from :mod:`rpo_fast.tiny` (random, frozen, as in SD
+  fine-tuning): 10000 BPE merges, so every word of the task's captions is one token
+  ("triangle" is two);
+* an ``AutoencoderKL`` whose weights are set by hand so that it is the identity: the
+  diffusion runs in pixel space (3 x 32 x 32), with no VAE to train and no reconstruction
+  blur to hide a thin outline (see :func:`identity_vae`);
+* a ``UNet2DConditionModel`` (16, 32, 64 channels at 32, 16, 8 pixels; cross-attention at
+  8x8 and in the middle block), trained from scratch with ``method="sft"`` on the plain images of the training
+  captions (:func:`pretrain`);
+* the SD1.5 ``DDPMScheduler`` for training; sampling uses DDIM.
+
+The pretrained pipeline is committed under ``rpo_fast/demo/base`` (UNet and text encoder
+stored in fp16, ~2.7 MB); ``rpo-fast demo --pretrain`` rebuilds it from nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from ..tiny import _scheduler, _text_encoder, build_tokenizer
+from .shapes import IMAGE_SIZE
+
+PathLike = Union[str, os.PathLike]
+
+BASE_DIR = Path(__file__).parent / "base"
+TEXT_HIDDEN = 32
+NUM_MERGES = 10000  # every caption word a single token but "tri angle"
+MAX_TOKENS = 20  # the longest caption is 14 tokens with start and end
+UNET_CHANNELS = (16, 32, 64)
+
+# identity_vae: the hidden activations are (s x, -s x, A, -A); see its docstring.
+_SIGNAL_SCALE = 1e-3
+_CARRIER = 1.0
+_SILU_SHIFT = 20.0  # silu(y) = y - y sigmoid(-y): below 5e-8 away from y for y >= 19
+_LOGVAR = -30.0  # the posterior std exp(-15) ~ 3e-7: latent_dist.sample() == mean
+
+
+def identity_vae():
+    """An ``AutoencoderKL`` (one block, 8 channels, no attention, latent = 3 channels at full
+    resolution) whose encode and decode are the identity to ~1e-5.
+
+    Every residual block is zeroed (its output is its input). What remains is conv_in ->
+    GroupNorm -> SiLU -> conv_out in both encoder and decoder; a GroupNorm is not linear, so
+    conv_in writes each channel x as the pair (s x, -s x) plus two constant carriers (A, -A):
+    the group mean is then exactly 0 and the variance A^2/4 up to a relative 1e-6, so the
+    normalisation is a fixed scale, which the GroupNorm's affine undoes while shifting every
+    value to ~20, where SiLU is the identity to 5e-8; conv_out shifts back. The posterior
+    log-variance is the constant -30, so ``latent_dist.sample()`` equals ``latent_dist.mean``.
+    """
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D"],
+        block_out_channels=[8], layers_per_block=1, latent_channels=3, norm_num_groups=1, sample_size=IMAGE_SIZE,
+        scaling_factor=1.0, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False,
+    )
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.zero_()
+        for coder in (vae.encoder, vae.decoder):
+            _set_identity_path(coder, logvar_channels=3 if coder is vae.encoder else 0)
+    return vae.eval()
+
+
+def _set_identity_path(coder, logvar_channels: int) -> None:
+    """conv_in: x -> (s x, -s x, A, -A); residual blocks: identity (all zero); GroupNorm
+    affine: back to x, shifted by 20; conv_out: the shift removed (+ constant log-variance)."""
+    conv_in, norm, conv_out = coder.conv_in, coder.conv_norm_out, coder.conv_out
+    for c in range(3):
+        conv_in.weight[c, c, 1, 1] = _SIGNAL_SCALE
+        conv_in.weight[3 + c, c, 1, 1] = -_SIGNAL_SCALE
+    conv_in.bias[6], conv_in.bias[7] = _CARRIER, -_CARRIER
+    std = _CARRIER / 2  # sqrt((A^2 + A^2) / 8): the group's std with the signal ~0
+    norm.weight.fill_(1.0)
+    norm.weight[:3] = std / _SIGNAL_SCALE
+    norm.bias[:3] = _SILU_SHIFT
+    for c in range(3):
+        conv_out.weight[c, c, 1, 1] = 1.0
+        conv_out.bias[c] = -_SILU_SHIFT
+    for c in range(logvar_channels):
+        conv_out.bias[3 + c] = _LOGVAR
+
+
+def build_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=list(UNET_CHANNELS),
+        layers_per_block=1,
+        # attention only at 8x8 (and in the middle block): half the cost of also attending at
+        # 16x16 (measured), and enough to place a caption's colour and shape
+        down_block_types=["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def build_untrained(save_dir: PathLike, seed: int = 0) -> Path:
+    """Writes the untrained pipeline (random UNet and text encoder, identity VAE) to ``save_dir``."""
+    from diffusers import StableDiffusionPipeline
+
+    save_dir = Path(save_dir)
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(save_dir / "tokenizer", NUM_MERGES, MAX_TOKENS)
+    text_encoder = _text_encoder(len(tokenizer), TEXT_HIDDEN, TEXT_HIDDEN, MAX_TOKENS, with_projection=False)
+    pipe = StableDiffusionPipeline(
+        vae=identity_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=build_unet(seed),
+        scheduler=_scheduler("epsilon"), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(save_dir)
+    return save_dir
+
+
+def base_exists(model_dir: PathLike = BASE_DIR) -> bool:
+    model_dir = Path(model_dir)
+    return (model_dir / "model_index.json").exists() and any((model_dir / "unet").glob("*.safetensors"))
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 3000
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    per_scene: int = 24  # jittered renderings of every training caption
+    uncond_fraction: float = 0.1  # rows with an empty caption: the unconditional model for guidance
+    seed: int = 0
+
+
+def pretrain(out_dir: PathLike = BASE_DIR, work_dir: Optional[PathLike] = None, config: PretrainConfig = PretrainConfig(),
+             progress: bool = True) -> Path:
+    """Builds the base from nothing: untrained pipeline, plain-image data of the training
+    captions, ``rpo_fast.train.train(method="sft")``, then the pipeline with the trained
+    UNet (fp16 UNet and text encoder) written to ``out_dir``. Resumes from the last
+    checkpoint in ``work_dir`` when interrupted."""
+    from ..train import TrainConfig, train
+    from .datasets import write_pretrain_data
+
+    out_dir = Path(out_dir)
+    work_dir = Path(work_dir) if work_dir is not None else out_dir.parent / (out_dir.name + "-work")
+    init_dir = work_dir / "untrained"
+    if not (init_dir / "model_index.json").exists():
+        build_untrained(init_dir, config.seed)
+    data_dir = write_pretrain_data(work_dir / "data", per_scene=config.per_scene, seed=config.seed,
+                                   uncond_fraction=config.uncond_fraction)
+    result = train(TrainConfig(
+        pretrained_model=str(init_dir), data=str(data_dir), output_dir=str(work_dir / "sft"), method="sft",
+        learning_rate=config.learning_rate, lr_scheduler="cosine", lr_warmup_steps=min(100, config.steps // 10),
+        max_steps=config.steps, batch_pairs=config.batch_size, resolution=IMAGE_SIZE, seed=config.seed,
+        checkpoint_every=250, checkpoints_total_limit=1, resume="latest", latent_cache=str(work_dir / "latents"),
+        vae_encode_batch_size=256, progress=progress, tensorboard=False, adam_weight_decay=0.0,
+    ))
+    export_pipeline(init_dir, result.output_dir / "unet", out_dir)
+    return out_dir
+
+
+def export_pipeline(init_dir: PathLike, unet_dir: PathLike, out_dir: PathLike) -> Path:
+    """The pipeline of ``init_dir`` with the UNet of ``unet_dir``, UNet and text encoder in fp16."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    out_dir = Path(out_dir)
+    pipe = StableDiffusionPipeline.from_pretrained(str(init_dir), torch_dtype=torch.float32)
+    pipe.unet = UNet2DConditionModel.from_pretrained(str(unet_dir), torch_dtype=torch.float32)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    # fp16 on disk halves the committed size; every loader casts back to fp32
+    pipe.unet.to(torch.float16).save_pretrained(tmp / "unet")
+    pipe.text_encoder.to(torch.float16).save_pretrained(tmp / "text_encoder")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def load_pipeline(model_dir: PathLike = BASE_DIR, unet_dir: Optional[PathLike] = None, device: str = "cpu"):
+    """``StableDiffusionPipeline`` in fp32 with a DDIM scheduler, optionally with a fine-tuned
+    UNet (the ``unet/`` folder a full fine-tune writes)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    if not (Path(model_dir) / "model_index.json").exists():
+        raise ValueError(f"model_dir: {model_dir} holds no diffusers pipeline (model_index.json); "
+                         "run `rpo-fast demo --pretrain` to build the base model")
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    if unet_dir is not None:
+        pipe.unet = UNet2DConditionModel.from_pretrained(str(unet_dir), torch_dtype=torch.float32)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

@@ -1,0 +1,52 @@
+"""Fine-tune the demo's base model on the style preference data with ``rpo_fast.train``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+from .shapes import IMAGE_SIZE
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    method: str = "rpo"  # rpo | dpo | sft
+    beta: float = 500.0
+    learning_rate: float = 1e-4
+    steps: int = 150
+    batch_pairs: int = 8
+    tau: float = 0.5
+    seed: int = 0
+
+    def label(self) -> str:
+        beta = "" if self.method == "sft" else f" beta={self.beta:g}"
+        return f"{self.method}{beta} lr={self.learning_rate:g} steps={self.steps} seed={self.seed}"
+
+
+def finetune(model_dir: PathLike, data_dir: PathLike, out_dir: PathLike, settings: FinetuneSettings, *,
+             embeddings: Optional[PathLike] = None, latent_cache: Optional[PathLike] = None,
+             progress: bool = True) -> Path:
+    """A fresh full fine-tune of the base UNet into ``out_dir``; returns its ``unet/`` folder.
+    ``embeddings`` (rpo only): the cache whose similarities weight the contrast matrix;
+    without it the weights are uniform."""
+    from ..train import TrainConfig, train
+
+    out_dir = Path(out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)  # a demo run is short: start clean, never half-resume
+    result = train(TrainConfig(
+        pretrained_model=str(model_dir), data=str(data_dir), output_dir=str(out_dir), method=settings.method,
+        beta=settings.beta, tau=settings.tau, embeddings=str(embeddings) if embeddings and settings.method == "rpo" else None,
+        learning_rate=settings.learning_rate, lr_scheduler="constant_with_warmup", lr_warmup_steps=min(10, settings.steps),
+        max_steps=settings.steps, batch_pairs=settings.batch_pairs, resolution=IMAGE_SIZE, seed=settings.seed,
+        checkpoint_every=0, checkpoints_total_limit=1, latent_cache=str(latent_cache) if latent_cache else None,
+        vae_encode_batch_size=256, progress=progress, tensorboard=False, log_every=10,
+    ))
+    # the end-of-run checkpoint repeats the weights in unet/: drop it to keep the folder small
+    for checkpoint in result.checkpoints:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return result.output_dir / "unet"
