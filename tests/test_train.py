@@ -311,3 +311,19 @@ def test_compiled_unet_trains(run_training):
         # errors, not the loss: beta = 2500 magnifies fused-kernel rounding in the loss
         assert a["model_mse"] == pytest.approx(b["model_mse"], rel=1e-3)
         assert a["ref_mse"] == pytest.approx(b["ref_mse"], rel=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lora,precompute_ref", [(True, False), (False, False), (False, True)])
+def test_cuda_training_compiled_bf16(tiny_sd15_dir, data_dir, latent_root, tmp_path, lora, precompute_ref):
+    # The CUDA path: compile on by default, bf16 autocast, bf16 frozen models / reference copy,
+    # fused AdamW, LoRA base weights in bf16 with fp32 adapters.
+    config = tiny_config(tiny_sd15_dir, data_dir, tmp_path / "run", latent_root, method="rpo", lora=lora,
+                         precompute_ref=precompute_ref, compile=None, device="cuda", mixed_precision="bf16",
+                         max_steps=3)
+    result = train(config)
+    lines = _metrics_lines(result)
+    assert result.steps == 3 and all(np.isfinite(x["loss"]) for x in lines)
+    assert lines[0]["model_mse"] == pytest.approx(lines[0]["ref_mse"], rel=2e-2)
+    speed = train_loop.measure_throughput(config, num_steps=2, warmup_steps=1)
+    assert speed["pairs_per_s"] > 0 and speed["peak_memory_gib"] > 0
