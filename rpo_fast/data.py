@@ -80,6 +80,18 @@ def _preference_from_label(label: Any, drop_ties: bool) -> Optional[bool]:
     return label > 0.5
 
 
+def _head_tail_digest(path: PathLike, span: int = 1 << 16) -> str:
+    """sha256 of a file's first and last ``span`` bytes: cheap, even for a 500 MB parquet file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(span))
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - span))
+        h.update(f.read(span))
+    return h.hexdigest()
+
+
 def _hash(*parts: Any) -> str:
     h = hashlib.sha256()
     for part in parts:
@@ -174,8 +186,12 @@ class ParquetPreferenceDataset(PreferenceDataset):
                     break
             if max_rows is not None and len(prompts) >= max_rows:
                 break
-        sizes = [(Path(f).name, os.path.getsize(f)) for f in files]
-        super().__init__(prompts, ("parquet", sizes, split, drop_ties, max_rows), f"parquet: {len(files)} file(s)")
+        # Content-based, so a copied folder keeps its caches and regenerated data does not:
+        # each file's name, size and first/last bytes, plus every kept caption and label.
+        files_id = [(Path(f).name, os.path.getsize(f), _head_tail_digest(f)) for f in files]
+        rows_id = hashlib.sha256(json.dumps([prompts, [loc[3] for loc in self._locations]]).encode()).hexdigest()
+        super().__init__(prompts, ("parquet", files_id, rows_id, split, drop_ties, max_rows),
+                         f"parquet: {len(files)} file(s)")
         self._open: dict = {}
         self._groups: "OrderedDict[Tuple[int, int], Any]" = OrderedDict()
 
@@ -229,7 +245,18 @@ class JsonlPreferenceDataset(PreferenceDataset):
             if max_rows is not None and len(prompts) >= max_rows:
                 break
         digest = hashlib.sha256(raw).hexdigest()
-        super().__init__(prompts, ("jsonl", digest, split, max_rows), f"jsonl: {jsonl}")
+        # Images are separate files: their sizes and modification times join the fingerprint,
+        # so replacing an image invalidates caches (copying the folder does too: safe side).
+        stats = []
+        for chosen, rejected in self._paths:
+            for name in (chosen, rejected):
+                try:
+                    st = os.stat(self._root / name)
+                    stats.append((st.st_size, st.st_mtime_ns))
+                except OSError:
+                    stats.append(None)  # missing: the pair is skipped when read
+        stats_id = hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+        super().__init__(prompts, ("jsonl", digest, stats_id, split, max_rows), f"jsonl: {jsonl}")
 
     def _raw_images(self, index: int):
         chosen, rejected = self._paths[index]

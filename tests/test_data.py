@@ -118,3 +118,30 @@ def test_bad_arguments(pickapic):
         load_preference_dataset(pickapic, max_rows=0)
     with pytest.raises(TypeError, match="source"):
         load_preference_dataset(None)
+
+
+def test_fingerprint_follows_content_not_location(tmp_path):
+    import shutil
+
+    rows = [("a", _img(RED), _img(BLUE), 1.0), ("b", _img(GREEN), _img(BLUE), 0.0)]
+    write_pickapic_parquet(tmp_path / "one", rows)
+    shutil.copytree(tmp_path / "one", tmp_path / "copy")
+    assert load_preference_dataset(tmp_path / "copy").fingerprint == load_preference_dataset(tmp_path / "one").fingerprint
+    # same names, captions, labels and file size, other image bytes: another dataset
+    import numpy as np
+
+    def blobs(seed):
+        rng = np.random.default_rng(seed)
+        return [("a", rng.bytes(500), rng.bytes(500), 1.0), ("b", rng.bytes(500), rng.bytes(500), 0.0)]
+
+    first = write_pickapic_parquet(tmp_path / "three", blobs(1))
+    second = write_pickapic_parquet(tmp_path / "four", blobs(2))
+    assert first.stat().st_size == second.stat().st_size
+    assert load_preference_dataset(first).fingerprint != load_preference_dataset(second).fingerprint
+
+    _img(RED).save(tmp_path / "x.png")
+    _img(BLUE).save(tmp_path / "y.png")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "x.png", "rejected": "y.png"}) + "\n")
+    before = load_preference_dataset(tmp_path).fingerprint
+    Image.new("RGB", (9, 9), GREEN).save(tmp_path / "x.png")  # the image changes, the jsonl does not
+    assert load_preference_dataset(tmp_path).fingerprint != before
