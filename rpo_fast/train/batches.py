@@ -65,14 +65,17 @@ class SampleDraw:
     eps_l: torch.Tensor
 
 
+def _generator(seed: int, epoch: int, row: int) -> torch.Generator:
+    return torch.Generator().manual_seed(sample_seed(seed, epoch, row))
+
+
 def draw_sample(seed: int, epoch: int, row: int, shape: Tuple[int, ...], num_train_timesteps: int) -> SampleDraw:
-    """The random draws of one row in one epoch: one timestep and one noise for both images
-    of the pair (as in Diffusion-DPO), and the two posterior draws."""
-    g = torch.Generator().manual_seed(sample_seed(seed, epoch, row))
+    """The random draws of one row in one epoch, in the order :func:`assemble_batch` makes
+    them: one timestep and one noise for both images of the pair (as in Diffusion-DPO), then
+    the posterior draws of the two cached latents."""
+    g = _generator(seed, epoch, row)
     timestep = int(torch.randint(0, num_train_timesteps, (1,), generator=g))
-    noise = torch.randn(shape, generator=g)
-    eps_w = torch.randn(shape, generator=g)
-    eps_l = torch.randn(shape, generator=g)
+    noise, eps_w, eps_l = (torch.empty(shape).normal_(generator=g) for _ in range(3))
     return SampleDraw(timestep, noise, eps_w, eps_l)
 
 
@@ -92,24 +95,27 @@ class PairBatch:
 
 def assemble_batch(epoch: int, rows: np.ndarray, cache: LatentCache, prompt_of: Callable[[int], str], seed: int,
                    num_train_timesteps: int) -> PairBatch:
-    latents_w, latents_l, noises, timesteps = [], [], [], []
-    for row in rows.tolist():
+    """The batch of ``rows``, drawn straight into preallocated tensors (the draws of
+    :func:`draw_sample`, without a temporary tensor per row)."""
+    rows_list = [int(r) for r in rows]
+    m = len(rows_list)
+    shape = tuple(cache.latent_shape)
+    latents = torch.empty((2 * m, *shape))
+    noise = torch.empty((2 * m, *shape))
+    timesteps = torch.empty(2 * m, dtype=torch.long)
+    eps = torch.empty(shape)
+    for i, row in enumerate(rows_list):
         mean_w, std_w, mean_l, std_l = cache.get(row)
-        draw = draw_sample(seed, epoch, row, tuple(mean_w.shape), num_train_timesteps)
-        latents_w.append(mean_w + std_w * draw.eps_w)
-        latents_l.append(mean_l + std_l * draw.eps_l)
-        noises.append(draw.noise)
-        timesteps.append(draw.timestep)
-    noise = torch.stack(noises)
-    t = torch.tensor(timesteps, dtype=torch.long)
-    return PairBatch(
-        epoch=epoch,
-        rows=torch.as_tensor(rows, dtype=torch.long),
-        prompts=[prompt_of(r) for r in rows.tolist()],
-        latents=torch.cat([torch.stack(latents_w), torch.stack(latents_l)]),
-        noise=torch.cat([noise, noise]),
-        timesteps=torch.cat([t, t]),
-    )
+        g = _generator(seed, epoch, row)
+        timesteps[i] = timesteps[m + i] = torch.randint(0, num_train_timesteps, (1,), generator=g)[0]
+        noise[i].normal_(generator=g)
+        noise[m + i].copy_(noise[i])
+        eps.normal_(generator=g)
+        torch.addcmul(mean_w, std_w, eps, out=latents[i])  # latent = mean + std * eps
+        eps.normal_(generator=g)
+        torch.addcmul(mean_l, std_l, eps, out=latents[m + i])
+    return PairBatch(epoch, torch.tensor(rows_list, dtype=torch.long), [prompt_of(r) for r in rows_list],
+                     latents, noise, timesteps)
 
 
 class MicroBatches(torch.utils.data.Dataset):

@@ -99,10 +99,10 @@ class LatentCache:
         return self._handles[shard]
 
     def get(self, row: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mean_w, std_w, mean_l, std_l), each (C, h, w) float32."""
+        """(mean_w, std_w, mean_l, std_l), each (C, h, w) in the storage dtype (fp16)."""
         shard, offset = divmod(int(row), self.shard_size)
         handle = self._open(shard)
-        return tuple(handle.get_slice(name)[offset : offset + 1][0].float()  # type: ignore[return-value]
+        return tuple(handle.get_slice(name)[offset : offset + 1][0]  # type: ignore[return-value]
                      for name in ("mean_w", "std_w", "mean_l", "std_l"))
 
 
