@@ -37,9 +37,18 @@ class Models:
         return int(self.noise_scheduler.config.num_train_timesteps)
 
 
+def _check_source(pretrained_model: str) -> Path:
+    """A path that looks local must exist (else the hub client reports a confusing repo-id error)."""
+    local = Path(pretrained_model).expanduser()
+    looks_local = pretrained_model.startswith(("/", ".", "~")) or pretrained_model.count("/") > 1
+    if looks_local and not local.exists():
+        raise ValueError(f"pretrained_model: no folder at {local} (expected a diffusers pipeline folder or a hub id)")
+    return local
+
+
 def detect_model_type(pretrained_model: str, revision: Optional[str] = None) -> str:
     """sd15 or sdxl, from the pipeline class named in ``model_index.json``."""
-    local = Path(pretrained_model).expanduser()
+    local = _check_source(pretrained_model)
     if local.is_dir():
         index_path = local / "model_index.json"
         if not index_path.exists():
@@ -59,6 +68,7 @@ def load_models(config: TrainConfig) -> Models:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
+    _check_source(config.pretrained_model)
     model_type = config.model_type
     if model_type == "auto":
         model_type = detect_model_type(config.pretrained_model, config.revision)
