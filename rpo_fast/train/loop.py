@@ -380,11 +380,16 @@ def train_step(run: Run, batches: Iterator[PairBatch]) -> Dict[str, float]:
     return metrics
 
 
-def _batches(run: Run, start_step: int, stop_step: int) -> Iterator[PairBatch]:
+def step_batches(run: Run, start_step: int, stop_step: int) -> Iterator[PairBatch]:
+    """This rank's micro-batches for optimizer steps ``[start_step, stop_step)``, assembled
+    ahead by DataLoader workers when ``dataloader_num_workers`` > 0."""
     accum = run.micro_batches_per_step
     dataset = MicroBatches(run.schedule, run.cache, run.prompts, run.rank, run.config.seed,
                            run.models.num_train_timesteps, start_step * accum, stop_step * accum)
     return iter(micro_batch_loader(dataset, run.config.dataloader_num_workers, pin_memory=run.device.type == "cuda"))
+
+
+_batches = step_batches  # the earlier name, used by benchmarks/e2e
 
 
 def _close(run: Run) -> None:
@@ -409,7 +414,7 @@ def train(config: TrainConfig) -> TrainResult:
             print(f"rpo-fast train: skipping {run.skipped_pairs} pair(s) with an unreadable image")
         bar = tqdm(total=config.max_steps, initial=run.step, desc=f"{config.method}{' lora' if config.lora else ''}",
                    unit="step", disable=not (config.progress and main), dynamic_ncols=True)
-        batches = _batches(run, run.step, config.max_steps)
+        batches = step_batches(run, run.step, config.max_steps)
         checkpoints: List[Path] = []
         metrics: Dict[str, Any] = {}
         window_pairs, window_start = 0, time.perf_counter()
@@ -448,7 +453,7 @@ def measure_throughput(config: TrainConfig, num_steps: int = 10, warmup_steps: i
                                  progress=False, save_final=False)
     run = prepare(config)
     try:
-        batches = _batches(run, 0, num_steps + warmup_steps)
+        batches = step_batches(run, 0, num_steps + warmup_steps)
         for _ in range(warmup_steps):
             train_step(run, batches)
         if run.device.type == "cuda":
