@@ -23,7 +23,7 @@ WORKER = textwrap.dedent("""
     jobs = json.loads(open(sys.argv[1]).read())
     for job in jobs:
         run = loop.prepare(TrainConfig(**job["config"]))
-        batch = next(loop._batches(run, 0, 1))
+        batch = next(loop.step_batches(run, 0, 1))
         loss, metrics = loop.compute_loss(run, batch)
         loss.backward()  # DDP averages the gradients over the processes
         if run.rank == 0:
