@@ -9,7 +9,7 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -79,7 +79,7 @@ setup(
     name="rpo-fast",
     version="0.1.0",
     description="Diffusion-RPO losses as fused kernels, and a lean trainer for SD1.5/SDXL",
-    packages=["rpo_fast", "rpo_fast.kernels", "rpo_fast.train"],
+    packages=["rpo_fast"] + [f"rpo_fast.{p}" for p in find_packages("rpo_fast")] + ["rpo_fast.kernels"],
     package_dir={"rpo_fast": "rpo_fast", "rpo_fast.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "safetensors", "tqdm", "pyyaml"],

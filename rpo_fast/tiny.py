@@ -91,6 +91,7 @@ def _scheduler(prediction_type: str = "epsilon"):
         beta_schedule="scaled_linear",
         prediction_type=prediction_type,
         clip_sample=False,
+        steps_offset=1,  # as the SD1.5 / SDXL schedulers ship
     )
 
 
