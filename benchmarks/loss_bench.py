@@ -186,7 +186,7 @@ def _reference_result(case: LossCase, device: str) -> Tuple[float, torch.Tensor]
     inputs = cached_inputs(case, device)
     loss = _eager_fn(case.method)(inputs)
     (grad,) = torch.autograd.grad(loss, [inputs.model_pred])
-    return float(loss), grad
+    return float(loss.detach()), grad
 
 
 @functools.lru_cache(maxsize=1)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from benchmarks.collect import summarize
+from benchmarks.collect import STATISTIC, summarize
 from benchmarks.profiles import E2E_LOOPS
 
 MIB = 2**20
@@ -58,7 +58,7 @@ def markdown(results: Dict[str, object], plots: Dict[str, str]) -> str:
 
     if summary["loss_rows"]:
         out += ["", "## Loss: forward + backward", ""]
-        out += ["Median times; `×eager`, `×compiled`: speedup over the eager loss as the Diffusion-DPO trainers "
+        out += ["Fastest-round times (medians are in the json); `×eager`, `×compiled`: speedup over the eager loss as the Diffusion-DPO trainers "
                 "write it and over `torch.compile` of it; `roofline`: copy time / time (1.0 = as fast as copying "
                 "the bytes the loss must move); saved: MiB autograd keeps for backward beyond the inputs.", ""]
         if plots.get("loss_time"):
@@ -127,7 +127,7 @@ def plot_loss(results: Dict[str, object], time_png: Path, speedup_png: Path) -> 
     for (i, lat), (j, dt) in ((a, b) for a in enumerate(latents) for b in enumerate(dtypes)):
         ax = axes[i][j]
         for impl in impls:
-            pts = sorted((m["pairs"], m["median_s"] * 1e3) for m in loss
+            pts = sorted((m["pairs"], m[STATISTIC] * 1e3) for m in loss
                          if m["impl"] == impl and m["latents"] == lat and m["dtype"] == dt)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=impl, **styles.get(impl, {}))
