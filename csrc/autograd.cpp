@@ -1,0 +1,113 @@
+// Autograd of the C++ ops, in C++ (dispatch key Autograd, for CPU and CUDA alike).
+//
+// The same formulas as rpo_fast/ops.py::register_op_family, which registers them in
+// Python for the Triton ops: sample_errors' backward recomputes pred - target in
+// error_grad; pair_loss's backward scales the coefficients its forward returned. Written in
+// C++ because the Python autograd wrappers of torch.library cost about 0.1 to 0.2 ms per
+// forward+backward of the loss (docs/kernels-cpp.md), a large share of a step at SD
+// latent sizes. torch.compile traces these kernels like those of aten ops: the forward and
+// the backward call the ops through the dispatcher, which the fake kernels answer.
+//
+// No double backward: the gradients do not require grad (a loss needs none).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace rpo_fast {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::tuple<at::Tensor, at::Tensor> call_sample_errors(const at::Tensor& model_pred, const at::Tensor& target,
+                                                      const std::optional<at::Tensor>& ref_pred) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("rpo_fast::sample_errors", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                       const std::optional<at::Tensor>&)>();
+  return op.call(model_pred, target, ref_pred);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_pair_loss(const at::Tensor& model_err, const at::Tensor& ref_err,
+                                                              const std::optional<at::Tensor>& weights, int64_t method,
+                                                              int64_t loss_type, double beta) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("rpo_fast::pair_loss", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
+                                 int64_t, double)>();
+  return op.call(model_err, ref_err, weights, method, loss_type, beta);
+}
+
+at::Tensor call_error_grad(const at::Tensor& coef, const at::Tensor& model_pred, const at::Tensor& target) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("rpo_fast::error_grad", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op.call(coef, model_pred, target);
+}
+
+class SampleErrors : public torch::autograd::Function<SampleErrors> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& model_pred, const at::Tensor& target,
+                               const std::optional<at::Tensor>& ref_pred) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [model_err, ref_err] = call_sample_errors(model_pred, target, ref_pred);
+    ctx->save_for_backward({model_pred, target});
+    ctx->mark_non_differentiable({ref_err});
+    return {model_err, ref_err};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    at::Tensor grad_pred;
+    if (grads[0].defined()) {
+      const auto saved = ctx->get_saved_variables();
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      grad_pred = call_error_grad(grads[0].to(at::kFloat).contiguous(), saved[0], saved[1]);
+    }
+    return {grad_pred, at::Tensor(), at::Tensor()};
+  }
+};
+
+class PairLoss : public torch::autograd::Function<PairLoss> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& model_err, const at::Tensor& ref_err,
+                               const std::optional<at::Tensor>& weights, int64_t method, int64_t loss_type,
+                               double beta) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, metrics, coef] = call_pair_loss(model_err, ref_err, weights, method, loss_type, beta);
+    ctx->save_for_backward({coef});
+    ctx->mark_non_differentiable({metrics, coef});
+    return {loss, metrics, coef};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    at::Tensor grad_err;
+    if (grads[0].defined()) grad_err = ctx->get_saved_variables()[0] * grads[0];
+    return {grad_err, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> sample_errors_autograd(const at::Tensor& model_pred, const at::Tensor& target,
+                                                          const std::optional<at::Tensor>& ref_pred) {
+  auto out = SampleErrors::apply(model_pred, target, ref_pred);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_autograd(const at::Tensor& model_err, const at::Tensor& ref_err,
+                                                                  const std::optional<at::Tensor>& weights,
+                                                                  int64_t method, int64_t loss_type, double beta) {
+  auto out = PairLoss::apply(model_err, ref_err, weights, method, loss_type, beta);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+}  // namespace rpo_fast
+
+TORCH_LIBRARY_IMPL(rpo_fast, Autograd, m) {
+  m.impl("sample_errors", &rpo_fast::sample_errors_autograd);
+  m.impl("pair_loss", &rpo_fast::pair_loss_autograd);
+}
