@@ -45,11 +45,15 @@ def _fake_error_grad(coef, model_pred, target):
     return torch.empty_like(model_pred)
 
 
-def register_op_family(sample_errors: str, pair_loss: str, error_grad: str, *, fakes: bool = True) -> None:
-    """Registers fake kernels (when ``fakes``) and autograd for one backend's three ops.
+def register_op_family(
+    sample_errors: str, pair_loss: str, error_grad: str, *, fakes: bool = True, autograd: bool = True
+) -> None:
+    """Registers fake kernels (when ``fakes``) and autograd (when ``autograd``) for one
+    backend's three ops.
 
     Ops made with ``torch.library.custom_op`` already carry their fake kernels and pass
-    ``fakes=False``; the C++ ops get them here.
+    ``fakes=False``; the C++ ops get them here. The C++ extension registers the same autograd
+    formulas in C++ (csrc/autograd.cpp, cheaper per call) and passes ``autograd=False``.
     """
     grad_op = getattr(torch.ops.rpo_fast, error_grad.split("::")[1])
 
@@ -77,8 +81,9 @@ def register_op_family(sample_errors: str, pair_loss: str, error_grad: str, *, f
             return None, None, None, None, None, None
         return coef * grad_loss, None, None, None, None, None
 
-    torch.library.register_autograd(sample_errors, errors_backward, setup_context=errors_setup)
-    torch.library.register_autograd(pair_loss, pair_backward, setup_context=pair_setup)
+    if autograd:
+        torch.library.register_autograd(sample_errors, errors_backward, setup_context=errors_setup)
+        torch.library.register_autograd(pair_loss, pair_backward, setup_context=pair_setup)
 
 
 _cxx_registered = False
@@ -88,5 +93,9 @@ def register_cxx_ops() -> None:
     """Called once after ``rpo_fast._C`` is imported."""
     global _cxx_registered
     if not _cxx_registered:
-        register_op_family("rpo_fast::sample_errors", "rpo_fast::pair_loss", "rpo_fast::error_grad")
+        # An extension built from csrc/autograd.cpp has its autograd kernels already.
+        in_cxx = torch._C._dispatch_has_kernel_for_dispatch_key("rpo_fast::sample_errors", "Autograd")
+        register_op_family(
+            "rpo_fast::sample_errors", "rpo_fast::pair_loss", "rpo_fast::error_grad", autograd=not in_cxx
+        )
         _cxx_registered = True
