@@ -13,8 +13,10 @@ Every fused backend exposes the same three ops (schemas in csrc/ops.cpp):
   The gradient write: ``coef[k] * 2 * (pred[k] - target[k]) / D`` in model_pred's dtype.
 
 The C++ ops live in the namespace ``rpo_fast`` (``csrc/``), the Triton ones under
-``rpo_fast::triton_*`` (``kernels/``). Both get their autograd and fake kernels here, from
-one function, so that ``torch.compile(fullgraph=True)`` traces either without a break.
+``rpo_fast::triton_*`` (``kernels/``). Both get their fake kernels and autograd here, from
+one function, so that ``torch.compile(fullgraph=True)`` traces either without a break; the
+C++ extension registers the same autograd formulas in C++ (csrc/autograd.cpp), which cost
+less per call, and then only its fake kernels come from here.
 
 Backward recomputes ``pred - target`` instead of storing a gradient in the forward: the
 bytes moved are the same (README, "Kernels"), and nothing of size D is allocated or kept
