@@ -90,6 +90,15 @@ def _backend_fn(method: str, backend: str) -> Callable[[LossInputs], torch.Tenso
     )[0]
 
 
+def _compile_in_process() -> None:
+    """Inductor compiles in a pool of worker processes that it starts in the background and
+    keeps: they import torch while the next benchmarks run, and on 2 cores that made the
+    implementations timed after a compilation up to 30x slower. One thread: no pool."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = 1
+
+
 def loss_fn(case: LossCase, impl: str, compile_backend: str = "inductor") -> Callable[[LossInputs], torch.Tensor]:
     """The loss of ``impl`` as a function of the inputs (``copy`` has none)."""
     if impl == "eager":
@@ -98,6 +107,7 @@ def loss_fn(case: LossCase, impl: str, compile_backend: str = "inductor") -> Cal
         # A fresh cache per case: one compiled graph per static shape, no dynamic-shape
         # recompile and no hitting the recompile limit across the grid.
         torch._dynamo.reset()
+        _compile_in_process()
         eager = eager_rpo_loss if case.method == "rpo" else eager_dpo_loss
         compiled = torch.compile(eager, dynamic=False, backend=compile_backend)
         if case.method == "rpo":

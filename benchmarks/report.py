@@ -47,8 +47,11 @@ def markdown(results: Dict[str, object], plots: Dict[str, str]) -> str:
     summary = summarize(results.get("loss", []), results.get("e2e", []))
     out = [f"# rpo-fast benchmarks on {results['machine']['slug']}", ""]
     out += [machine_line(results["machine"]), ""]
+    env = results.get("environment", {})
     out += [f"Profile `{results['profile']}`, measured {results['created']} at commit `{results.get('commit', '?')}`; "
-            f"backends here: {', '.join(results.get('backends', []))}. Column meanings: docs/benchmarks.md.", ""]
+            f"backends here: {', '.join(results.get('backends', []))}; load average before/after the run: "
+            f"{env.get('load_average_before', '?')}/{env.get('load_average_after', '?')}. "
+            "Column meanings: docs/benchmarks.md.", ""]
 
     out += ["## Targets", ""]
     out.append(_table(["target", "measured", "met"], [

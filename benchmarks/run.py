@@ -67,9 +67,22 @@ def run_suite(args, raw_json: Path) -> int:
     return pytest.main(pytest_args)
 
 
+def _load_average() -> float:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return float("nan")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     info = machine_info()
+    load_before = _load_average()
+    if load_before > 0.25 * info["cores"]:
+        # Every parallel op of a timed call waits for its slowest thread: with other processes
+        # on the cores, rounds take up to tens of times longer (measured here: 2 ms -> 50 ms).
+        print(f"benchmarks: WARNING: load average {load_before} on {info['cores']} cores; other processes "
+              "will distort the timings. Run on a quiet machine for numbers worth reporting.", file=sys.stderr)
     name = args.name or info["slug"]
     args.out.mkdir(parents=True, exist_ok=True)
     results_json = args.out / f"{name}.json"
@@ -93,7 +106,13 @@ def main(argv=None) -> int:
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "commit": _commit(),
         "backends": rpo_fast.available_backends(),
-        "environment": {"TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "")},
+        "environment": {
+            "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", ""),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", ""),
+            "load_average_before": load_before,
+            "load_average_after": _load_average(),
+        },
         "loss": loss,
         "e2e": e2e,
     }
