@@ -112,7 +112,7 @@ class ShapesEmbedder:
                            for im in images])
         parts = [text, pixels]
         parts = [p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-8) for p in parts]
-        return torch.from_numpy(np.concatenate(parts, axis=1) / np.sqrt(2.0))
+        return torch.from_numpy((np.concatenate(parts, axis=1) / np.sqrt(2.0)).astype(np.float32))
 
 
 def write_style_embeddings(data_folder: PathLike, path: Optional[PathLike] = None, progress: bool = False) -> Path:

@@ -2,7 +2,8 @@
 (right shape and colour). Image statistics only, no learned model, so that a score cannot
 be gamed by fooling a network and means the same on every machine.
 
-Both start from the same segmentation. The background colour is the median of the image's
+Both start from the same segmentation of the image after a 3x3 median filter (which removes
+the pixel noise a sampler leaves but keeps lines 2 pixels wide). The background colour is the median of the image's
 border (the task keeps shapes ``MARGIN`` pixels inside it); a pixel is foreground when some
 channel differs from it by more than ``FOREGROUND_THRESHOLD``; isolated foreground pixels
 (sampling noise) are dropped. Every shape of the task is convex, so the convex hull of the
@@ -50,6 +51,14 @@ def _as_array(image) -> np.ndarray:
     if array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"image: expected a PIL image or an (H, W, 3) array, got shape {array.shape}")
     return array
+
+
+def median_filter(pixels: np.ndarray) -> np.ndarray:
+    """3x3 median of every channel (edges replicated)."""
+    h, w = pixels.shape[:2]
+    padded = np.pad(pixels, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    shifted = [padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)]
+    return np.median(np.stack(shifted), axis=0)
 
 
 def background_colour(pixels: np.ndarray) -> np.ndarray:
@@ -140,7 +149,7 @@ def classify_colour(pixels: np.ndarray, mask: np.ndarray) -> str:
 def score_image(image, caption: str) -> ImageScores:
     """Style and fidelity of one generated image for the caption it was generated from."""
     scene = parse_caption(caption)
-    pixels = _as_array(image)
+    pixels = median_filter(_as_array(image))
     mask = foreground_mask(pixels)
     hull = hull_mask(mask)
     hull_area = hull.sum()
