@@ -19,6 +19,7 @@ from benchmarks.profiles import E2E_LOOPS
 
 MIB = 2**20
 LOOP_LABELS = {"baseline": "baseline", "rpo_fast": "rpo-fast", "rpo_fast_precompute_ref": "rpo-fast precompute_ref"}
+BACKEND_COLORS = {"torch": "tab:purple", "cpu": "tab:blue", "cuda": "tab:green", "triton": "tab:brown"}
 LOOP_COLORS = {"baseline": "tab:red", "rpo_fast": "tab:blue", "rpo_fast_precompute_ref": "tab:green"}
 
 
@@ -48,7 +49,10 @@ def markdown(results: Dict[str, object], plots: Dict[str, str]) -> str:
     out = [f"# rpo-fast benchmarks on {results['machine']['slug']}", ""]
     out += [machine_line(results["machine"]), ""]
     env = results.get("environment", {})
-    out += [f"Profile `{results['profile']}`, measured {results['created']} at commit `{results.get('commit', '?')}`; "
+    profiles = results.get("profiles", {})
+    profile = results["profile"] if len(set(profiles.values())) <= 1 else \
+        ", ".join(f"{part}: {name}" for part, name in profiles.items())
+    out += [f"Profile `{profile}`, measured {results['created']} at commit `{results.get('commit', '?')}`; "
             f"backends here: {', '.join(results.get('backends', []))}; load average before/after the run: "
             f"{env.get('load_average_before', '?')}/{env.get('load_average_after', '?')}. "
             "Column meanings: docs/benchmarks.md.", ""]
@@ -124,7 +128,7 @@ def plot_loss(results: Dict[str, object], time_png: Path, speedup_png: Path) -> 
     rows = [r for r in summarize(results["loss"], [])["loss_rows"] if r["method"] == "rpo"]
     impls = ["copy", "eager", "compiled"] + sorted({m["impl"] for m in loss} - {"copy", "eager", "compiled"})
     styles = {"copy": dict(color="grey", linestyle="--"), "eager": dict(color="tab:red"),
-              "compiled": dict(color="tab:orange")}
+              "compiled": dict(color="tab:orange"), **{b: dict(color=c) for b, c in BACKEND_COLORS.items()}}
 
     fig, axes = plt.subplots(len(latents), len(dtypes), figsize=(5 * len(dtypes), 3.6 * len(latents)), squeeze=False)
     for (i, lat), (j, dt) in ((a, b) for a in enumerate(latents) for b in enumerate(dtypes)):
@@ -150,13 +154,15 @@ def plot_loss(results: Dict[str, object], time_png: Path, speedup_png: Path) -> 
         for k, backend in enumerate(backends):
             sel = sorted((r for r in rows if r["backend"] == backend and r["latents"] == lat and r["dtype"] == dt),
                          key=lambda r: r["pairs"])
-            color = f"C{k}"
+            color = BACKEND_COLORS.get(backend, f"C{k}")
             for metric, style, what in (("speedup_eager", "-", "vs eager"), ("speedup_compiled", "--", "vs compiled")):
                 pts = [(r["pairs"], r[metric]) for r in sel if r[metric] is not None]
                 if pts:
                     ax.plot(*zip(*pts), marker="o", linestyle=style, color=color, label=f"{backend} {what}")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set(xscale="log", yscale="log", xlabel="pairs M", ylabel="speedup (×)", title=f"rpo, {lat} latents, {dt}")
+        pairs = sorted({r["pairs"] for r in rows})
+        ax.set_xticks(pairs, labels=[str(p) for p in pairs])
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"Loss speedup over the eager and compiled eager loss on {results['machine']['slug']}")

@@ -95,14 +95,20 @@ def main(argv=None) -> int:
             return int(code) or 1
         loss, e2e = measurements(json.loads(raw_json.read_text()))
 
+    profiles = {"loss": args.profile, "e2e": args.profile}
     previous = json.loads(results_json.read_text()) if results_json.exists() else {}
     if args.only != "all" and previous.get("machine", {}).get("slug") == info["slug"]:
         # One part re-measured: keep the other part of this machine's last run.
-        loss = loss if args.only == "loss" else previous.get("loss", [])
-        e2e = e2e if args.only == "e2e" else previous.get("e2e", [])
+        kept = "e2e" if args.only == "loss" else "loss"
+        if kept == "e2e":
+            e2e = previous.get("e2e", [])
+        else:
+            loss = previous.get("loss", [])
+        profiles[kept] = previous.get("profiles", {}).get(kept, previous.get("profile", "?"))
     results = {
         "machine": info,
         "profile": args.profile,
+        "profiles": profiles,  # per part: differs from "profile" after an --only run merged into older results
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "commit": _commit(),
         "backends": rpo_fast.available_backends(),
