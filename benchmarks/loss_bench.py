@@ -26,19 +26,14 @@ EMBED_DIM = 768  # CLIP ViT-L/14, what the Diffusion-RPO paper embeds with
 BASELINE_IMPLS = ("copy", "eager", "compiled")
 
 
+# Devices each backend is timed on. Triton also runs on the CPU, but only in its interpreter
+# (TRITON_INTERPRET=1, for tests): far too slow to be worth timing.
+TIMED_ON = {"torch": ("cpu", "cuda"), "cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
+
+
 def backends_for(device: torch.device) -> List[str]:
-    """rpo-fast backends that run on ``device`` tensors here. Triton on the CPU only runs in
-    its interpreter (TRITON_INTERPRET=1, for tests): far too slow to be worth timing."""
-    names = []
-    for name in rpo_fast.available_backends():
-        if name == "cpu" and device.type != "cpu":
-            continue
-        if name == "cuda" and device.type != "cuda":
-            continue
-        if name == "triton" and device.type != "cuda":
-            continue
-        names.append(name)
-    return names
+    """rpo-fast backends available here that are timed on ``device`` tensors."""
+    return [name for name in rpo_fast.available_backends() if device.type in TIMED_ON.get(name, ())]
 
 
 def impls_for(device: torch.device) -> List[str]:

@@ -96,9 +96,9 @@ class DiffusionDPOBaseline:
     def _batch(self):
         prompts, winners, losers = [], [], []
         while len(prompts) < self.pairs:
-            for row in self._next_rows():
-                pair = self.dataset.get_pair(int(row))
-                if pair is None or len(prompts) == self.pairs:
+            for row in self._next_rows():  # a row with an unreadable image is skipped
+                pair = self.dataset.get_pair(int(row)) if len(prompts) < self.pairs else None
+                if pair is None:
                     continue
                 prompts.append(pair.prompt)
                 winners.append(train_transform(pair.chosen, self.resolution, bool(self.rng.random() < 0.5)))
