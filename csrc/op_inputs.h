@@ -32,27 +32,32 @@ inline void check_same_shape(const char* op, const char* name, const at::Tensor&
                     like.sizes(), ", got ", t.sizes());
 }
 
-// Whether sample k of t is the block of d = numel / n elements at data + k * d.
+// Whether every sample t[k] is a gap-free block of d elements in memory (any order inside):
+// then the kernels walk sample k as the d elements at data + k * stride(0). True for
+// contiguous and channels_last tensors and for views that slice the batch dimension.
 inline bool samples_are_blocks(const at::Tensor& t) {
-  if (!t.is_non_overlapping_and_dense()) return false;
-  if (t.dim() == 0 || t.size(0) <= 1) return true;
-  return t.stride(0) == t.numel() / t.size(0);
+  if (t.dim() == 0) return false;
+  if (t.size(0) == 0) return true;
+  return t.select(0, 0).is_non_overlapping_and_dense();
 }
 
-// Same sizes assumed: the same strides along every dimension longer than 1 mean the same
-// element order in memory.
+// Same sizes assumed: the same strides along every non-batch dimension longer than 1 mean
+// the same element order inside a sample.
 inline bool same_element_order(const at::Tensor& a, const at::Tensor& b) {
-  for (int64_t i = 0; i < a.dim(); ++i) {
+  for (int64_t i = 1; i < a.dim(); ++i) {
     if (a.size(i) > 1 && a.stride(i) != b.stride(i)) return false;
   }
   return true;
 }
 
-// t itself when it already has like's element order, else a copy of t (its own dtype) in
-// like's strides. like must be non-overlapping and dense.
+// t itself when its samples are blocks in like's element order, else a copy of t (in its
+// own dtype) with like's order inside each sample and samples back to back. like's
+// samples must be blocks.
 inline at::Tensor in_order_of(const at::Tensor& t, const at::Tensor& like) {
-  if (same_element_order(t, like)) return t;
-  at::Tensor out = at::empty_like(like, t.options());  // keeps like's strides
+  if (same_element_order(t, like) && samples_are_blocks(t)) return t;
+  std::vector<int64_t> strides(like.strides().begin(), like.strides().end());
+  strides[0] = like.size(0) > 0 ? like.numel() / like.size(0) : 1;
+  at::Tensor out = at::empty_strided(like.sizes(), strides, t.options());
   out.copy_(t);
   return out;
 }
@@ -62,6 +67,9 @@ struct SampleBatch {
   at::Tensor model, target, ref;  // ref undefined when absent
   int64_t n = 0, d = 0;
 };
+
+// Elements between sample k and k + 1 of t.
+inline int64_t sample_stride(const at::Tensor& t) { return t.dim() > 0 ? t.stride(0) : 0; }
 
 inline SampleBatch prepare_sample_batch(const at::Tensor& model_pred, const at::Tensor& target,
                                         const std::optional<at::Tensor>& ref_pred) {

@@ -202,10 +202,11 @@ def _errors64(pred, target):
         lambda x: x,
         lambda x: x.contiguous(memory_format=torch.channels_last),
         lambda x: x[..., ::2],  # sliced: copied to contiguous
-        lambda x: x[::2],  # every other sample: samples dense but not adjacent, copied
+        lambda x: x[::2],  # every other sample: each sample a block, walked in place
         lambda x: x.transpose(0, 1).contiguous().transpose(0, 1),  # dense, batch not outermost
+        lambda x: x[:1].expand(x.shape),  # every sample the same memory (batch stride 0)
     ],
-    ids=["contiguous", "channels_last", "sliced", "batch_strided", "batch_inner"],
+    ids=["contiguous", "channels_last", "sliced", "batch_strided", "batch_inner", "expanded"],
 )
 def test_sample_errors_and_error_grad_on_any_layout(make):
     gen = torch.Generator().manual_seed(1)

@@ -96,9 +96,10 @@ def test_sdxl_shape_matches_the_cpu_backend(dtype, layout):
         lambda x: x[..., ::2],
         lambda x: x[::2],
         lambda x: x.transpose(0, 1).contiguous().transpose(0, 1),
-        lambda x: torch.cat([x.new_zeros(1), x.flatten()])[1:].view(x.shape),  # 4-byte misaligned: scalar loads
+        lambda x: x[:1].expand(x.shape),  # batch stride 0
+        lambda x: torch.cat([x.new_zeros(1), x.flatten()])[1:].view(x.shape),  # misaligned: scalar loads
     ],
-    ids=["contiguous", "channels_last", "sliced", "batch_strided", "batch_inner", "misaligned"],
+    ids=["contiguous", "channels_last", "sliced", "batch_strided", "batch_inner", "expanded", "misaligned"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_sample_errors_and_error_grad_on_any_layout(make, dtype):

@@ -16,13 +16,15 @@ namespace cpu {
 enum class ScalarKind : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 
 // Per-sample squared errors. Every input holds n samples, sample k being the d contiguous
-// elements at ptr + k * d; the inputs share one element order inside a sample (the
-// wrapper guarantees it), so the sums can run over raw memory.
+// elements at ptr + k * stride (each input has its own stride, in elements); the inputs
+// share one element order inside a sample (the wrapper guarantees it), so the sums can
+// run over raw memory.
 struct ErrorsJob {
   const void* model;
   const void* target;
   const void* ref;  // null: no reference errors
   ScalarKind model_kind, target_kind, ref_kind;
+  int64_t model_stride, target_stride, ref_stride;
   int64_t n, d;
   float* model_err;  // (n,)
   float* ref_err;    // (n,), unused without ref
@@ -35,6 +37,7 @@ struct GradJob {
   const void* target;
   void* grad;
   ScalarKind model_kind, target_kind;
+  int64_t model_stride, target_stride, grad_stride;
   int64_t n, d;
 };
 

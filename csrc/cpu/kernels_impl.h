@@ -125,9 +125,8 @@ void sample_errors_typed(const ErrorsJob& job) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t k = item / chunks, c = item % chunks;
       const int64_t lo = c * kChunk, len = std::min(d, lo + kChunk) - lo;
-      const int64_t offset = k * d + lo;
-      chunk_sums<TM, TT, TR>(model + offset, target + offset, kRef ? ref + offset : nullptr,
-                             len, &partial[2 * item]);
+      chunk_sums<TM, TT, TR>(model + k * job.model_stride + lo, target + k * job.target_stride + lo,
+                             kRef ? ref + k * job.ref_stride + lo : nullptr, len, &partial[2 * item]);
     }
   });
   for (int64_t k = 0; k < n; ++k) {
@@ -154,10 +153,9 @@ void error_grad_typed(const GradJob& job) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t k = item / chunks, c = item % chunks;
       const int64_t lo = c * kChunk, len = std::min(d, lo + kChunk) - lo;
-      const int64_t offset = k * d + lo;
-      const TM* pm = model + offset;
-      const TT* pt = target + offset;
-      TM* pg = grad + offset;
+      const TM* pm = model + k * job.model_stride + lo;
+      const TT* pt = target + k * job.target_stride + lo;
+      TM* pg = grad + k * job.grad_stride + lo;
       const float scale = float(double(job.coef[k]) * 2.0 / double(d));
       const fVec vscale(scale);
       int64_t i = 0;

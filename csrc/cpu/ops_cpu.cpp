@@ -58,6 +58,9 @@ std::tuple<at::Tensor, at::Tensor> sample_errors_cpu(const at::Tensor& model_pre
   job.model_kind = kind_of(b.model);
   job.target_kind = kind_of(b.target);
   job.ref_kind = b.ref.defined() ? kind_of(b.ref) : ScalarKind::kFloat;
+  job.model_stride = sample_stride(b.model);
+  job.target_stride = sample_stride(b.target);
+  job.ref_stride = b.ref.defined() ? sample_stride(b.ref) : 0;
   job.n = b.n;
   job.d = b.d;
   job.model_err = model_err.mutable_data_ptr<float>();
@@ -124,6 +127,9 @@ at::Tensor error_grad_cpu(const at::Tensor& coef, const at::Tensor& model_pred, 
   job.grad = b.out.mutable_data_ptr();
   job.model_kind = kind_of(b.model);
   job.target_kind = kind_of(b.target);
+  job.model_stride = sample_stride(b.model);
+  job.target_stride = sample_stride(b.target);
+  job.grad_stride = sample_stride(b.out);
   job.n = b.n;
   job.d = b.d;
   selected_kernels().error_grad(job);

@@ -34,6 +34,12 @@ constexpr int kPairThreads = 512;
 
 struct NoRef {};
 
+// Elements between consecutive samples of each tensor (the reference's or the output's in
+// the last slot).
+struct SampleStrides {
+  int64_t model, target, ref, out;
+};
+
 // Eight elements from p (16-byte aligned when `vec`), as floats.
 template <typename T>
 __device__ __forceinline__ void load8(const T* p, float (&out)[kVec], bool vec) {
@@ -96,20 +102,22 @@ __device__ __forceinline__ double block_sum(double value, double* scratch) {
 // partial[2 * (k * chunks + c)] (model) and [... + 1] (reference).
 template <typename TM, typename TT, typename TR>
 __global__ void __launch_bounds__(kThreads) errors_partial_kernel(const TM* __restrict__ model, const TT* __restrict__ target,
-                                                                  const TR* __restrict__ ref, int64_t d, bool vec,
-                                                                  double* __restrict__ partial) {
+                                                                  const TR* __restrict__ ref, SampleStrides strides,
+                                                                  int64_t d, bool vec, double* __restrict__ partial) {
   constexpr bool kRef = !std::is_same_v<TR, NoRef>;
   __shared__ double scratch[kThreads / 32];
   const int64_t c = blockIdx.x, k = blockIdx.y, chunks = gridDim.x;
   const int64_t lo = c * kChunk, hi = min(d, lo + kChunk);
-  const int64_t base = k * d;
+  model += k * strides.model;
+  target += k * strides.target;
+  if constexpr (kRef) ref += k * strides.ref;
   float sum_m = 0.f, sum_r = 0.f;
   for (int64_t i = lo + int64_t(threadIdx.x) * kVec; i < hi; i += int64_t(kThreads) * kVec) {
     float t[kVec], m[kVec], r[kVec];
     if (i + kVec <= hi) {
-      load8(target + base + i, t, vec);
-      load8(model + base + i, m, vec);
-      if constexpr (kRef) load8(ref + base + i, r, vec);
+      load8(target + i, t, vec);
+      load8(model + i, m, vec);
+      if constexpr (kRef) load8(ref + i, r, vec);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         const float dm = m[j] - t[j];
@@ -121,11 +129,11 @@ __global__ void __launch_bounds__(kThreads) errors_partial_kernel(const TM* __re
       }
     } else {  // the sample's last, partial step
       for (int64_t j = i; j < hi; ++j) {
-        const float tj = static_cast<float>(target[base + j]);
-        const float dm = static_cast<float>(model[base + j]) - tj;
+        const float tj = static_cast<float>(target[j]);
+        const float dm = static_cast<float>(model[j]) - tj;
         sum_m = fmaf(dm, dm, sum_m);
         if constexpr (kRef) {
-          const float dr = static_cast<float>(ref[base + j]) - tj;
+          const float dr = static_cast<float>(ref[j]) - tj;
           sum_r = fmaf(dr, dr, sum_r);
         }
       }
@@ -188,22 +196,24 @@ __global__ void __launch_bounds__(kPairThreads) pair_loss_kernel(math::PairProbl
 template <typename TM, typename TT>
 __global__ void __launch_bounds__(kThreads) error_grad_kernel(const float* __restrict__ coef, const TM* __restrict__ model,
                                                               const TT* __restrict__ target, TM* __restrict__ grad,
-                                                              int64_t d, bool vec) {
+                                                              SampleStrides strides, int64_t d, bool vec) {
   const int64_t c = blockIdx.x, k = blockIdx.y;
   const int64_t lo = c * kChunk, hi = min(d, lo + kChunk);
-  const int64_t base = k * d;
+  model += k * strides.model;
+  target += k * strides.target;
+  grad += k * strides.out;
   const float scale = float(double(coef[k]) * 2.0 / double(d));
   for (int64_t i = lo + int64_t(threadIdx.x) * kVec; i < hi; i += int64_t(kThreads) * kVec) {
     if (i + kVec <= hi) {
       float t[kVec], m[kVec], g[kVec];
-      load8(target + base + i, t, vec);
-      load8(model + base + i, m, vec);
+      load8(target + i, t, vec);
+      load8(model + i, m, vec);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) g[j] = (m[j] - t[j]) * scale;
-      store8(grad + base + i, g, vec);
+      store8(grad + i, g, vec);
     } else {
       for (int64_t j = i; j < hi; ++j) {
-        grad[base + j] = static_cast<TM>((static_cast<float>(model[base + j]) - static_cast<float>(target[base + j])) * scale);
+        grad[j] = static_cast<TM>((static_cast<float>(model[j]) - static_cast<float>(target[j])) * scale);
       }
     }
   }
@@ -225,7 +235,9 @@ void with_type(at::ScalarType dtype, Fn&& fn) {
 bool vector_aligned(int64_t d, std::initializer_list<const at::Tensor*> tensors) {
   if (d % kVec != 0) return false;
   for (const at::Tensor* t : tensors) {
-    if (t->defined() && reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 != 0) return false;
+    if (!t->defined()) continue;
+    if (reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 != 0) return false;
+    if (t->size(0) > 1 && (t->stride(0) * int64_t(t->element_size())) % 16 != 0) return false;
   }
   return true;
 }
@@ -257,14 +269,17 @@ std::tuple<at::Tensor, at::Tensor> sample_errors_cuda(const at::Tensor& model_pr
         using TT = std::remove_pointer_t<decltype(t)>;
         const auto* pm = static_cast<const TM*>(b.model.const_data_ptr());
         const auto* pt = static_cast<const TT*>(b.target.const_data_ptr());
+        const SampleStrides strides{sample_stride(b.model), sample_stride(b.target),
+                                    has_ref ? sample_stride(b.ref) : 0, 0};
         if (!has_ref) {
-          errors_partial_kernel<TM, TT, NoRef><<<grid, kThreads, 0, stream>>>(pm, pt, nullptr, b.d, vec,
-                                                                               partial.mutable_data_ptr<double>());
+          errors_partial_kernel<TM, TT, NoRef><<<grid, kThreads, 0, stream>>>(
+              pm, pt, nullptr, strides, b.d, vec, partial.mutable_data_ptr<double>());
         } else {
           with_type(b.ref.scalar_type(), [&](auto* r) {
             using TR = std::remove_pointer_t<decltype(r)>;
             errors_partial_kernel<TM, TT, TR><<<grid, kThreads, 0, stream>>>(
-                pm, pt, static_cast<const TR*>(b.ref.const_data_ptr()), b.d, vec, partial.mutable_data_ptr<double>());
+                pm, pt, static_cast<const TR*>(b.ref.const_data_ptr()), strides, b.d, vec,
+                partial.mutable_data_ptr<double>());
           });
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -317,9 +332,11 @@ at::Tensor error_grad_cuda(const at::Tensor& coef, const at::Tensor& model_pred,
     with_type(b.target.scalar_type(), [&](auto* t) {
       using TM = std::remove_pointer_t<decltype(m)>;
       using TT = std::remove_pointer_t<decltype(t)>;
+      const SampleStrides strides{sample_stride(b.model), sample_stride(b.target), 0, sample_stride(b.out)};
       error_grad_kernel<TM, TT><<<grid, kThreads, 0, stream>>>(
           coef_c.const_data_ptr<float>(), static_cast<const TM*>(b.model.const_data_ptr()),
-          static_cast<const TT*>(b.target.const_data_ptr()), static_cast<TM*>(b.out.mutable_data_ptr()), b.d, vec);
+          static_cast<const TT*>(b.target.const_data_ptr()), static_cast<TM*>(b.out.mutable_data_ptr()), strides, b.d,
+          vec);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
