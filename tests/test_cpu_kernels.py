@@ -248,6 +248,21 @@ def test_vector_tails_blocks_and_chunks(shape, dtype):
     assert_within(grad, expected, GRAD_ATOL[dtype], 2 * GRAD_RTOL[dtype] if dtype != torch.float32 else 4 * UNIT_ROUNDOFF, "grad")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_error_grad_on_large_batches(dtype):
+    """Large enough (48 MiB touched in fp32) that error_grad streams its stores past the
+    cache on machines with an L3 of up to 96 MiB; D = 2^20 + 5 puts later samples off the
+    vector alignment, so the aligning head and the tail run too."""
+    gen = torch.Generator().manual_seed(5)
+    shape = (4, (1 << 20) + 5)
+    pred, target = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
+    coef = torch.randn(shape[0], generator=gen)
+    grad = ops.error_grad(coef, pred, target)
+    expected = (coef.double()[:, None] * 2 * (pred.double() - target.double()) / shape[1]).to(dtype)
+    rtol = 4 * UNIT_ROUNDOFF if dtype == torch.float32 else 2 * GRAD_RTOL[dtype]
+    assert_within(grad, expected, 0.0, rtol, "grad")
+
+
 def test_sample_errors_without_reference_deterministic_and_thread_independent():
     pred, target = torch.randn(2, 6, 4, 3, 3000).unbind(0)  # 36000 elements: 3 chunks a sample
     first = ops.sample_errors(pred, target, None)
