@@ -9,8 +9,9 @@ Loss rows (one per case and rpo-fast backend):
                      bandwidth a plain copy of as many bytes reached in the same run
   saved_bytes        bytes autograd keeps for backward (by storage; inputs included)
   saved_extra_bytes  the same without the storages of the inputs
-End-to-end rows (one per configuration): pairs/s, peak memory and set-up time of each loop
-(profiles.E2E_LOOPS), and each rpo-fast variant's throughput and memory over the baseline's.
+End-to-end rows (one per configuration): pairs/s, peak memory while training (and of set-up)
+and set-up time of each loop (profiles.E2E_LOOPS), and each rpo-fast variant's throughput and
+training peak memory over the baseline's.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def e2e_rows(e2e: Iterable[dict]) -> List[dict]:
             m = loops.get(loop)
             row[f"{loop}_pairs_per_s"] = m["pairs_per_s"] if m else None
             row[f"{loop}_step_s"] = statistics.median(m["step_times_s"]) if m else None
-            row[f"{loop}_peak_bytes"] = m["peak_bytes"] if m else None
+            row[f"{loop}_peak_bytes"] = m["train_peak_bytes"] if m else None
+            row[f"{loop}_setup_peak_bytes"] = m["setup_peak_bytes"] if m else None
             row[f"{loop}_setup_s"] = m["setup_s"] if m else None
         for loop in E2E_LOOPS[1:]:
             row[f"{loop}_throughput_ratio"] = _ratio(row[f"{loop}_pairs_per_s"], row["baseline_pairs_per_s"])

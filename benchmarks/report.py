@@ -84,10 +84,11 @@ def markdown(results: Dict[str, object], plots: Dict[str, str]) -> str:
 
     if summary["e2e_rows"]:
         out += ["", "## End to end: training steps", ""]
-        out += ["Pairs/s over the timed steps after warm-up (for `--precompute_ref`, the reference pass it runs "
-                "before training is spread over the steps it serves) and peak memory above the imported "
-                "libraries, each configuration in a fresh process. `×`: over the baseline. Set-up (model "
-                "loading; for rpo-fast also the latent cache) is listed, not counted.", ""]
+        out += ["Pairs/s at the median step time after warm-up (for `precompute_ref`, the reference pass it runs "
+                "before training is spread over the steps it serves); peak memory while training, above the "
+                "imported libraries; each configuration in a fresh process. `×`: over the baseline. Set-up "
+                "(model loading; for rpo-fast also filling the latent cache) is listed, not counted; its peak "
+                "memory is in the json.", ""]
         if plots.get("e2e"):
             out += [f"![end to end]({plots['e2e']})", ""]
         header = ["sweep", "pairs", "px"]
@@ -193,8 +194,8 @@ def plot_e2e(results: Dict[str, object], png: Path) -> None:
                 continue
             xs = [m[xkey] for m in sel]
             axes[0][col].plot(xs, [m["pairs_per_s"] for m in sel], marker="o", color=color, label=label)
-            axes[1][col].plot(xs, [m["peak_bytes"] / MIB for m in sel], marker="o", color=color, label=label)
-        for row, ylabel in ((0, "pairs / s"), (1, "peak memory (MiB)")):
+            axes[1][col].plot(xs, [m["train_peak_bytes"] / MIB for m in sel], marker="o", color=color, label=label)
+        for row, ylabel in ((0, "pairs / s"), (1, "peak memory while training (MiB)")):
             ax = axes[row][col]
             ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel)
             if row == 0:

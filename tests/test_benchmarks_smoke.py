@@ -69,7 +69,8 @@ def test_every_training_loop_is_timed(smoke_run):
     _, results = smoke_run
     assert {m["loop"] for m in results["e2e"]} == set(E2E_LOOPS)
     for m in results["e2e"]:
-        assert _finite_positive(m["pairs_per_s"]) and _finite_positive(m["peak_bytes"]), m
+        assert _finite_positive(m["pairs_per_s"]) and _finite_positive(m["train_peak_bytes"]), m
+        assert _finite_positive(m["setup_peak_bytes"]), m
         assert all(math.isfinite(x) for x in m["losses"])
     (row,) = results["e2e_rows"]
     assert _finite_positive(row["rpo_fast_throughput_ratio"]) and _finite_positive(row["rpo_fast_memory_ratio"])
@@ -109,7 +110,7 @@ def test_columns_are_ratios_of_the_same_case():
 def test_end_to_end_ratios_pair_the_same_configuration():
     def m(loop, pairs, pairs_per_s, peak):
         return dict(loop=loop, sweep="batch", pairs=pairs, resolution=64, pairs_per_s=pairs_per_s,
-                    step_times_s=[1.0], peak_bytes=peak, setup_s=1.0)
+                    step_times_s=[1.0], train_peak_bytes=peak, setup_peak_bytes=2 * peak, setup_s=1.0)
 
     rows = e2e_rows([m("baseline", 2, 1.0, 100), m("rpo_fast", 2, 3.0, 50), m("baseline", 4, 2.0, 200)])
     assert [r["pairs"] for r in rows] == [2, 4]

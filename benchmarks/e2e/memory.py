@@ -1,10 +1,11 @@
-"""Peak memory of a training process, measured from inside it.
+"""Peak memory of a training process, measured from inside it, per phase.
 
-CPU: the peak resident set size (``VmHWM``) above the resident size once the libraries are
-imported. Linux lets a process reset its own peak (``/proc/self/clear_refs``), so the
-interpreter's start-up does not count; where that fails, ``ru_maxrss`` (the peak since the
-process started) is used and the result says so. CUDA: ``torch.cuda.max_memory_allocated``
-(tensors only, as PyTorch's allocator sees them), reset at the same point.
+A phase's peak is counted above the process's memory once the libraries are imported, so the
+interpreter and the imports do not count. CPU: the peak resident set size (``VmHWM``); Linux
+lets a process reset its own peak (``/proc/self/clear_refs``), which starts each phase.
+Where that fails, ``ru_maxrss`` (the peak since the process started, not resettable) is used
+and ``rss_source`` says so. CUDA: ``torch.cuda.max_memory_allocated`` (tensors, as PyTorch's
+allocator sees them), reset at the same points.
 """
 
 from __future__ import annotations
@@ -26,32 +27,32 @@ def _status_kib(field: str) -> Optional[int]:
 
 
 class PeakMemory:
+    """``start()`` begins a phase, ``peak()`` is the phase's peak above the imports."""
+
     def __init__(self, device: torch.device):
         self.device = device
-        self.start_rss = (_status_kib("VmRSS") or 0) * 1024
+        self.base_rss = (_status_kib("VmRSS") or 0) * 1024
+        self.base_cuda = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+        self.rss_source = "VmHWM"
+
+    def start(self) -> None:
         try:
             with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-            self.rss_source = "VmHWM"
+                f.write("5")  # VmHWM := current RSS
         except OSError:
             self.rss_source = "ru_maxrss"
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start_cuda = torch.cuda.memory_allocated()
-
-    def peak_rss(self) -> int:
-        if self.rss_source == "VmHWM":
-            return (_status_kib("VmHWM") or 0) * 1024
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-    def report(self) -> Dict[str, object]:
-        out: Dict[str, object] = {
-            "peak_rss_bytes": self.peak_rss() - self.start_rss,
-            "rss_source": self.rss_source,
-        }
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-            out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated() - self.start_cuda
-        out["peak_bytes"] = out.get("peak_cuda_bytes", out["peak_rss_bytes"])
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak(self) -> Dict[str, int]:
+        if self.rss_source == "VmHWM":
+            rss = (_status_kib("VmHWM") or 0) * 1024
+        else:
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        out = {"rss": rss - self.base_rss}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            out["cuda"] = torch.cuda.max_memory_allocated() - self.base_cuda
+        out["peak"] = out.get("cuda", out["rss"])
         return out
