@@ -53,7 +53,7 @@ class RpoFastLoop:
             self.run = train_loop.prepare(config)
         finally:
             train_loop.precompute_reference_errors = original
-        self.batches = train_loop._batches(self.run, 0, total_steps)
+        self.batches = train_loop.step_batches(self.run, 0, total_steps)
 
     def step(self) -> float:
         return self._train_loop.train_step(self.run, self.batches)["loss"]
