@@ -81,16 +81,24 @@ def _namespace(module, argv):
     return parser.parse_args(argv)
 
 
-def test_pretrain_builds_a_loadable_base(tmp_path):
+@pytest.fixture(scope="module")
+def short_pretrained_base(tmp_path_factory):
+    """A base pretrained for 2 steps through the real pretraining code (quality is not the point)."""
+    root = tmp_path_factory.mktemp("demo_base")
     config = base_model.PretrainConfig(steps=2, batch_size=4, per_scene=1)
-    out = base_model.pretrain(tmp_path / "base", tmp_path / "work", config, progress=False)
+    return base_model.pretrain(root / "base", root / "work", config, progress=False)
+
+
+def test_pretrain_builds_a_loadable_base(short_pretrained_base):
+    out = short_pretrained_base
     assert base_model.base_exists(out)
     unet = base_model.load_pipeline(out).unet
     assert next(unet.parameters()).dtype == torch.float32
     assert unet.config.in_channels == 3 and unet.config.sample_size == shapes.IMAGE_SIZE
 
 
-@pytest.mark.skipif(not base_model.base_exists(), reason="the committed base model is missing")
+# Needs the committed, fully pretrained base (rpo_fast/demo/base): fails until it exists.
+@pytest.mark.slow
 def test_committed_base_draws_the_captions():
     """The committed base draws the held-out test captions mostly right, filled (plain)."""
     from rpo_fast.demo.evaluate import evaluate
@@ -101,11 +109,10 @@ def test_committed_base_draws_the_captions():
     assert ev.scores["style"].mean() < 0.2
 
 
-@pytest.mark.skipif(not base_model.base_exists(), reason="the committed base model is missing")
-def test_short_demo_run_writes_grid_plot_and_results(tmp_path, capsys):
+def test_short_demo_run_writes_grid_plot_and_results(tmp_path, capsys, short_pretrained_base):
     from rpo_fast.demo import cli
 
-    args = _namespace(cli, ["--out", str(tmp_path), "--steps", "2", "--batch-pairs", "4", "--pairs-per-caption", "1",
+    args = _namespace(cli, ["--out", str(tmp_path), "--model-dir", str(short_pretrained_base), "--steps", "2", "--batch-pairs", "4", "--pairs-per-caption", "1",
                             "--max-prompts", "3", "--samples-per-prompt", "1", "--inference-steps", "2",
                             "--no-progress"])
     assert cli.run(args) == 0
