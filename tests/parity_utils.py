@@ -82,3 +82,15 @@ def reference_in_float64(method: str, inputs, **kwargs):
     float32 summation-order noise (which beta amplifies)."""
     as64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     return run_loss(method, "torch", as64, **kwargs)
+
+
+def pair_reference64(model_err, ref_err, weights, method, loss_type, beta):
+    """The reference pair stage in float64 on given per-sample errors: loss, metrics and
+    coef = dloss/dmodel_err (zeros where the loss does not depend on a sample)."""
+    from rpo_fast import reference
+
+    e = model_err.double().requires_grad_(True)
+    w = None if weights is None else weights.double()
+    loss, metrics = reference.pair_loss(e, ref_err.double(), w, method, loss_type, beta)
+    (coef,) = torch.autograd.grad(loss, e, allow_unused=True)
+    return loss.detach(), metrics, coef if coef is not None else torch.zeros_like(e)

@@ -33,7 +33,7 @@ from rpo_fast import reference
 from rpo_fast._types import LOSS_TYPES, METRIC_NAMES, loss_type_code, method_code
 from rpo_fast.weights import similarity_weights
 
-from parity_utils import TEST_BETA, make_inputs, reference_in_float64, run_loss
+from parity_utils import TEST_BETA, make_inputs, pair_reference64, reference_in_float64, run_loss
 
 ops = torch.ops.rpo_fast
 SMALL = (4, 7, 9)  # D = 252: divides no vector width or block size
@@ -324,13 +324,6 @@ def test_forced_instruction_sets_match(tmp_path):
 # ----------------------------------------------------------------- the pair stage
 
 
-def _pair_reference64(model_err, ref_err, weights, method, loss_type, beta):
-    e = model_err.double().requires_grad_(True)
-    w = None if weights is None else weights.double()
-    loss, metrics = reference.pair_loss(e, ref_err.double(), w, method, loss_type, beta)
-    (coef,) = torch.autograd.grad(loss, e, allow_unused=True)
-    return loss.detach(), metrics, coef if coef is not None else torch.zeros_like(e)
-
 
 @pytest.mark.parametrize("pairs", [1, 5, 64, 100])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -346,7 +339,7 @@ def test_pair_loss_stage_at_training_beta(method, with_weights, loss_type, pairs
     weights = torch.rand(pairs, pairs, generator=gen) if with_weights else None
     sent_ref = ref_err if method != "sft" else torch.empty(0)
     loss, metrics, coef = ops.pair_loss(model_err, sent_ref, weights, method_code(method), loss_type_code(loss_type), 2500.0)
-    ref_loss, ref_metrics, ref_coef = _pair_reference64(model_err, ref_err, weights, method, loss_type, 2500.0)
+    ref_loss, ref_metrics, ref_coef = pair_reference64(model_err, ref_err, weights, method, loss_type, 2500.0)
     assert loss.shape == () and metrics.shape == (5,) and coef.shape == (2 * pairs,)
     assert_within(loss, ref_loss, 0.0, 1e-5, "loss")
     for i, name in enumerate(METRIC_NAMES):
@@ -377,7 +370,7 @@ def test_hinge_slope_is_zero_at_the_kink():
     for method in ("dpo", "rpo"):
         weights = torch.eye(2) * 2 if method == "rpo" else None
         _, _, coef = ops.pair_loss(model_err, ref_err, weights, method_code(method), loss_type_code("hinge"), 2.0)
-        _, _, ref_coef = _pair_reference64(model_err, ref_err, weights, method, "hinge", 2.0)
+        _, _, ref_coef = pair_reference64(model_err, ref_err, weights, method, "hinge", 2.0)
         assert torch.equal(coef.double(), ref_coef), method
 
 
@@ -386,7 +379,7 @@ def test_sigmoid_loss_is_stable_for_large_logits():
     model_err = torch.tensor([1.0, 5.0, 5.0, 1.0])  # pair 0 favoured, pair 1 not
     ref_err = torch.ones(4)
     loss, _, coef = ops.pair_loss(model_err, ref_err, None, method_code("dpo"), 0, 2500.0)
-    ref_loss, _, ref_coef = _pair_reference64(model_err, ref_err, None, "dpo", "sigmoid", 2500.0)
+    ref_loss, _, ref_coef = pair_reference64(model_err, ref_err, None, "dpo", "sigmoid", 2500.0)
     assert_within(loss, ref_loss, 0.0, 1e-6, "loss")
     assert_within(coef, ref_coef, 0.0, 1e-6, "coef")
     small = ops.pair_loss(torch.tensor([1.0, 1.01]), torch.ones(2), None, 1, 0, 2500.0)[0]
@@ -406,7 +399,7 @@ def test_non_finite_inputs_give_nan_loss_and_coef():
     weights = torch.tensor([[1.0, float("inf")], [0.5, 0.5]])
     finite_err = torch.tensor([1.0, 2.0, 3.0, 4.0])
     loss, metrics, coef = ops.pair_loss(finite_err, ref_err, weights, 2, 0, 10.0)
-    ref_loss, ref_metrics, _ = _pair_reference64(finite_err, ref_err, weights, "rpo", "sigmoid", 10.0)
+    ref_loss, ref_metrics, _ = pair_reference64(finite_err, ref_err, weights, "rpo", "sigmoid", 10.0)
     assert loss.isnan() and ref_loss.isnan() and coef.isnan().all()
     assert_within(metrics, ref_metrics, 0.0, 1e-6, "metrics")
     # sft has no finiteness rule: NaN flows through the mean, as in the reference.

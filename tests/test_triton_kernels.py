@@ -31,7 +31,7 @@ from rpo_fast import reference
 from rpo_fast._types import LOSS_TYPES, METRIC_NAMES, loss_type_code, method_code
 from rpo_fast.weights import similarity_weights
 
-from parity_utils import TEST_BETA, make_inputs, reference_in_float64, run_loss
+from parity_utils import TEST_BETA, make_inputs, pair_reference64, reference_in_float64, run_loss
 
 if "triton" not in rpo_fast.available_backends():
     pytest.skip("the triton backend does not import here", allow_module_level=True)
@@ -227,13 +227,6 @@ def test_sample_errors_without_reference_and_deterministic():
     assert_within(first[0], _errors64(pred, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
 
 
-def _pair_reference64(model_err, ref_err, weights, method, loss_type, beta):
-    e = model_err.double().requires_grad_(True)
-    w = None if weights is None else weights.double()
-    loss, metrics = reference.pair_loss(e, ref_err.double(), w, method, loss_type, beta)
-    (coef,) = torch.autograd.grad(loss, e, allow_unused=True)
-    return loss.detach(), metrics, coef if coef is not None else torch.zeros_like(e)
-
 
 @pytest.mark.parametrize("pairs", [1, 5, 64, 100])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -251,7 +244,7 @@ def test_pair_loss_stage_at_training_beta(method, with_weights, loss_type, pairs
     loss, metrics, coef = ops.triton_pair_loss(
         model_err, ref_err, weights, method_code(method), loss_type_code(loss_type), 2500.0
     )
-    ref_loss, ref_metrics, ref_coef = _pair_reference64(model_err, ref_err, weights, method, loss_type, 2500.0)
+    ref_loss, ref_metrics, ref_coef = pair_reference64(model_err, ref_err, weights, method, loss_type, 2500.0)
     assert loss.shape == () and metrics.shape == (5,) and coef.shape == (2 * pairs,)
     assert_within(loss, ref_loss, 0.0, 1e-5, "loss")
     for i, name in enumerate(METRIC_NAMES):
@@ -267,7 +260,7 @@ def test_hinge_slope_is_zero_at_the_kink():
     for method in ("dpo", "rpo"):
         _, _, coef = ops.triton_pair_loss(model_err, ref_err, torch.eye(2) * 2 if method == "rpo" else None,
                                           method_code(method), loss_type_code("hinge"), 2.0)
-        _, _, ref_coef = _pair_reference64(model_err, ref_err, torch.eye(2) * 2 if method == "rpo" else None,
+        _, _, ref_coef = pair_reference64(model_err, ref_err, torch.eye(2) * 2 if method == "rpo" else None,
                                            method, "hinge", 2.0)
         assert torch.equal(coef.double(), ref_coef), method
 
@@ -277,7 +270,7 @@ def test_sigmoid_loss_is_stable_for_large_logits():
     model_err = torch.tensor([1.0, 5.0, 5.0, 1.0])  # pair 0 favoured, pair 1 not
     ref_err = torch.tensor([1.0, 1.0, 1.0, 1.0])
     loss, _, coef = ops.triton_pair_loss(model_err, ref_err, None, method_code("dpo"), 0, 2500.0)
-    ref_loss, _, ref_coef = _pair_reference64(model_err, ref_err, None, "dpo", "sigmoid", 2500.0)
+    ref_loss, _, ref_coef = pair_reference64(model_err, ref_err, None, "dpo", "sigmoid", 2500.0)
     assert_within(loss, ref_loss, 0.0, 1e-6, "loss")
     assert_within(coef, ref_coef, 0.0, 1e-6, "coef")
     small = ops.triton_pair_loss(torch.tensor([1.0, 1.01]), torch.ones(2), None, 1, 0, 2500.0)[0]
@@ -294,7 +287,7 @@ def test_non_finite_inputs_give_nan_loss_and_coef():
     # An infinite weight drives sigmoid's f to 0, a finite value: the loss must still be NaN.
     weights = torch.tensor([[1.0, float("inf")], [0.5, 0.5]])
     loss, metrics, coef = ops.triton_pair_loss(torch.tensor([1.0, 2.0, 3.0, 4.0]), ref_err, weights, 2, 0, 10.0)
-    ref_loss, ref_metrics, _ = _pair_reference64(torch.tensor([1.0, 2.0, 3.0, 4.0]), ref_err, weights, "rpo", "sigmoid", 10.0)
+    ref_loss, ref_metrics, _ = pair_reference64(torch.tensor([1.0, 2.0, 3.0, 4.0]), ref_err, weights, "rpo", "sigmoid", 10.0)
     assert loss.isnan() and ref_loss.isnan() and coef.isnan().all()
     assert_within(metrics, ref_metrics, 0.0, 1e-6, "metrics")
     # End to end: a NaN in the prediction gives a NaN loss.
