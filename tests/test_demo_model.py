@@ -131,3 +131,44 @@ def test_demo_rejects_bad_arguments(tmp_path):
         cli.run(_namespace(cli, ["--out", str(tmp_path), "--steps", "0"]))
     with pytest.raises(ValueError, match="--max-prompts"):
         cli.run(_namespace(cli, ["--out", str(tmp_path), "--max-prompts", "1"]))
+
+
+@pytest.mark.skipif(not base_model.base_exists(), reason="the committed base model is missing")
+def test_bench_quality_selects_runs_seeds_and_writes_the_table(tmp_path):
+    from rpo_fast.demo import bench_quality
+
+    args = _namespace(bench_quality, [
+        "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--methods", "sft", "rpo",
+        "--seeds", "0", "1", "--steps", "1", "--batch-pairs", "4", "--betas", "100", "1000", "--learning-rates", "1e-5",
+        "--validation-samples", "1", "--test-samples", "1", "--inference-steps", "1", "--pairs-per-caption", "1",
+        "--no-progress"])
+    assert bench_quality.run(args) == 0
+    report = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert set(report["results"]) == {"sft", "rpo"}
+    assert len(report["selection"]["rpo"]["grid"]) == 2 and len(report["selection"]["sft"]["grid"]) == 1
+    for r in report["results"].values():
+        assert len(r["style"]["per_seed"]) == 2 and r["style"]["ci95"] >= 0
+    assert report["winner"]["method"] in ("sft", "rpo")
+    table = (tmp_path / "out" / "quality.md").read_text()
+    assert "| rpo |" in table and "Winner" in table
+    assert (tmp_path / "out" / "quality.png").stat().st_size > 0
+    runs = sorted((tmp_path / "work" / "runs").glob("*.json"))
+    assert len(runs) == 2 + 3 + 4  # base (validation, test), 3 grid runs, 2 methods x 2 seeds
+    mtimes = [p.stat().st_mtime for p in runs]
+    assert bench_quality.run(args) == 0  # a second run reuses every record
+    assert [p.stat().st_mtime for p in runs] == mtimes
+
+
+def test_bench_quality_selection_respects_the_fidelity_constraint():
+    from rpo_fast.demo.bench_quality import _select, _winner
+
+    def rec(style, fid):
+        return {"style": {"mean": style}, "fidelity": {"mean": fid}}
+
+    records = [rec(0.6, 0.5), rec(0.4, 0.75), rec(0.3, 0.8)]
+    assert _select(records, base_fidelity=0.8) is records[1]  # 0.75 >= 0.72; 0.5 is not
+    assert _select(records, base_fidelity=1.0) is records[2]  # none within 10%: the most faithful
+    results = {"a": {"style": {"mean": 0.5, "ci95": 0.05}, "fidelity": {"mean": 0.8}},
+               "b": {"style": {"mean": 0.3, "ci95": 0.05}, "fidelity": {"mean": 0.8}}}
+    assert _winner(results, 0.8) == {"method": "a", "runner_up": "b", "cis_separate": True,
+                                     "fidelity_constraint_met": True}

@@ -40,7 +40,8 @@ def finetune(model_dir: PathLike, data_dir: PathLike, out_dir: PathLike, setting
     shutil.rmtree(out_dir, ignore_errors=True)  # a demo run is short: start clean, never half-resume
     result = train(TrainConfig(
         pretrained_model=str(model_dir), data=str(data_dir), output_dir=str(out_dir), method=settings.method,
-        beta=settings.beta, tau=settings.tau, embeddings=str(embeddings) if embeddings and settings.method == "rpo" else None,
+        beta=settings.beta if settings.method != "sft" else 1.0,  # sft has no beta; TrainConfig wants > 0
+        tau=settings.tau, embeddings=str(embeddings) if embeddings and settings.method == "rpo" else None,
         learning_rate=settings.learning_rate, lr_scheduler="constant_with_warmup", lr_warmup_steps=min(10, settings.steps),
         max_steps=settings.steps, batch_pairs=settings.batch_pairs, resolution=IMAGE_SIZE, seed=settings.seed,
         checkpoint_every=0, checkpoints_total_limit=1, latent_cache=str(latent_cache) if latent_cache else None,
