@@ -133,12 +133,11 @@ def test_demo_rejects_bad_arguments(tmp_path):
         cli.run(_namespace(cli, ["--out", str(tmp_path), "--max-prompts", "1"]))
 
 
-@pytest.mark.skipif(not base_model.base_exists(), reason="the committed base model is missing")
-def test_bench_quality_selects_runs_seeds_and_writes_the_table(tmp_path):
+def test_bench_quality_selects_runs_seeds_and_writes_the_table(tmp_path, short_pretrained_base):
     from rpo_fast.demo import bench_quality
 
     args = _namespace(bench_quality, [
-        "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--methods", "sft", "rpo",
+        "--out", str(tmp_path / "out"), "--model-dir", str(short_pretrained_base), "--work", str(tmp_path / "work"), "--methods", "sft", "rpo",
         "--seeds", "0", "1", "--steps", "1", "--batch-pairs", "4", "--betas", "100", "1000", "--learning-rates", "1e-5",
         "--validation-samples", "1", "--test-samples", "1", "--inference-steps", "1", "--pairs-per-caption", "1",
         "--no-progress"])
