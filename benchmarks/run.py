@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.collect import measurements, summarize
 from benchmarks.machine import machine_info
@@ -51,7 +52,13 @@ def parse_args(argv=None):
     p.add_argument("--name", default=None, help="results file stem (default: the machine slug)")
     p.add_argument("--e2e-workdir", type=Path, default=None, help="keep the tiny model and data here")
     p.add_argument("-k", dest="keyword", default=None, help="pytest -k expression: a subset of benchmarks")
-    return p.parse_args(argv)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch here and in the end-to-end workers (default: torch's choice, "
+                        "one per core)")
+    args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads: expected a positive integer, got {args.threads}")
+    return args
 
 
 def run_suite(args, raw_json: Path) -> int:
@@ -76,6 +83,9 @@ def _load_average() -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the end-to-end workers
+        torch.set_num_threads(args.threads)
     info = machine_info()
     load_before = _load_average()
     if load_before > 0.25 * info["cores"]:
@@ -83,7 +93,7 @@ def main(argv=None) -> int:
         # on the cores, rounds take up to tens of times longer (measured here: 2 ms -> 50 ms).
         print(f"benchmarks: WARNING: load average {load_before} on {info['cores']} cores; other processes "
               "will distort the timings. Run on a quiet machine for numbers worth reporting.", file=sys.stderr)
-    name = args.name or info["slug"]
+    name = args.name or info["slug"] + (f"-{args.threads}t" if args.threads else "")
     args.out.mkdir(parents=True, exist_ok=True)
     results_json = args.out / f"{name}.json"
 
