@@ -1,21 +1,8 @@
 """Parity tests of the ``cpu`` backend: the C++ ops of ``rpo_fast._C`` (csrc/).
 
 Every case compares the loss, the metrics and d loss / d model_pred with the ``torch``
-reference evaluated in float64 (``parity_utils.reference_in_float64``).
-
-Tolerances. The kernels sum each sample in float32 vectors over short blocks and combine
-the blocks in double, so a per-sample error is within a few float32 roundings of its
-float64 value; but it is returned as float32 (the op contract), and ``e_model - e_ref`` is a
-difference of nearly equal numbers that beta then multiplies. Rounding the errors alone
-therefore moves the loss by more than rtol 1e-5 on some inputs, whatever the kernel does
-(the float32 ``torch`` backend misses a bare 1e-5 just the same). Each comparison is held
-to rtol 1e-5 plus that propagated rounding (``Conditioning``: first order, from the
-gradient and Hessian of the float64 reference), i.e. an absolute term that vanishes where
-the loss does not amplify the rounding. The pair stage alone, given the same float32
-errors, is held to a bare rtol 1e-5. bf16 and fp16 inputs convert exactly to float64 for
-the reference and accumulate in float32 here, so loss and metrics keep those tolerances;
-the gradient, written in the input's dtype, adds its final rounding: rtol 2^-8 (bf16),
-2^-11 (fp16).
+reference evaluated in float64 (``parity_utils.reference_in_float64``), to the tolerances
+that tests/parity_utils.py explains.
 """
 
 from __future__ import annotations
@@ -29,19 +16,25 @@ import pytest
 import torch
 
 import rpo_fast
-from rpo_fast import reference
 from rpo_fast._types import LOSS_TYPES, METRIC_NAMES, loss_type_code, method_code
-from rpo_fast.weights import similarity_weights
 
-from parity_utils import TEST_BETA, make_inputs, pair_reference64, reference_in_float64, run_loss
+import parity_utils
+from parity_utils import (
+    ERROR_ROUNDINGS,
+    GRAD_ATOL,
+    GRAD_RTOL,
+    SD_LIKE,
+    SMALL,
+    TEST_BETA,
+    UNIT_ROUNDOFF,
+    assert_within,
+    errors64,
+    make_inputs,
+    pair_reference64,
+    run_loss,
+)
 
 ops = torch.ops.rpo_fast
-SMALL = (4, 7, 9)  # D = 252: divides no vector width or block size
-SD_LIKE = (4, 64, 64)  # an SD1.5 latent
-UNIT_ROUNDOFF = 2.0**-24
-ERROR_ROUNDINGS = 4  # float32 roundings allowed on one per-sample error
-GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-GRAD_ATOL = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 2.0**-25}  # fp16 subnormals
 
 
 def test_extension_is_built_with_vector_kernels():
@@ -54,61 +47,8 @@ def test_extension_is_built_with_vector_kernels():
     assert isa == {"AVX512": "avx512", "AVX2": "avx2"}.get(capability, "default")
 
 
-def assert_within(actual, expected, atol, rtol, what):
-    actual, expected = actual.double(), expected.double()
-    err = (actual - expected).abs()
-    ok = (err <= atol + rtol * expected.abs()) | (actual.isnan() & expected.isnan())
-    assert bool(ok.all()), (
-        f"{what}: {int((~ok).sum())} of {ok.numel()} entries off; actual "
-        f"{actual[~ok].flatten()[:3].tolist()} vs expected {expected[~ok].flatten()[:3].tolist()}"
-    )
-
-
-class Conditioning:
-    """Absolute error bounds that rounding each per-sample error to float32 alone causes,
-    to first order (gradient and Hessian of the float64 reference's pair loss)."""
-
-    def __init__(self, method, inputs, loss_type, beta):
-        pred, target = inputs["model_pred"].double(), inputs["target"].double()
-        model_err = (pred - target).pow(2).flatten(1).mean(1)
-        ref_err = (inputs["ref_pred"].double() - target).pow(2).flatten(1).mean(1)
-        weights = inputs["weights"]
-        if inputs["emb_w"] is not None:
-            weights = similarity_weights(inputs["emb_w"].double(), inputs["emb_l"].double())
-        weights = None if weights is None else weights.double()
-
-        def loss_of(e):
-            return reference.pair_loss(e, ref_err, weights, method, loss_type, beta)[0]
-
-        step = ERROR_ROUNDINGS * UNIT_ROUNDOFF * (model_err.abs() + ref_err.abs())
-        coef = torch.autograd.functional.jacobian(loss_of, model_err)
-        hess = torch.autograd.functional.hessian(loss_of, model_err)
-        self.loss_atol = float((coef.abs() * step).sum())
-        self.margin_atol = 2 * float(step.mean())
-        coef_atol = hess.abs() @ step + 8 * UNIT_ROUNDOFF * coef.abs()
-        scale = (2.0 * (pred - target) / pred[0].numel()).abs()
-        self.grad_atol = coef_atol.view(-1, *([1] * (pred.dim() - 1))) * scale
-
-
-def check_parity(method, inputs, *, backend="cpu", loss_type="sigmoid", use_ref_err=False, beta=TEST_BETA):
-    """Runs ``backend`` and the float64 reference on ``inputs`` and compares everything."""
-    loss, metrics, grad = run_loss(method, backend, inputs, use_ref_err=use_ref_err, loss_type=loss_type, beta=beta)
-    ref_loss, ref_metrics, ref_grad = reference_in_float64(
-        method, inputs, use_ref_err=use_ref_err, loss_type=loss_type, beta=beta
-    )
-    cpu_inputs = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-    cond = Conditioning(method, cpu_inputs, loss_type, beta)
-    dtype = inputs["model_pred"].dtype
-    assert loss.dtype == torch.float32 and loss.shape == ()
-    assert_within(loss.cpu(), ref_loss.cpu(), cond.loss_atol, 1e-5, "loss")
-    assert set(metrics) == set(ref_metrics)
-    for name, value in metrics.items():
-        atol = cond.margin_atol if name == "reward_margin" else 0.0
-        assert_within(value.cpu(), ref_metrics[name].cpu(), atol, 1e-5, name)
-    assert grad.dtype == dtype and grad.shape == inputs["model_pred"].shape
-    assert grad.device == inputs["model_pred"].device
-    assert_within(grad.cpu(), ref_grad.cpu(), cond.grad_atol + GRAD_ATOL[dtype], GRAD_RTOL[dtype], "grad")
-    return loss, metrics, grad
+def check_parity(method, inputs, **kwargs):
+    return parity_utils.check_parity(method, inputs, backend=kwargs.pop("backend", "cpu"), **kwargs)
 
 
 # ----------------------------------------------------------------- end to end parity
@@ -192,10 +132,6 @@ def test_parity_sd_like_shape(method, dtype):
 # ----------------------------------------------------------------- the three ops one by one
 
 
-def _errors64(pred, target):
-    return (pred.double() - target.double()).pow(2).flatten(1).mean(1)
-
-
 @pytest.mark.parametrize(
     "make",
     [
@@ -214,8 +150,8 @@ def test_sample_errors_and_error_grad_on_any_layout(make):
     target, ref, pred = (make(torch.randn(full, generator=gen)) for _ in range(3))
     model_err, ref_err = ops.sample_errors(pred, target, ref)
     assert model_err.dtype == ref_err.dtype == torch.float32
-    assert_within(model_err, _errors64(pred, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
-    assert_within(ref_err, _errors64(ref, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "ref_err")
+    assert_within(model_err, errors64(pred, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
+    assert_within(ref_err, errors64(ref, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "ref_err")
 
     coef = torch.randn(pred.shape[0], generator=gen)
     grad = ops.error_grad(coef, pred, target)
@@ -237,8 +173,8 @@ def test_vector_tails_blocks_and_chunks(shape, dtype):
     gen = torch.Generator().manual_seed(2)
     pred, target, ref = (torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
     model_err, ref_err = ops.sample_errors(pred, target, ref)
-    assert_within(model_err, _errors64(pred, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
-    assert_within(ref_err, _errors64(ref, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "ref_err")
+    assert_within(model_err, errors64(pred, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
+    assert_within(ref_err, errors64(ref, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "ref_err")
     coef = torch.randn(shape[0], generator=gen)
     grad = ops.error_grad(coef, pred, target)
     view = (-1,) + (1,) * (len(shape) - 1)
@@ -274,7 +210,7 @@ def test_sample_errors_without_reference_deterministic_and_thread_independent():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(first[0], single[0])  # a fixed summation order, whatever the threads
-    assert_within(first[0], _errors64(pred, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
+    assert_within(first[0], errors64(pred, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
 
 
 def test_sums_stay_accurate_on_large_samples():
@@ -284,7 +220,7 @@ def test_sums_stay_accurate_on_large_samples():
     pred = 1.0 + 0.01 * torch.randn(2, 1 << 20, generator=gen)
     target = torch.zeros(2, 1 << 20)
     model_err, _ = ops.sample_errors(pred, target, None)
-    assert_within(model_err, _errors64(pred, target), 0.0, 2 * UNIT_ROUNDOFF, "model_err")
+    assert_within(model_err, errors64(pred, target), 0.0, 2 * UNIT_ROUNDOFF, "model_err")
 
 
 def test_forced_instruction_sets_match(tmp_path):

@@ -3,7 +3,7 @@
 All marked ``gpu``: they run where a CUDA device is present (``make test-gpu``) and are
 skipped elsewhere (tests/conftest.py); on machines without one the CUDA sources are still
 compiled by the build. Checks and tolerances are those of the CPU kernels
-(test_cpu_kernels.py, whose module docstring explains them); the pair-stage arithmetic is
+(tests/parity_utils.py explains them); the pair-stage arithmetic is
 the same header (csrc/rpo_math.h) on both.
 """
 
@@ -15,16 +15,17 @@ import torch
 import rpo_fast
 from rpo_fast._types import LOSS_TYPES, METRIC_NAMES, loss_type_code, method_code
 
-from parity_utils import make_inputs, run_loss
-from test_cpu_kernels import (
+from parity_utils import (
+    check_parity,
     ERROR_ROUNDINGS,
     SD_LIKE,
     SMALL,
     UNIT_ROUNDOFF,
-    _errors64,
-    _pair_reference64,
     assert_within,
-    check_parity,
+    errors64,
+    make_inputs,
+    pair_reference64,
+    run_loss,
 )
 
 pytestmark = pytest.mark.gpu
@@ -107,8 +108,8 @@ def test_sample_errors_and_error_grad_on_any_layout(make, dtype):
     full = (8, 4, 24, 48)
     target, ref, pred = (make(torch.randn(full, generator=gen).to(dtype).cuda()) for _ in range(3))
     model_err, ref_err = ops.sample_errors(pred, target, ref)
-    assert_within(model_err.cpu(), _errors64(pred.cpu(), target.cpu()), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
-    assert_within(ref_err.cpu(), _errors64(ref.cpu(), target.cpu()), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "ref_err")
+    assert_within(model_err.cpu(), errors64(pred.cpu(), target.cpu()), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
+    assert_within(ref_err.cpu(), errors64(ref.cpu(), target.cpu()), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "ref_err")
     coef = torch.randn(pred.shape[0], generator=gen)
     grad = ops.error_grad(coef.cuda(), pred, target)
     expected = coef.double().view(-1, 1, 1, 1) * 2 * (pred.cpu().double() - target.cpu().double()) / pred[0].numel()
@@ -123,7 +124,7 @@ def test_tails_and_chunks(shape):
     pred, target = (torch.randn(shape, generator=gen) for _ in range(2))
     model_err, ref_err = ops.sample_errors(pred.cuda(), target.cuda(), None)
     assert ref_err.shape == (0,)
-    assert_within(model_err.cpu(), _errors64(pred, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
+    assert_within(model_err.cpu(), errors64(pred, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
     again, _ = ops.sample_errors(pred.cuda(), target.cuda(), None)
     assert torch.equal(model_err, again)  # no atomics: the same bits every run
 
@@ -145,7 +146,7 @@ def test_pair_loss_stage(method, with_weights, loss_type, pairs):
         model_err.cuda(), sent_ref.cuda(), None if weights is None else weights.cuda(),
         method_code(method), loss_type_code(loss_type), 2500.0,
     )
-    ref_loss, ref_metrics, ref_coef = _pair_reference64(model_err, ref_err, weights, method, loss_type, 2500.0)
+    ref_loss, ref_metrics, ref_coef = pair_reference64(model_err, ref_err, weights, method, loss_type, 2500.0)
     assert_within(loss.cpu(), ref_loss, 0.0, 1e-5, "loss")
     for i, name in enumerate(METRIC_NAMES):
         assert_within(metrics[i].cpu(), ref_metrics[i], 0.0, 1e-5, name)

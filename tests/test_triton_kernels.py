@@ -2,18 +2,8 @@
 
 On the CPU they run through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
 before triton is imported), so shapes stay small; the tests marked ``gpu`` repeat the parity
-check on CUDA tensors at SDXL latent shape.
-
-Tolerances. The per-sample errors must match float64 to a few float32 roundings. End to end,
-the loss is compared with the float64 reference at rtol 1e-5 plus the error that rounding
-the per-sample errors to float32 alone causes, propagated to first order (``_Conditioning``):
-``e_model - e_ref`` is a difference of nearly equal numbers that beta then multiplies, so
-even the float32 ``torch`` backend misses a bare rtol 1e-5 on these inputs (measured: 3.3e-5
-on the ipo loss, 9.9e-6 on sigmoid gradients). The pair stage on its own, given the same
-errors, is held to a bare rtol 1e-5. bf16/fp16 inputs are converted exactly to float64 for
-the reference and accumulate in float32 in the kernels, so only the gradient's final
-rounding to the input dtype is added: rtol 2^-8 (bf16; 2^-7 in the interpreter, see
-INTERPRETER_GRAD_RTOL), 2^-11 (fp16).
+check on CUDA tensors at SDXL latent shape. Tolerances: tests/parity_utils.py, except that a
+bf16 gradient may be one more ulp off in the interpreter (INTERPRETER_GRAD_RTOL).
 """
 
 from __future__ import annotations
@@ -27,11 +17,25 @@ import pytest
 import torch
 
 import rpo_fast
-from rpo_fast import reference
 from rpo_fast._types import LOSS_TYPES, METRIC_NAMES, loss_type_code, method_code
-from rpo_fast.weights import similarity_weights
 
-from parity_utils import TEST_BETA, make_inputs, pair_reference64, reference_in_float64, run_loss
+import parity_utils
+from parity_utils import (
+    ERROR_ROUNDINGS,
+    GRAD_ATOL,
+    GRAD_RTOL,
+    SD_LIKE,
+    SMALL,
+    TEST_BETA,
+    UNIT_ROUNDOFF,
+    Conditioning,
+    assert_within,
+    errors64,
+    make_inputs,
+    pair_reference64,
+    reference_in_float64,
+    run_loss,
+)
 
 if "triton" not in rpo_fast.available_backends():
     pytest.skip("the triton backend does not import here", allow_module_level=True)
@@ -39,78 +43,16 @@ if "triton" not in rpo_fast.available_backends():
 from rpo_fast.kernels import triton_loss  # noqa: E402
 
 ops = torch.ops.rpo_fast
-SMALL = (4, 7, 9)  # D = 252 divides no block size
-SD_LIKE = (4, 64, 64)  # an SD1.5 latent
-UNIT_ROUNDOFF = 2.0**-24
-# Roundings of one float32 per-sample error (a measured 1.3e-7 relative is ~2 of them).
-ERROR_ROUNDINGS = 4
-GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 # Triton 3.8's interpreter truncates float32 -> bfloat16 (its cast ignores the rounding
 # mode); a GPU rounds to nearest even. So on the CPU a bf16 gradient may be one ulp off.
 INTERPRETER_GRAD_RTOL = {**GRAD_RTOL, torch.bfloat16: 2.0**-7}
-# Half the smallest fp16 subnormal: a gradient entry that small may round to zero.
-GRAD_ATOL = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 2.0**-25}
 
 
-def assert_within(actual, expected, atol, rtol, what):
-    actual = actual.double()
-    expected = expected.double()
-    bound = atol + rtol * expected.abs()
-    err = (actual - expected).abs()
-    both_nan = actual.isnan() & expected.isnan()
-    bad = ~((err <= bound) | both_nan)
-    assert not bool(bad.any()), (
-        f"{what}: {int(bad.sum())} of {bad.numel()} entries off; worst excess "
-        f"{float((err - bound)[bad].max())}, at actual {actual[bad].flatten()[:3].tolist()} "
-        f"vs expected {expected[bad].flatten()[:3].tolist()}"
+def check_parity(method, inputs, **kwargs):
+    on_gpu = inputs["model_pred"].is_cuda
+    return parity_utils.check_parity(
+        method, inputs, backend="triton", grad_rtol=GRAD_RTOL if on_gpu else INTERPRETER_GRAD_RTOL, **kwargs
     )
-
-
-class _Conditioning:
-    """How far a float32 implementation may be from float64 when its only error is rounding
-    each per-sample error (first order: gradient and Hessian of the float64 reference)."""
-
-    def __init__(self, method, inputs, loss_type, beta):
-        pred = inputs["model_pred"].double()
-        target = inputs["target"].double()
-        model_err = (pred - target).pow(2).flatten(1).mean(1)
-        ref_err = (inputs["ref_pred"].double() - target).pow(2).flatten(1).mean(1)
-        weights = inputs["weights"]
-        if inputs["emb_w"] is not None:
-            weights = similarity_weights(inputs["emb_w"].double(), inputs["emb_l"].double())
-        weights = None if weights is None else weights.double()
-
-        def loss_of(e):
-            return reference.pair_loss(e, ref_err, weights, method, loss_type, beta)[0]
-
-        # The errors the kernel rounds: model and ref (a precomputed ref_err is float32 too).
-        step = ERROR_ROUNDINGS * UNIT_ROUNDOFF * (model_err.abs() + ref_err.abs())
-        coef = torch.autograd.functional.jacobian(loss_of, model_err)
-        hess = torch.autograd.functional.hessian(loss_of, model_err)
-        self.loss_atol = float((coef.abs() * step).sum())
-        self.margin_atol = float(step.mean()) * 2
-        coef_atol = hess.abs() @ step + 8 * UNIT_ROUNDOFF * coef.abs()
-        scale = (2.0 * (pred - target) / pred[0].numel()).abs()
-        self.grad_atol = coef_atol.view(-1, *([1] * (pred.dim() - 1))) * scale
-
-
-def check_parity(method, inputs, *, loss_type="sigmoid", use_ref_err=False, beta=TEST_BETA):
-    loss, metrics, grad = run_loss(method, "triton", inputs, use_ref_err=use_ref_err, loss_type=loss_type, beta=beta)
-    ref_loss, ref_metrics, ref_grad = reference_in_float64(
-        method, inputs, use_ref_err=use_ref_err, loss_type=loss_type, beta=beta
-    )
-    cond = _Conditioning(method, inputs, loss_type, beta)
-    dtype = inputs["model_pred"].dtype
-    grad_rtol = (GRAD_RTOL if grad.is_cuda else INTERPRETER_GRAD_RTOL)[dtype]
-    assert loss.dtype == torch.float32 and loss.shape == ()
-    assert_within(loss, ref_loss, cond.loss_atol, 1e-5, "loss")
-    assert set(metrics) == set(ref_metrics)
-    for name, value in metrics.items():
-        atol = cond.margin_atol if name == "reward_margin" else 0.0
-        assert_within(value, ref_metrics[name], atol, 1e-5, name)
-    assert grad.dtype == dtype and grad.shape == inputs["model_pred"].shape
-    assert_within(grad, ref_grad, cond.grad_atol + GRAD_ATOL[dtype], max(1e-5, grad_rtol), "grad")
-    return loss, metrics, grad
 
 
 # ----------------------------------------------------------------- end to end parity
@@ -179,10 +121,6 @@ def test_parity_sd_like_shape(dtype):
 # ----------------------------------------------------------------- the three ops one by one
 
 
-def _errors64(pred, target):
-    return (pred.double() - target.double()).pow(2).flatten(1).mean(1)
-
-
 @pytest.mark.parametrize(
     "make",
     [
@@ -207,8 +145,8 @@ def test_sample_errors_and_error_grad_on_any_layout(make, programs, monkeypatch)
     pred = make(torch.randn(full, generator=gen))
     model_err, ref_err = ops.triton_sample_errors(pred, target, ref)
     assert model_err.dtype == ref_err.dtype == torch.float32
-    assert_within(model_err, _errors64(pred, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
-    assert_within(ref_err, _errors64(ref, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "ref_err")
+    assert_within(model_err, errors64(pred, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
+    assert_within(ref_err, errors64(ref, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "ref_err")
 
     coef = torch.randn(pred.shape[0], generator=gen)
     grad = ops.triton_error_grad(coef, pred, target)
@@ -224,7 +162,7 @@ def test_sample_errors_without_reference_and_deterministic():
     second = ops.triton_sample_errors(pred, target, None)
     assert first[1].shape == (0,)
     assert torch.equal(first[0], second[0])  # a fixed summation order, no atomics
-    assert_within(first[0], _errors64(pred, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
+    assert_within(first[0], errors64(pred, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
 
 
 
@@ -392,7 +330,7 @@ def test_gpu_parity_at_sdxl_shape(dtype, layout):
     loss, metrics, grad = run_loss("rpo", "triton", inputs, beta=2500.0)
     cpu_inputs = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     ref_loss, ref_metrics, ref_grad = reference_in_float64("rpo", cpu_inputs, beta=2500.0)
-    cond = _Conditioning("rpo", cpu_inputs, "sigmoid", 2500.0)
+    cond = Conditioning("rpo", cpu_inputs, "sigmoid", 2500.0)
     assert_within(loss.cpu(), ref_loss, cond.loss_atol, 1e-5, "loss")
     assert_within(metrics["model_mse"].cpu(), ref_metrics["model_mse"], 0.0, 1e-5, "model_mse")
     assert_within(grad.cpu(), ref_grad, cond.grad_atol + GRAD_ATOL[dtype], max(1e-5, GRAD_RTOL[dtype]), "grad")
