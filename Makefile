@@ -25,7 +25,7 @@ $(BUILD_STAMP): $(DEPS_STAMP) setup.py pyproject.toml $(CSRC)
 	touch $@
 
 demo: setup
-	$(BIN)/rpo-fast check  # becomes `rpo-fast demo` once the demo lands
+	$(BIN)/rpo-fast demo
 
 test: setup
 	$(PYTEST)

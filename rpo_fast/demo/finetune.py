@@ -16,9 +16,9 @@ PathLike = Union[str, os.PathLike]
 @dataclass(frozen=True)
 class FinetuneSettings:
     method: str = "rpo"  # rpo | dpo | sft
-    beta: float = 500.0
-    learning_rate: float = 1e-4
-    steps: int = 150
+    beta: float = 2500.0
+    learning_rate: float = 1e-6
+    steps: int = 300
     batch_pairs: int = 8
     tau: float = 0.5
     seed: int = 0
