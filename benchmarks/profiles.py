@@ -110,7 +110,7 @@ def e2e_grid_for(device: torch.device, name: str) -> Tuple[E2EConfig, ...]:
         # Fewer points than on the CPU: every rpo-fast run compiles its UNet (tens of seconds).
         return _e2e_grid((2, 8, 32), (128, 256, 512), 8, 128, warmup=5, timed=20)
     # The tiny model is 64 px natively; 2 pairs is the sweep's base batch.
-    return _e2e_grid((1, 2, 4, 8), (64, 128, 256), 2, 64, warmup=2, timed=8)
+    return _e2e_grid((1, 2, 4, 8), (32, 64, 128), 2, 64, warmup=2, timed=8)
 
 
 def get_profile(name: str, device: torch.device) -> Profile:
