@@ -188,3 +188,105 @@ def check_parity(method, inputs, *, backend, loss_type="sigmoid", use_ref_err=Fa
     assert grad.device == inputs["model_pred"].device
     assert_within(grad, ref_grad, cond.grad_atol + GRAD_ATOL[dtype], max(1e-5, grad_rtol[dtype]), "grad")
     return loss, metrics, grad
+
+
+# ----------------------------------------------------------------- the pair stage, per backend
+# Each takes ``pair_op``: a backend's ``pair_loss`` op (torch.ops.rpo_fast.pair_loss for cpu
+# and cuda, .triton_pair_loss for triton) and the device its inputs go to.
+
+PAIR_STAGE_CASES = [("sft", False), ("dpo", False), ("rpo", False), ("rpo", True)]
+PAIR_STAGE_IDS = ["sft", "dpo", "rpo_uniform", "rpo_weights"]
+
+
+def check_pair_stage(pair_op, method, with_weights, loss_type, pairs, device="cpu"):
+    """The O(M^2) stage alone, given float32 errors, against float64 on the same errors, at
+    the training beta 2500: a bare rtol 1e-5 (no per-sample rounding to propagate)."""
+    from rpo_fast._types import METRIC_NAMES, loss_type_code, method_code
+
+    gen = torch.Generator().manual_seed(pairs)
+    ref_err = 0.1 + torch.rand(2 * pairs, generator=gen)
+    model_err = ref_err + 2e-4 * torch.randn(2 * pairs, generator=gen)
+    weights = torch.rand(pairs, pairs, generator=gen) if with_weights else None
+    sent_ref = ref_err if method != "sft" else torch.empty(0)
+    loss, metrics, coef = pair_op(
+        model_err.to(device), sent_ref.to(device), None if weights is None else weights.to(device),
+        method_code(method), loss_type_code(loss_type), 2500.0,
+    )
+    ref_loss, ref_metrics, ref_coef = pair_reference64(model_err, ref_err, weights, method, loss_type, 2500.0)
+    assert loss.shape == () and metrics.shape == (5,) and coef.shape == (2 * pairs,)
+    assert_within(loss, ref_loss, 0.0, 1e-5, "loss")
+    for i, name in enumerate(METRIC_NAMES):
+        assert_within(metrics[i], ref_metrics[i], 0.0, 1e-5, name)
+    # coef: relative to the largest entry (entries that cancel to ~0 have no relative scale)
+    assert_within(coef, ref_coef, 1e-5 * float(ref_coef.abs().max()), 1e-5, "coef")
+
+
+def check_hinge_slope_at_the_kink(pair_op, device="cpu"):
+    """z = 1 exactly: relu(1 - z) has slope 0 there in torch, and so must the kernel."""
+    from rpo_fast._types import loss_type_code, method_code
+
+    model_err = torch.tensor([0.0, 0.0, 0.5, 0.25])
+    ref_err = torch.zeros(4)
+    for method in ("dpo", "rpo"):
+        weights = torch.eye(2) * 2 if method == "rpo" else None
+        _, _, coef = pair_op(model_err.to(device), ref_err.to(device), None if weights is None else weights.to(device),
+                             method_code(method), loss_type_code("hinge"), 2.0)
+        _, _, ref_coef = pair_reference64(model_err, ref_err, weights, method, "hinge", 2.0)
+        assert torch.equal(coef.double().cpu(), ref_coef), method
+
+
+def check_sigmoid_stable_for_large_logits(pair_op, device="cpu"):
+    """|z| ~ 1e4: softplus must neither overflow nor lose the tiny loss of a right call."""
+    import math
+
+    import pytest
+
+    model_err = torch.tensor([1.0, 5.0, 5.0, 1.0])  # pair 0 favoured, pair 1 not
+    ref_err = torch.ones(4)
+    loss, _, coef = pair_op(model_err.to(device), ref_err.to(device), None, 1, 0, 2500.0)
+    ref_loss, _, ref_coef = pair_reference64(model_err, ref_err, None, "dpo", "sigmoid", 2500.0)
+    assert_within(loss, ref_loss, 0.0, 1e-6, "loss")
+    assert_within(coef, ref_coef, 0.0, 1e-6, "coef")
+    small = pair_op(torch.tensor([1.0, 1.01], device=device), torch.ones(2, device=device), None, 1, 0, 2500.0)[0]
+    assert 0 < float(small) == pytest.approx(math.log1p(math.exp(-25.0)), rel=1e-6)
+
+
+def check_non_finite_pair_stage(pair_op, device="cpu"):
+    """A NaN error, or an infinite weight (which drives sigmoid's f to a finite 0), gives a
+    NaN loss and NaN coefficients; the metrics stay those of the reference."""
+    model_err = torch.tensor([1.0, 2.0, 3.0, float("nan")], device=device)
+    ref_err = torch.tensor([1.0, 2.1, 3.0, 4.0], device=device)
+    for method in (1, 2):  # dpo, rpo
+        loss, _, coef = pair_op(model_err, ref_err, None, method, 0, 10.0)
+        assert loss.isnan() and coef.isnan().all(), method
+    weights = torch.tensor([[1.0, float("inf")], [0.5, 0.5]])
+    finite_err = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    loss, metrics, coef = pair_op(finite_err.to(device), ref_err, weights.to(device), 2, 0, 10.0)
+    ref_loss, ref_metrics, _ = pair_reference64(finite_err, ref_err.cpu(), weights, "rpo", "sigmoid", 10.0)
+    assert loss.isnan() and ref_loss.isnan() and coef.isnan().all()
+    assert_within(metrics, ref_metrics, 0.0, 1e-6, "metrics")
+
+
+def check_nan_prediction_gives_nan_loss(backend, device="cpu"):
+    """End to end: a NaN in the prediction gives a NaN loss and a non-finite gradient."""
+    inputs = make_inputs(2, SMALL, device=device)
+    inputs["model_pred"][1, 0, 0, 0] = float("nan")
+    loss, _, grad = run_loss("rpo", backend, inputs)
+    assert loss.isnan() and not grad.isfinite().all()
+
+
+def assert_compiled_step_matches_eager(model, forward, x):
+    """``torch.compile(forward, fullgraph=True)`` (raises on a graph break) gives eager's loss
+    and the same gradients of ``model``'s parameters."""
+
+    def run(fn):
+        model.zero_grad()
+        loss = fn(x)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    compiled_loss, compiled_grads = run(torch.compile(forward, fullgraph=True))
+    eager_loss, eager_grads = run(forward)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

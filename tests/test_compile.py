@@ -13,7 +13,7 @@ import torch
 
 import rpo_fast
 
-from parity_utils import TEST_BETA
+from parity_utils import TEST_BETA, assert_compiled_step_matches_eager
 
 
 class TinyDenoiser(torch.nn.Module):
@@ -91,17 +91,7 @@ def test_compiled_step_with_channels_last_prediction():
         pred = model(x).contiguous(memory_format=torch.channels_last)
         return rpo_fast.diffusion_rpo_loss(pred, target, ref, beta=TEST_BETA, backend="cpu")
 
-    def run(fn):
-        model.zero_grad()
-        loss = fn(x)
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-    compiled_loss, compiled_grads = run(torch.compile(forward, fullgraph=True))
-    eager_loss, eager_grads = run(forward)
-    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
-    for got, want in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_compiled_step_matches_eager(model, forward, x)
 
 
 def test_compiled_graphs_call_the_fused_ops():

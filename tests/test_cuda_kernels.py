@@ -13,9 +13,16 @@ import pytest
 import torch
 
 import rpo_fast
-from rpo_fast._types import LOSS_TYPES, METRIC_NAMES, loss_type_code, method_code
+from rpo_fast._types import LOSS_TYPES
 
 from parity_utils import (
+    assert_compiled_step_matches_eager,
+    PAIR_STAGE_CASES,
+    PAIR_STAGE_IDS,
+    check_hinge_slope_at_the_kink,
+    check_non_finite_pair_stage,
+    check_pair_stage,
+    check_sigmoid_stable_for_large_logits,
     check_parity,
     ERROR_ROUNDINGS,
     SD_LIKE,
@@ -24,7 +31,6 @@ from parity_utils import (
     assert_within,
     errors64,
     make_inputs,
-    pair_reference64,
     run_loss,
 )
 
@@ -131,37 +137,22 @@ def test_tails_and_chunks(shape):
 
 @pytest.mark.parametrize("pairs", [1, 5, 100, 600])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-@pytest.mark.parametrize(
-    "method,with_weights", [("sft", False), ("dpo", False), ("rpo", False), ("rpo", True)],
-    ids=["sft", "dpo", "rpo_uniform", "rpo_weights"],
-)
+@pytest.mark.parametrize("method,with_weights", PAIR_STAGE_CASES, ids=PAIR_STAGE_IDS)
 def test_pair_loss_stage(method, with_weights, loss_type, pairs):
     """M = 600: more rows than threads in the block."""
-    gen = torch.Generator().manual_seed(pairs)
-    ref_err = 0.1 + torch.rand(2 * pairs, generator=gen)
-    model_err = ref_err + 2e-4 * torch.randn(2 * pairs, generator=gen)
-    weights = torch.rand(pairs, pairs, generator=gen) if with_weights else None
-    sent_ref = ref_err if method != "sft" else torch.empty(0)
-    loss, metrics, coef = ops.pair_loss(
-        model_err.cuda(), sent_ref.cuda(), None if weights is None else weights.cuda(),
-        method_code(method), loss_type_code(loss_type), 2500.0,
-    )
-    ref_loss, ref_metrics, ref_coef = pair_reference64(model_err, ref_err, weights, method, loss_type, 2500.0)
-    assert_within(loss.cpu(), ref_loss, 0.0, 1e-5, "loss")
-    for i, name in enumerate(METRIC_NAMES):
-        assert_within(metrics[i].cpu(), ref_metrics[i], 0.0, 1e-5, name)
-    assert_within(coef.cpu(), ref_coef, 1e-5 * float(ref_coef.abs().max()), 1e-5, "coef")
+    check_pair_stage(ops.pair_loss, method, with_weights, loss_type, pairs, device="cuda")
+
+
+def test_hinge_slope_is_zero_at_the_kink():
+    check_hinge_slope_at_the_kink(ops.pair_loss, device="cuda")
+
+
+def test_sigmoid_loss_is_stable_for_large_logits():
+    check_sigmoid_stable_for_large_logits(ops.pair_loss, device="cuda")
 
 
 def test_non_finite_inputs_give_nan_loss_and_coef():
-    model_err = torch.tensor([1.0, 2.0, 3.0, float("nan")], device="cuda")
-    ref_err = torch.tensor([1.0, 2.1, 3.0, 4.0], device="cuda")
-    for method in ("dpo", "rpo"):
-        loss, _, coef = ops.pair_loss(model_err, ref_err, None, method_code(method), 0, 10.0)
-        assert loss.isnan() and coef.isnan().all(), method
-    weights = torch.tensor([[1.0, float("inf")], [0.5, 0.5]], device="cuda")
-    loss, _, coef = ops.pair_loss(ref_err, ref_err, weights, 2, 0, 10.0)
-    assert loss.isnan() and coef.isnan().all()
+    check_non_finite_pair_stage(ops.pair_loss, device="cuda")
 
 
 def test_compiled_step_on_cuda():
@@ -173,14 +164,4 @@ def test_compiled_step_on_cuda():
     def forward(x):
         return rpo_fast.diffusion_rpo_loss(model(x), target, ref, beta=100.0, backend="cuda")
 
-    def run(fn):
-        model.zero_grad()
-        loss = fn(x)
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-    compiled_loss, compiled_grads = run(torch.compile(forward, fullgraph=True))
-    eager_loss, eager_grads = run(forward)
-    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
-    for got, want in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_compiled_step_matches_eager(model, forward, x)

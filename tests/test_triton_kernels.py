@@ -8,7 +8,6 @@ bf16 gradient may be one more ulp off in the interpreter (INTERPRETER_GRAD_RTOL)
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -17,10 +16,17 @@ import pytest
 import torch
 
 import rpo_fast
-from rpo_fast._types import LOSS_TYPES, METRIC_NAMES, loss_type_code, method_code
+from rpo_fast._types import LOSS_TYPES
 
 import parity_utils
 from parity_utils import (
+    check_nan_prediction_gives_nan_loss,
+    PAIR_STAGE_CASES,
+    PAIR_STAGE_IDS,
+    check_hinge_slope_at_the_kink,
+    check_non_finite_pair_stage,
+    check_pair_stage,
+    check_sigmoid_stable_for_large_logits,
     ERROR_ROUNDINGS,
     GRAD_ATOL,
     GRAD_RTOL,
@@ -32,7 +38,6 @@ from parity_utils import (
     assert_within,
     errors64,
     make_inputs,
-    pair_reference64,
     reference_in_float64,
     run_loss,
 )
@@ -168,71 +173,24 @@ def test_sample_errors_without_reference_and_deterministic():
 
 @pytest.mark.parametrize("pairs", [1, 5, 64, 100])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-@pytest.mark.parametrize(
-    "method,with_weights", [("sft", False), ("dpo", False), ("rpo", False), ("rpo", True)],
-    ids=["sft", "dpo", "rpo_uniform", "rpo_weights"],
-)
+@pytest.mark.parametrize("method,with_weights", PAIR_STAGE_CASES, ids=PAIR_STAGE_IDS)
 def test_pair_loss_stage_at_training_beta(method, with_weights, loss_type, pairs):
-    """The O(M^2) stage alone, given float32 errors, against float64 on the same errors, at
-    beta = 2500. M = 100 spans two 64-wide tiles; M = 64 fills exactly one."""
-    gen = torch.Generator().manual_seed(pairs)
-    ref_err = 0.1 + torch.rand(2 * pairs, generator=gen)
-    model_err = ref_err + 2e-4 * torch.randn(2 * pairs, generator=gen)
-    weights = torch.rand(pairs, pairs, generator=gen) if with_weights else None
-    loss, metrics, coef = ops.triton_pair_loss(
-        model_err, ref_err, weights, method_code(method), loss_type_code(loss_type), 2500.0
-    )
-    ref_loss, ref_metrics, ref_coef = pair_reference64(model_err, ref_err, weights, method, loss_type, 2500.0)
-    assert loss.shape == () and metrics.shape == (5,) and coef.shape == (2 * pairs,)
-    assert_within(loss, ref_loss, 0.0, 1e-5, "loss")
-    for i, name in enumerate(METRIC_NAMES):
-        assert_within(metrics[i], ref_metrics[i], 0.0, 1e-5, name)
-    # coef: relative to the largest entry (entries that cancel to ~0 have no relative scale)
-    assert_within(coef, ref_coef, 1e-5 * float(ref_coef.abs().max()), 1e-5, "coef")
+    """M = 100 spans two 64-wide tiles; M = 64 fills exactly one."""
+    check_pair_stage(ops.triton_pair_loss, method, with_weights, loss_type, pairs)
 
 
 def test_hinge_slope_is_zero_at_the_kink():
-    """z = 1 exactly: relu(1 - z) has slope 0 there in torch, and so here."""
-    model_err = torch.tensor([0.0, 0.0, 0.5, 0.25])
-    ref_err = torch.zeros(4)
-    for method in ("dpo", "rpo"):
-        _, _, coef = ops.triton_pair_loss(model_err, ref_err, torch.eye(2) * 2 if method == "rpo" else None,
-                                          method_code(method), loss_type_code("hinge"), 2.0)
-        _, _, ref_coef = pair_reference64(model_err, ref_err, torch.eye(2) * 2 if method == "rpo" else None,
-                                           method, "hinge", 2.0)
-        assert torch.equal(coef.double(), ref_coef), method
+    check_hinge_slope_at_the_kink(ops.triton_pair_loss)
 
 
 def test_sigmoid_loss_is_stable_for_large_logits():
-    """|z| ~ 1e4: softplus must neither overflow nor lose the tiny loss of a right call."""
-    model_err = torch.tensor([1.0, 5.0, 5.0, 1.0])  # pair 0 favoured, pair 1 not
-    ref_err = torch.tensor([1.0, 1.0, 1.0, 1.0])
-    loss, _, coef = ops.triton_pair_loss(model_err, ref_err, None, method_code("dpo"), 0, 2500.0)
-    ref_loss, _, ref_coef = pair_reference64(model_err, ref_err, None, "dpo", "sigmoid", 2500.0)
-    assert_within(loss, ref_loss, 0.0, 1e-6, "loss")
-    assert_within(coef, ref_coef, 0.0, 1e-6, "coef")
-    small = ops.triton_pair_loss(torch.tensor([1.0, 1.01]), torch.ones(2), None, 1, 0, 2500.0)[0]
-    assert 0 < float(small) == pytest.approx(math.log1p(math.exp(-25.0)), rel=1e-6)
+    check_sigmoid_stable_for_large_logits(ops.triton_pair_loss)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
 def test_non_finite_inputs_give_nan_loss_and_coef():
-    model_err = torch.tensor([1.0, 2.0, 3.0, float("nan")])
-    ref_err = torch.tensor([1.0, 2.1, 3.0, 4.0])
-    for method in ("dpo", "rpo"):
-        loss, _, coef = ops.triton_pair_loss(model_err, ref_err, None, method_code(method), 0, 10.0)
-        assert loss.isnan() and coef.isnan().all(), method
-    # An infinite weight drives sigmoid's f to 0, a finite value: the loss must still be NaN.
-    weights = torch.tensor([[1.0, float("inf")], [0.5, 0.5]])
-    loss, metrics, coef = ops.triton_pair_loss(torch.tensor([1.0, 2.0, 3.0, 4.0]), ref_err, weights, 2, 0, 10.0)
-    ref_loss, ref_metrics, _ = pair_reference64(torch.tensor([1.0, 2.0, 3.0, 4.0]), ref_err, weights, "rpo", "sigmoid", 10.0)
-    assert loss.isnan() and ref_loss.isnan() and coef.isnan().all()
-    assert_within(metrics, ref_metrics, 0.0, 1e-6, "metrics")
-    # End to end: a NaN in the prediction gives a NaN loss.
-    inputs = make_inputs(2, SMALL)
-    inputs["model_pred"][1, 0, 0, 0] = float("nan")
-    loss, _, grad = run_loss("rpo", "triton", inputs)
-    assert loss.isnan() and not grad.isfinite().all()
+    check_non_finite_pair_stage(ops.triton_pair_loss)
+    check_nan_prediction_gives_nan_loss("triton")
 
 
 # ----------------------------------------------------------------- bad input
