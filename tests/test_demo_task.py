@@ -97,6 +97,22 @@ def test_fidelity_catches_collapse():
         assert s.fidelity == 0.0 and not s.present
 
 
+@pytest.mark.parametrize("pixels", [[(5, 7)], [(5, 7), (9, 7)], [(2, 2), (4, 4), (6, 6)]], ids=["one", "two", "collinear"])
+def test_hull_of_degenerate_masks(pixels):
+    """A sampler can leave one speck or a thin line of foreground: the hull is those pixels
+    (found in a quality run, where one such image stopped the benchmark)."""
+    mask = np.zeros((32, 32), dtype=bool)
+    for x, y in pixels:
+        mask[y, x] = True
+    hull = scores.hull_mask(mask)
+    assert hull[mask].all()
+    xs = [x for x, _ in pixels]
+    assert hull.sum() == max(xs) - min(xs) + 1  # the segment between the end pixels, no more
+    image = np.full((32, 32, 3), 255, dtype=np.uint8)
+    image[mask] = (220, 30, 30)
+    assert scores.score_image(image, shapes.all_scenes()[0].caption).fidelity == 0.0
+
+
 def test_scores_reject_bad_input():
     with pytest.raises(ValueError, match="image"):
         scores.score_image(np.zeros((32, 32)), shapes.all_scenes()[0].caption)

@@ -105,8 +105,12 @@ def hull_mask(mask: np.ndarray) -> np.ndarray:
     ys, xs = np.nonzero(mask)
     out = Image.new("1", (mask.shape[1], mask.shape[0]), 0)
     if len(xs):
-        hull = _convex_hull(np.stack([xs, ys], axis=1))
-        ImageDraw.Draw(out).polygon([tuple(p) for p in hull], fill=1, outline=1)
+        hull = [tuple(p) for p in _convex_hull(np.stack([xs, ys], axis=1))]
+        draw = ImageDraw.Draw(out)
+        if len(hull) >= 3:
+            draw.polygon(hull, fill=1, outline=1)
+        else:  # one pixel, or pixels on a line: PIL's polygon needs three vertices
+            draw.line(hull * 2, fill=1)
     return np.asarray(out, dtype=bool)
 
 
