@@ -170,4 +170,8 @@ def test_bench_quality_selection_respects_the_fidelity_constraint():
     results = {"a": {"style": {"mean": 0.5, "ci95": 0.05}, "fidelity": {"mean": 0.8}},
                "b": {"style": {"mean": 0.3, "ci95": 0.05}, "fidelity": {"mean": 0.8}}}
     assert _winner(results, 0.8) == {"method": "a", "runner_up": "b", "cis_separate": True,
-                                     "fidelity_constraint_met": True}
+                                     "fidelity_constraint_met": True, "excluded_by_fidelity": {}}
+    # the most stylish method is out when its fidelity falls more than 10% (0.7 < 0.72)
+    results["c"] = {"style": {"mean": 0.9, "ci95": 0.05}, "fidelity": {"mean": 0.7}}
+    winner = _winner(results, 0.8)
+    assert winner["method"] == "a" and winner["excluded_by_fidelity"] == {"c": pytest.approx(-0.125)}

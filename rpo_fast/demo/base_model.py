@@ -184,8 +184,8 @@ def export_pipeline(init_dir: PathLike, unet_dir: PathLike, out_dir: PathLike) -
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     out_dir = Path(out_dir)
-    pipe = StableDiffusionPipeline.from_pretrained(str(init_dir), torch_dtype=torch.float32)
-    pipe.unet = UNet2DConditionModel.from_pretrained(str(unet_dir), torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(init_dir), dtype=torch.float32)
+    pipe.unet = UNet2DConditionModel.from_pretrained(str(unet_dir), dtype=torch.float32)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
@@ -206,9 +206,9 @@ def load_pipeline(model_dir: PathLike = BASE_DIR, unet_dir: Optional[PathLike] =
     if not (Path(model_dir) / "model_index.json").exists():
         raise ValueError(f"model_dir: {model_dir} holds no diffusers pipeline (model_index.json); "
                          "run `rpo-fast demo --pretrain` to build the base model")
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), dtype=torch.float32)
     if unet_dir is not None:
-        pipe.unet = UNet2DConditionModel.from_pretrained(str(unet_dir), torch_dtype=torch.float32)
+        pipe.unet = UNet2DConditionModel.from_pretrained(str(unet_dir), dtype=torch.float32)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", clip_sample=True,
                                                clip_sample_range=1.0, set_alpha_to_one=True)
     pipe.set_progress_bar_config(disable=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ..machine import cpu_cores, cpu_model
 from .base_model import BASE_DIR, base_exists, load_pipeline
 from .datasets import write_style_data, write_style_embeddings
 from .evaluate import GUIDANCE_SCALE, INFERENCE_STEPS, evaluate
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         "protocol": {k: getattr(args, k) for k in ("steps", "batch_pairs", "betas", "learning_rates", "seeds",
                                                      "validation_samples", "test_samples", "inference_steps",
                                                      "guidance_scale", "pairs_per_caption")},
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "machine": f"{cpu_model()}, {cpu_cores()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "base": {split: {m: {"mean": b[m]["mean"], "ci95_over_prompts": b[m]["ci95_over_prompts"]}
                          for m in ("style", "fidelity")} for split, b in (("validation", base_val), ("test", base_test))},
         "selection": selection,
@@ -187,8 +187,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _winner(results: Dict[str, Dict], base_fidelity: float) -> Dict:
     """Highest mean style among methods keeping fidelity within 10% of the base; whether its
-    CI separates it from the runner-up."""
-    ok = {m: r for m, r in results.items() if r["fidelity"]["mean"] >= (1 - MAX_FIDELITY_DROP) * base_fidelity}
+    CI separates it from the runner-up; and the methods the fidelity rule excluded, with their
+    relative fidelity change."""
+    floor = (1 - MAX_FIDELITY_DROP) * base_fidelity
+    ok = {m: r for m, r in results.items() if r["fidelity"]["mean"] >= floor}
+    excluded = {m: r["fidelity"]["mean"] / base_fidelity - 1 for m, r in results.items() if m not in ok}
     pool = ok or results
     ranked = sorted(pool, key=lambda m: pool[m]["style"]["mean"], reverse=True)
     best = ranked[0]
@@ -197,7 +200,8 @@ def _winner(results: Dict[str, Dict], base_fidelity: float) -> Dict:
         a, b = pool[best]["style"], pool[ranked[1]]["style"]
         separated = bool(a["mean"] - a["ci95"] > b["mean"] + b["ci95"])
     return {"method": best, "runner_up": ranked[1] if len(ranked) > 1 else None,
-            "cis_separate": separated, "fidelity_constraint_met": bool(ok)}
+            "cis_separate": separated, "fidelity_constraint_met": bool(ok),
+            "excluded_by_fidelity": excluded if ok else {}}
 
 
 def format_table(report: Dict) -> str:
@@ -227,6 +231,9 @@ def format_table(report: Dict) -> str:
                     f"{'do not overlap' if w['cis_separate'] else 'overlap, so the lead is not significant'})")
     if not w["fidelity_constraint_met"]:
         verdict += "; no method kept fidelity within 10% of the base"
+    for method, change in w.get("excluded_by_fidelity", {}).items():
+        verdict += (f"; {method} (style {report['results'][method]['style']['mean']:.3f}) is out: its fidelity "
+                    f"fell {-100 * change:.1f}% from the base's, more than the 10% allowed")
     lines += ["", verdict + ".", "",
               "style: hollowness of the drawn shape (0 filled, ~0.6 outline); fidelity: fraction of images with the "
               "caption's shape and colour. See docs/demo.md.", ""]
