@@ -29,6 +29,10 @@ WORKER = textwrap.dedent("""
         if run.rank == 0:
             grads = {n: p.grad.clone() for n, p in run.unet.named_parameters() if p.grad is not None}
             torch.save({"loss": loss.detach(), "grads": grads, "rows": batch.rows}, job["out"])
+        # as rpo_fast.train.train does: no rank tears its DDP state down while another still
+        # works (a rank that ran ahead once died in std::terminate at exit)
+        run.barrier()
+        del run
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 """)
