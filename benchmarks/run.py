@@ -1,12 +1,13 @@
 """``make bench``: runs the suite with pytest-benchmark and writes results, table and plots.
 
-    python -m benchmarks.run                 # the full grid (about 20-30 min on 2 cores)
-    python -m benchmarks.run --quick         # the kernel targets and one end-to-end pair (~1 min)
+    python -m benchmarks.run                 # the full grid (5 min on a quiet 2-core EPYC)
+    python -m benchmarks.run --quick         # the kernel targets and one end-to-end pair (~30 s)
     python -m benchmarks.run --only e2e      # one part; merged into this machine's existing results
 
 Writes ``<out>/<machine>.json`` (machine, measurements, derived rows, targets), ``<machine>.md``
 and ``<machine>-*.png`` (benchmarks/report.py). ``<machine>``: a slug of the GPU name or CPU
-model and the core count (benchmarks/machine.py).
+model and the core count (benchmarks/machine.py); ``-quick`` / ``-smoke`` are appended for
+those profiles, so that they never replace a full run's files.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--smoke", dest="profile", action="store_const", const="smoke", help="same as --profile smoke")
     p.add_argument("--only", choices=("all", "loss", "e2e"), default="all")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="results folder")
-    p.add_argument("--name", default=None, help="results file stem (default: the machine slug)")
+    p.add_argument("--name", default=None,
+                   help="results file stem (default: the machine slug, plus -quick or -smoke for those profiles)")
     p.add_argument("--e2e-workdir", type=Path, default=None, help="keep the tiny model and data here")
     p.add_argument("-k", dest="keyword", default=None, help="pytest -k expression: a subset of benchmarks")
     p.add_argument("--threads", type=int, default=None,
@@ -93,7 +95,9 @@ def main(argv=None) -> int:
         # on the cores, rounds take up to tens of times longer (measured here: 2 ms -> 50 ms).
         print(f"benchmarks: WARNING: load average {load_before} on {info['cores']} cores; other processes "
               "will distort the timings. Run on a quiet machine for numbers worth reporting.", file=sys.stderr)
-    name = args.name or info["slug"] + (f"-{args.threads}t" if args.threads else "")
+    # A quick or smoke run gets its own files: it must not replace a full run's results.
+    name = args.name or (info["slug"] + (f"-{args.threads}t" if args.threads else "")
+                         + (f"-{args.profile}" if args.profile != "full" else ""))
     args.out.mkdir(parents=True, exist_ok=True)
     results_json = args.out / f"{name}.json"
 
