@@ -18,12 +18,15 @@ rtol 2^-8 (bf16), 2^-11 (fp16).
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional
 
+import pytest
 import torch
 
 import rpo_fast
 from rpo_fast import reference
+from rpo_fast._types import METRIC_NAMES, loss_type_code, method_code
 from rpo_fast.weights import similarity_weights
 
 SMALL = (4, 7, 9)  # D = 252: divides no vector width or block size
@@ -201,8 +204,6 @@ PAIR_STAGE_IDS = ["sft", "dpo", "rpo_uniform", "rpo_weights"]
 def check_pair_stage(pair_op, method, with_weights, loss_type, pairs, device="cpu"):
     """The O(M^2) stage alone, given float32 errors, against float64 on the same errors, at
     the training beta 2500: a bare rtol 1e-5 (no per-sample rounding to propagate)."""
-    from rpo_fast._types import METRIC_NAMES, loss_type_code, method_code
-
     gen = torch.Generator().manual_seed(pairs)
     ref_err = 0.1 + torch.rand(2 * pairs, generator=gen)
     model_err = ref_err + 2e-4 * torch.randn(2 * pairs, generator=gen)
@@ -223,8 +224,6 @@ def check_pair_stage(pair_op, method, with_weights, loss_type, pairs, device="cp
 
 def check_hinge_slope_at_the_kink(pair_op, device="cpu"):
     """z = 1 exactly: relu(1 - z) has slope 0 there in torch, and so must the kernel."""
-    from rpo_fast._types import loss_type_code, method_code
-
     model_err = torch.tensor([0.0, 0.0, 0.5, 0.25])
     ref_err = torch.zeros(4)
     for method in ("dpo", "rpo"):
@@ -237,10 +236,6 @@ def check_hinge_slope_at_the_kink(pair_op, device="cpu"):
 
 def check_sigmoid_stable_for_large_logits(pair_op, device="cpu"):
     """|z| ~ 1e4: softplus must neither overflow nor lose the tiny loss of a right call."""
-    import math
-
-    import pytest
-
     model_err = torch.tensor([1.0, 5.0, 5.0, 1.0])  # pair 0 favoured, pair 1 not
     ref_err = torch.ones(4)
     loss, _, coef = pair_op(model_err.to(device), ref_err.to(device), None, 1, 0, 2500.0)

@@ -29,11 +29,11 @@ from .base_model import BASE_DIR, base_exists, load_pipeline
 from .datasets import write_style_data, write_style_embeddings
 from .evaluate import GUIDANCE_SCALE, INFERENCE_STEPS, evaluate
 from .finetune import FinetuneSettings, finetune
+from .scores import MAX_FIDELITY_DROP, keeps_fidelity
 from .shapes import split_scenes
 from .stats import mean_ci
 
 METHODS = ("sft", "dpo", "rpo", "rpo-uniform")  # rpo-uniform: RPO with weights 1/M (no embeddings)
-MAX_FIDELITY_DROP = 0.10
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,7 +117,7 @@ class Bench:
 
 
 def _select(records: List[Dict], base_fidelity: float) -> Dict:
-    ok = [r for r in records if r["fidelity"]["mean"] >= (1 - MAX_FIDELITY_DROP) * base_fidelity]
+    ok = [r for r in records if keeps_fidelity(r["fidelity"]["mean"], base_fidelity)]
     if ok:
         return max(ok, key=lambda r: (r["style"]["mean"], r["fidelity"]["mean"]))
     return max(records, key=lambda r: (r["fidelity"]["mean"], r["style"]["mean"]))
@@ -189,8 +189,7 @@ def _winner(results: Dict[str, Dict], base_fidelity: float) -> Dict:
     """Highest mean style among methods keeping fidelity within 10% of the base; whether its
     CI separates it from the runner-up; and the methods the fidelity rule excluded, with their
     relative fidelity change."""
-    floor = (1 - MAX_FIDELITY_DROP) * base_fidelity
-    ok = {m: r for m, r in results.items() if r["fidelity"]["mean"] >= floor}
+    ok = {m: r for m, r in results.items() if keeps_fidelity(r["fidelity"]["mean"], base_fidelity)}
     excluded = {m: r["fidelity"]["mean"] / base_fidelity - 1 for m, r in results.items() if m not in ok}
     pool = ok or results
     ranked = sorted(pool, key=lambda m: pool[m]["style"]["mean"], reverse=True)
@@ -230,10 +229,10 @@ def format_table(report: Dict) -> str:
         verdict += (f" (ahead of {w['runner_up']}; the 95% intervals "
                     f"{'do not overlap' if w['cis_separate'] else 'overlap, so the lead is not significant'})")
     if not w["fidelity_constraint_met"]:
-        verdict += "; no method kept fidelity within 10% of the base"
+        verdict += f"; no method kept fidelity within {100 * MAX_FIDELITY_DROP:.0f}% of the base"
     for method, change in w.get("excluded_by_fidelity", {}).items():
         verdict += (f"; {method} (style {report['results'][method]['style']['mean']:.3f}) is out: its fidelity "
-                    f"fell {-100 * change:.1f}% from the base's, more than the 10% allowed")
+                    f"fell {-100 * change:.1f}% from the base's, more than the {100 * MAX_FIDELITY_DROP:.0f}% allowed")
     lines += ["", verdict + ".", "",
               "style: hollowness of the drawn shape (0 filled, ~0.6 outline); fidelity: fraction of images with the "
               "caption's shape and colour. See docs/demo.md.", ""]

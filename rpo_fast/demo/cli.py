@@ -19,18 +19,17 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 
 from .base_model import BASE_DIR, PretrainConfig, base_exists, load_pipeline, pretrain
 from .datasets import write_style_data, write_style_embeddings
 from .evaluate import GUIDANCE_SCALE, INFERENCE_STEPS, evaluate
 from .finetune import FinetuneSettings, finetune
 from .report import save_grid, save_score_plot
+from .scores import MAX_FIDELITY_DROP
 from .shapes import split_scenes
 from .stats import mean_ci
 
 DEFAULTS = FinetuneSettings()
-MAX_FIDELITY_DROP = 0.10  # relative
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -29,6 +29,9 @@ from PIL import Image, ImageDraw
 
 from .shapes import COLOURS, SHAPES, SUPERSAMPLE, parse_caption, shape_polygon
 
+# The fidelity budget of the demo's success test and of the quality benchmark's selection:
+# a tuned model may lose at most this fraction of the base's fidelity.
+MAX_FIDELITY_DROP = 0.10
 FOREGROUND_THRESHOLD = 60  # of 255, in the channel that differs most from the background
 MIN_AREA, MAX_AREA = 0.02, 0.80  # hull area as a fraction of the image, for "a shape is there"
 
@@ -148,6 +151,11 @@ def classify_colour(pixels: np.ndarray, mask: np.ndarray) -> str:
         return "none"
     colour = np.median(pixels[mask], axis=0)
     return min(COLOURS, key=lambda name: float(np.sum((np.asarray(COLOURS[name]) - colour) ** 2)))
+
+
+def keeps_fidelity(fidelity: float, base_fidelity: float) -> bool:
+    """Whether ``fidelity`` is within ``MAX_FIDELITY_DROP`` (relative) of the base's."""
+    return fidelity >= (1 - MAX_FIDELITY_DROP) * base_fidelity
 
 
 def score_image(image, caption: str) -> ImageScores:
