@@ -2,7 +2,8 @@
 //
 // The same formulas as rpo_fast/ops.py::register_op_family, which registers them in
 // Python for the Triton ops: sample_errors' backward recomputes pred - target in
-// error_grad; pair_loss's backward scales the coefficients its forward returned. Written in
+// error_grad; pair_loss's backward scales the coefficients its forward returned; fused_loss
+// does both in one node. Written in
 // C++ because the Python autograd wrappers of torch.library cost about 0.1 to 0.2 ms per
 // forward+backward of the loss (docs/kernels-cpp.md), a large share of a step at SD
 // latent sizes. torch.compile traces these kernels like those of aten ops: the forward and
@@ -72,6 +73,42 @@ class SampleErrors : public torch::autograd::Function<SampleErrors> {
   }
 };
 
+// The fused loss: one node whose backward is the gradient write, scaled by dL.
+class FusedLoss : public torch::autograd::Function<FusedLoss> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& model_pred, const at::Tensor& target,
+                               const std::optional<at::Tensor>& ref_pred, const std::optional<at::Tensor>& ref_err,
+                               const std::optional<at::Tensor>& emb_w, const std::optional<at::Tensor>& emb_l,
+                               const std::optional<at::Tensor>& weights, int64_t method, int64_t loss_type,
+                               double beta, double tau) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("rpo_fast::fused_loss", "")
+                               .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                   const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
+                                   int64_t, double, double)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, metrics, coef] =
+        op.call(model_pred, target, ref_pred, ref_err, emb_w, emb_l, weights, method, loss_type, beta, tau);
+    ctx->save_for_backward({model_pred, target, coef});
+    ctx->mark_non_differentiable({metrics, coef});
+    return {loss, metrics, coef};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    at::Tensor grad_pred;
+    if (grads[0].defined()) {
+      const auto saved = ctx->get_saved_variables();
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      grad_pred = call_error_grad((saved[2] * grads[0].to(at::kFloat)).contiguous(), saved[0], saved[1]);
+    }
+    variable_list out(11);
+    out[0] = grad_pred;
+    return out;
+  }
+};
+
 class PairLoss : public torch::autograd::Function<PairLoss> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& model_err, const at::Tensor& ref_err,
@@ -104,10 +141,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_autograd(const at::Tens
   return {out[0], out[1], out[2]};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_loss_autograd(
+    const at::Tensor& model_pred, const at::Tensor& target, const std::optional<at::Tensor>& ref_pred,
+    const std::optional<at::Tensor>& ref_err, const std::optional<at::Tensor>& emb_w,
+    const std::optional<at::Tensor>& emb_l, const std::optional<at::Tensor>& weights, int64_t method,
+    int64_t loss_type, double beta, double tau) {
+  auto out = FusedLoss::apply(model_pred, target, ref_pred, ref_err, emb_w, emb_l, weights, method, loss_type, beta, tau);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 }  // namespace rpo_fast
 
 TORCH_LIBRARY_IMPL(rpo_fast, Autograd, m) {
+  m.impl("fused_loss", &rpo_fast::fused_loss_autograd);
   m.impl("sample_errors", &rpo_fast::sample_errors_autograd);
   m.impl("pair_loss", &rpo_fast::pair_loss_autograd);
 }

@@ -173,4 +173,21 @@ inline PairArgs prepare_pair_args(const at::Tensor& model_err, const at::Tensor&
   return a;
 }
 
+// similarity_weights arguments: checked, as float32 contiguous (M, E) matrices.
+struct SimilarityArgs {
+  at::Tensor w, l;
+};
+
+inline SimilarityArgs prepare_similarity_args(const at::Tensor& emb_w, const at::Tensor& emb_l, double tau) {
+  constexpr const char* op = "similarity_weights";
+  check_kernel_dtype(op, "emb_w", emb_w);
+  check_kernel_dtype(op, "emb_l", emb_l);
+  check_same_device(op, "emb_l", emb_l, emb_w);
+  TORCH_CHECK_VALUE(emb_w.dim() == 2 && emb_l.sizes() == emb_w.sizes(),
+                    "rpo_fast::similarity_weights: emb_w and emb_l must both have shape (M, E), got ", emb_w.sizes(),
+                    " and ", emb_l.sizes());
+  TORCH_CHECK_VALUE(tau > 0.0, "rpo_fast::similarity_weights: tau must be > 0, got ", tau);
+  return {emb_w.to(at::kFloat).contiguous(), emb_l.to(at::kFloat).contiguous()};
+}
+
 }  // namespace rpo_fast

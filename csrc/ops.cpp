@@ -1,7 +1,8 @@
 // The op schemas of rpo_fast._C and the Python module that loads them.
 //
-// rpo_fast/ops.py holds the contract of the three ops (and registers their fake kernels
-// and autograd); cpu/ops_cpu.cpp and cuda/ops_cuda.cu implement them per dispatch key.
+// rpo_fast/ops.py holds the contract of the ops (and registers their fake kernels);
+// cpu/ops_cpu.cpp and cuda/ops_cuda.cu implement the stages per dispatch key, fused.cpp
+// chains them into fused_loss, autograd.cpp gives the differentiable ones their backward.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -24,6 +25,11 @@ TORCH_LIBRARY(rpo_fast, m) {
       "pair_loss(Tensor model_err, Tensor ref_err, Tensor? weights, int method, int loss_type, float beta) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("error_grad(Tensor coef, Tensor model_pred, Tensor target) -> Tensor");
+  m.def("similarity_weights(Tensor emb_w, Tensor emb_l, float tau) -> Tensor");
+  m.def(
+      "fused_loss(Tensor model_pred, Tensor target, Tensor? ref_pred, Tensor? ref_err, Tensor? emb_w, "
+      "Tensor? emb_l, Tensor? weights, int method, int loss_type, float beta, float tau) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def("cpu_isa() -> str", &rpo_fast::cpu_isa);
 }
 

@@ -16,6 +16,7 @@ import torch
 
 from . import _extension, reference
 from ._types import BACKENDS, loss_type_code, method_code
+from .weights import similarity_weights as reference_weights
 
 logger = logging.getLogger("rpo_fast")
 
@@ -25,13 +26,19 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @dataclass(frozen=True)
 class Backend:
-    """The two stages of a loss: one pass over the predictions, then the O(M^2) loss."""
+    """The two stages of a loss: one pass over the predictions, then the O(M^2) loss; and,
+    where a backend has it, the whole loss in one op."""
 
     name: str
     # (model_pred, target, ref_pred | None) -> (model_err (2M,), ref_err (2M,) | None)
     sample_errors: Callable
     # (model_err, ref_err | None, weights | None, method, loss_type, beta) -> (loss, metrics)
     pair_loss: Callable
+    # (emb_w, emb_l, tau) -> (M, M) float32 weights
+    similarity_weights: Callable = reference_weights
+    # (LossInputs) -> (loss, metrics): the stages and the weights in one op, for a call that
+    # gathers nothing between the stages; None: the caller chains the stages.
+    fused_loss: Optional[Callable] = None
 
 
 def _fused_backend(name: str, ops_prefix: str) -> Backend:
@@ -58,7 +65,29 @@ def _fused_backend(name: str, ops_prefix: str) -> Backend:
         )
         return loss, metrics
 
-    return Backend(name, sample_errors, pair_loss)
+    if ops_prefix:  # the Triton ops: stages only
+        return Backend(name, sample_errors, pair_loss)
+
+    def similarity_weights(emb_w, emb_l, tau):
+        return torch.ops.rpo_fast.similarity_weights(emb_w.detach(), emb_l.detach(), float(tau))
+
+    def fused_loss(inputs):
+        loss, metrics, _ = torch.ops.rpo_fast.fused_loss(
+            inputs.model_pred,
+            inputs.target,
+            inputs.ref_pred,
+            inputs.ref_err.detach() if inputs.ref_err is not None else None,
+            inputs.emb_w.detach() if inputs.emb_w is not None else None,
+            inputs.emb_l.detach() if inputs.emb_l is not None else None,
+            inputs.weights.detach() if inputs.weights is not None else None,
+            method_code(inputs.method),
+            loss_type_code(inputs.loss_type or "sigmoid"),
+            float(inputs.beta),
+            float(inputs.tau),
+        )
+        return loss, metrics
+
+    return Backend(name, sample_errors, pair_loss, similarity_weights, fused_loss)
 
 
 TORCH_BACKEND = Backend("torch", reference.sample_errors, reference.pair_loss)
@@ -130,8 +159,21 @@ def _runs_on(name: str, device: torch.device) -> bool:
     return True
 
 
+# resolve()'s answers: what it reads is fixed for the life of the process, except the
+# Triton interpreter switch, which is part of the key. Asking again costs ~10 us a call.
+_RESOLVED: Dict[tuple, Backend] = {}
+
+
 def resolve(backend: str, device: torch.device, dtypes: Tuple[torch.dtype, ...]) -> Backend:
     """Returns the backend for tensors on ``device`` with input ``dtypes``."""
+    key = (backend, device.type, dtypes, os.environ.get("TRITON_INTERPRET"))
+    found = _RESOLVED.get(key)
+    if found is None:
+        found = _RESOLVED[key] = _resolve(backend, device, dtypes)
+    return found
+
+
+def _resolve(backend: str, device: torch.device, dtypes: Tuple[torch.dtype, ...]) -> Backend:
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend: expected 'auto' or one of {list(BACKENDS)}, got {backend!r}")
     available = available_backends()

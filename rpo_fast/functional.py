@@ -18,8 +18,7 @@ import torch
 from . import distributed
 from ._checks import LossInputs, check_inputs
 from ._types import METRIC_NAMES
-from .dispatch import pick_device_dtypes, resolve
-from .weights import similarity_weights
+from .dispatch import Backend, pick_device_dtypes, resolve
 
 LossResult = Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
 
@@ -30,27 +29,34 @@ _METRICS_BY_METHOD = {
 }
 
 
-def _compute(inputs: LossInputs, backend: str, process_group, return_metrics: bool) -> LossResult:
-    device, dtypes = pick_device_dtypes(inputs.model_pred, inputs.target, inputs.ref_pred)
-    impl = resolve(backend, device, dtypes)
-
+def _staged(impl: Backend, inputs: LossInputs, process_group, world: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The loss stage by stage, gathering the errors and embeddings of every rank between
+    the pass over the predictions and the pair stage when ``world > 1``."""
     model_err, ref_err = impl.sample_errors(inputs.model_pred, inputs.target, inputs.ref_pred)
     if inputs.ref_err is not None:
         ref_err = inputs.ref_err.detach().to(model_err.dtype)
     emb_w, emb_l = inputs.emb_w, inputs.emb_l
-    world = distributed.world_size(process_group)
     if world > 1:
         model_err, ref_err, emb_w, emb_l = distributed.gather_errors(model_err, ref_err, emb_w, emb_l, process_group)
-
     weights = inputs.weights
     if emb_w is not None:
-        weights = similarity_weights(emb_w, emb_l, inputs.tau)
+        weights = impl.similarity_weights(emb_w, emb_l, inputs.tau)
     loss, metrics = impl.pair_loss(model_err, ref_err, weights, inputs.method, inputs.loss_type, inputs.beta)
-    loss = distributed.scale_gradient_for_averaging(loss, world)
+    return distributed.scale_gradient_for_averaging(loss, world), metrics
+
+
+def _compute(inputs: LossInputs, backend: str, process_group, return_metrics: bool) -> LossResult:
+    device, dtypes = pick_device_dtypes(inputs.model_pred, inputs.target, inputs.ref_pred)
+    impl = resolve(backend, device, dtypes)
+    world = distributed.world_size(process_group)
+    if world == 1 and impl.fused_loss is not None:
+        loss, metrics = impl.fused_loss(inputs)
+    else:
+        loss, metrics = _staged(impl, inputs, process_group, world)
     if not return_metrics:
         return loss
-    metrics = metrics.detach()
-    return loss, {name: metrics[METRIC_NAMES.index(name)] for name in _METRICS_BY_METHOD[inputs.method]}
+    values = metrics.detach().unbind()  # one op for all of them, not one per metric
+    return loss, {name: values[METRIC_NAMES.index(name)] for name in _METRICS_BY_METHOD[inputs.method]}
 
 
 def diffusion_rpo_loss(

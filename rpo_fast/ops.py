@@ -1,6 +1,6 @@
 """Autograd formulas and fake (meta) kernels of the fused custom ops.
 
-Every fused backend exposes the same three ops (schemas in csrc/ops.cpp):
+Every fused backend exposes the same three stage ops (schemas in csrc/ops.cpp):
 
 * ``sample_errors(Tensor model_pred, Tensor target, Tensor? ref_pred) -> (Tensor, Tensor)``
   One pass over the inputs: per-sample policy errors and reference errors, float32 ``(2M,)``
@@ -11,6 +11,14 @@ Every fused backend exposes the same three ops (schemas in csrc/ops.cpp):
   and ``coef = dloss/dmodel_err`` ``(2M,)``, all float32.
 * ``error_grad(Tensor coef, Tensor model_pred, Tensor target) -> Tensor``
   The gradient write: ``coef[k] * 2 * (pred[k] - target[k]) / D`` in model_pred's dtype.
+
+The C++ extension adds two ops that the Triton backend does without:
+
+* ``similarity_weights(Tensor emb_w, Tensor emb_l, float tau) -> Tensor``: the ``(M, M)``
+  weights of rpo_fast/weights.py, float32.
+* ``fused_loss(model_pred, target, ref_pred?, ref_err?, emb_w?, emb_l?, weights?, int method,
+  int loss_type, float beta, float tau) -> (loss, metrics, coef)``: the stages chained in
+  C++, one op and one autograd node for a loss call on one process (csrc/fused.cpp).
 
 The C++ ops live in the namespace ``rpo_fast`` (``csrc/``), the Triton ones under
 ``rpo_fast::triton_*`` (``kernels/``). Both get their fake kernels and autograd here, from
@@ -45,6 +53,10 @@ def _fake_pair_loss(model_err, ref_err, weights, method, loss_type, beta):
 
 def _fake_error_grad(coef, model_pred, target):
     return torch.empty_like(model_pred)
+
+
+def _fake_fused_loss(model_pred, target, ref_pred, ref_err, emb_w, emb_l, weights, method, loss_type, beta, tau):
+    return _fake_pair_loss(model_pred.new_empty((model_pred.shape[0],), dtype=torch.float32), None, None, 0, 0, 1.0)
 
 
 def register_op_family(
@@ -100,4 +112,7 @@ def register_cxx_ops() -> None:
         register_op_family(
             "rpo_fast::sample_errors", "rpo_fast::pair_loss", "rpo_fast::error_grad", autograd=not in_cxx
         )
+        # Its autograd is in C++ only (csrc/autograd.cpp); similarity_weights needs no fake
+        # kernel: its ATen version (csrc/fused.cpp) runs on Meta and fake tensors.
+        torch.library.register_fake("rpo_fast::fused_loss")(_fake_fused_loss)
         _cxx_registered = True

@@ -285,3 +285,70 @@ def assert_compiled_step_matches_eager(model, forward, x):
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
     for got, want in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------- similarity weights, fused op
+
+def check_similarity_weights(weights_op, pairs, width, dtype, device="cpu"):
+    """An (M, M) similarity-weights op against the reference in float64 (rpo_fast/weights.py):
+    the embeddings are widened exactly, the sums run in float32 (a few roundings of values
+    below 1/tau), then exp and normalization."""
+    gen = torch.Generator().manual_seed(pairs * 1000 + width)
+    emb_w = torch.randn(pairs, width, generator=gen).to(device=device, dtype=dtype)
+    emb_l = (emb_w.float().cpu() + torch.randn(pairs, width, generator=gen)).to(device=device, dtype=dtype)
+    got = weights_op(emb_w, emb_l, 0.5)
+    assert got.dtype == torch.float32 and got.shape == (pairs, pairs)
+    want = similarity_weights(emb_w.double(), emb_l.double(), 0.5)
+    assert_within(got, want, 1e-7, 1e-5, "similarity weights")
+
+
+def check_similarity_weights_edge_rows(weights_op, device="cpu"):
+    """A zero embedding has cosine 0 with everything (F.normalize's eps), as in the reference;
+    a NaN makes its row NaN and an inf every row (then the loss is NaN, never finite)."""
+    gen = torch.Generator().manual_seed(11)
+    emb_w, emb_l = (torch.randn(3, 40, generator=gen) for _ in range(2))
+    emb_w[1] = 0.0
+    got = weights_op(emb_w.to(device), emb_l.to(device), 0.5)
+    assert_within(got, similarity_weights(emb_w.double(), emb_l.double(), 0.5), 1e-7, 1e-5, "zero row")
+    with_nan = emb_w.clone()
+    with_nan[2, 5] = float("nan")
+    got = weights_op(with_nan.to(device), emb_l.to(device), 0.5).cpu()
+    assert got[2].isnan().all() and got[:2].isfinite().all()
+    with_inf = emb_l.clone()
+    with_inf[0, 3] = float("inf")
+    assert weights_op(emb_w.to(device), with_inf.to(device), 0.5).isnan().all()
+
+
+FUSED_CASES = [
+    ("rpo", "embeddings", False), ("rpo", "explicit", False), ("rpo", "uniform", True),
+    ("dpo", "uniform", False), ("dpo", "uniform", True), ("sft", "uniform", False),
+]
+FUSED_IDS = [f"{m}-{w}-{'ref_err' if r else 'ref_pred'}" for m, w, r in FUSED_CASES]
+
+
+def check_fused_matches_stages(method, weights, use_ref_err, dtype, device="cpu"):
+    """fused_loss is the stage ops chained: the same loss, metrics and coefficients, bit for
+    bit, and (through autograd) the same gradient as error_grad of those coefficients."""
+    ops = torch.ops.rpo_fast
+    inputs = make_inputs(5, SMALL, dtype, device, with_embeddings=weights == "embeddings",
+                         with_weights=weights == "explicit")
+    pred, target, ref_pred = inputs["model_pred"], inputs["target"], inputs["ref_pred"]
+    if method == "sft":
+        ref_pred = None
+    model_err, ref_err = ops.sample_errors(pred, target, ref_pred)
+    given_ref_err = None
+    if use_ref_err:
+        given_ref_err, ref_pred = ref_err.to(dtype), None
+        ref_err = given_ref_err.float()
+    stage_weights = inputs["weights"]
+    if weights == "embeddings":
+        stage_weights = ops.similarity_weights(inputs["emb_w"], inputs["emb_l"], 0.5)
+    codes = (method_code(method), loss_type_code("sigmoid"), TEST_BETA)
+    staged = ops.pair_loss(model_err, ref_err, stage_weights, *codes)
+    leaf = pred.detach().clone().requires_grad_(True)
+    fused = ops.fused_loss(leaf, target, ref_pred, given_ref_err, inputs["emb_w"], inputs["emb_l"],
+                           inputs["weights"], *codes, 0.5)
+    for name, a, b in zip(("loss", "metrics", "coef"), fused, staged):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), name
+    (grad,) = torch.autograd.grad(fused[0] * 3.0, leaf)
+    assert torch.equal(grad, ops.error_grad(staged[2] * 3.0, pred, target))

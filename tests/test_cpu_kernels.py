@@ -19,7 +19,12 @@ from rpo_fast._types import LOSS_TYPES
 
 import parity_utils
 from parity_utils import (
+    FUSED_CASES,
+    FUSED_IDS,
+    check_fused_matches_stages,
     check_nan_prediction_gives_nan_loss,
+    check_similarity_weights,
+    check_similarity_weights_edge_rows,
     PAIR_STAGE_CASES,
     PAIR_STAGE_IDS,
     check_hinge_slope_at_the_kink,
@@ -260,6 +265,75 @@ def test_forced_instruction_sets_match(tmp_path):
         done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         assert done.stdout.split() == [isa, "ok"], done.stdout
+
+
+@pytest.mark.parametrize("shape", [(2, 77), (4, 3, 101, 109)], ids=["2x77", "4x3x101x109"])
+def test_bfloat16_gradient_rounds_like_torch(shape):
+    """All-bfloat16 inputs take the even/odd path (csrc/cpu/kernels_impl.h): the gradient
+    must be bit for bit the float32 arithmetic rounded as tensor.to(bfloat16) rounds, with
+    ties, values that round up into the next binade, NaN and infinities among the inputs."""
+    gen = torch.Generator().manual_seed(6)
+    pred, target = (torch.randn(shape, generator=gen).to(torch.bfloat16) for _ in range(2))
+    flat = pred.view(-1)
+    flat[5], flat[40], flat[70] = float("nan"), float("inf"), -float("inf")
+    coef = torch.randn(shape[0], generator=gen)
+    d = pred[0].numel()
+    scale = (coef.double() * 2.0 / d).float()  # the kernel's per-sample scale, rounded once
+    view = (-1,) + (1,) * (len(shape) - 1)
+    expected = ((pred.float() - target.float()) * scale.view(view)).to(torch.bfloat16)
+    grad = ops.error_grad(coef, pred, target)
+    assert torch.equal(grad.isnan(), expected.isnan())
+    assert torch.equal(grad.nan_to_num(), expected.nan_to_num())
+
+
+# ----------------------------------------------------------------- similarity weights, fused op
+
+
+@pytest.mark.parametrize("width", [5, 33, 768])
+@pytest.mark.parametrize("pairs", [1, 3, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_similarity_weights_op(pairs, width, dtype):
+    check_similarity_weights(ops.similarity_weights, pairs, width, dtype)
+
+
+def test_similarity_weights_aten_version():
+    """The ATen version that CUDA and Meta tensors run (csrc/fused.cpp), called here on CPU
+    tensors by dispatching past the CPU kernel."""
+    composite = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+
+    def aten_version(emb_w, emb_l, tau):
+        return ops.similarity_weights.default.redispatch(composite, emb_w, emb_l, tau)
+
+    check_similarity_weights(aten_version, 33, 768, torch.float32)
+    check_similarity_weights_edge_rows(aten_version)
+    meta = ops.similarity_weights(torch.empty(4, 8, device="meta"), torch.empty(4, 8, device="meta"), 0.5)
+    assert meta.shape == (4, 4) and meta.dtype == torch.float32
+
+
+def test_similarity_weights_edge_rows():
+    check_similarity_weights_edge_rows(ops.similarity_weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("method,weights,use_ref_err", FUSED_CASES, ids=FUSED_IDS)
+def test_fused_loss_is_the_stages_chained(method, weights, use_ref_err, dtype):
+    check_fused_matches_stages(method, weights, use_ref_err, dtype)
+
+
+def test_fused_loss_rejects_bad_input_with_named_argument():
+    x, emb = torch.randn(4, 3), torch.randn(2, 5)
+    with pytest.raises(ValueError, match="emb_w and emb_l together"):
+        ops.fused_loss(x, x, x, None, emb, None, None, 2, 0, 1.0, 0.5)
+    with pytest.raises(ValueError, match="embeddings or weights, not both"):
+        ops.fused_loss(x, x, x, None, emb, emb, torch.ones(2, 2), 2, 0, 1.0, 0.5)
+    with pytest.raises(ValueError, match="ref_pred or ref_err, not both"):
+        ops.fused_loss(x, x, x, torch.ones(4), None, None, None, 2, 0, 1.0, 0.5)
+    with pytest.raises(ValueError, match="emb_w and emb_l must both have shape"):
+        ops.similarity_weights(emb, emb[:1], 0.5)
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        ops.similarity_weights(emb, emb, 0.0)
+    with pytest.raises(TypeError, match="emb_l must be float32, bfloat16 or float16"):
+        ops.similarity_weights(emb, emb.double(), 0.5)
 
 
 # ----------------------------------------------------------------- the pair stage

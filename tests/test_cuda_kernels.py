@@ -16,7 +16,12 @@ import rpo_fast
 from rpo_fast._types import LOSS_TYPES
 
 from parity_utils import (
+    FUSED_CASES,
+    FUSED_IDS,
     assert_compiled_step_matches_eager,
+    check_fused_matches_stages,
+    check_similarity_weights,
+    check_similarity_weights_edge_rows,
     PAIR_STAGE_CASES,
     PAIR_STAGE_IDS,
     check_hinge_slope_at_the_kink,
@@ -165,3 +170,19 @@ def test_compiled_step_on_cuda():
         return rpo_fast.diffusion_rpo_loss(model(x), target, ref, beta=100.0, backend="cuda")
 
     assert_compiled_step_matches_eager(model, forward, x)
+
+
+# ----------------------------------------------------------------- similarity weights, fused op
+
+
+@pytest.mark.parametrize("pairs", [1, 3, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_similarity_weights_op(pairs, dtype):
+    check_similarity_weights(ops.similarity_weights, pairs, 768, dtype, device="cuda")
+    check_similarity_weights_edge_rows(ops.similarity_weights, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("method,weights,use_ref_err", FUSED_CASES, ids=FUSED_IDS)
+def test_fused_loss_is_the_stages_chained(method, weights, use_ref_err, dtype):
+    check_fused_matches_stages(method, weights, use_ref_err, dtype, device="cuda")

@@ -13,14 +13,16 @@ WORLD = 2
 PAIRS_PER_RANK = 3
 
 
-def global_batch():
+def global_batch(dtype=torch.float64):
+    """float64 runs the torch backend; float32 the cpu backend, whose ranks chain the stage
+    ops around the gather while one process on the global batch runs fused_loss."""
     gen = torch.Generator().manual_seed(1)
     m = WORLD * PAIRS_PER_RANK
     target = torch.randn(2 * m, 2, 3, 3, generator=gen, dtype=torch.float64)
     ref = target + torch.randn(2 * m, 2, 3, 3, generator=gen, dtype=torch.float64)
     pred = ref + 0.1 * torch.randn(2 * m, 2, 3, 3, generator=gen, dtype=torch.float64)
     emb = torch.randn(2 * m, 5, generator=gen, dtype=torch.float64)
-    return pred, target, ref, emb[:m], emb[m:]
+    return tuple(t.to(dtype) for t in (pred, target, ref, emb[:m], emb[m:]))
 
 
 def local_rows(rank):
@@ -33,7 +35,7 @@ def local_rows(rank):
 def _worker(rank, init_file, out_dir, kwargs):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        pred, target, ref, emb_w, emb_l = global_batch()
+        pred, target, ref, emb_w, emb_l = global_batch(kwargs["dtype"])
         rows = local_rows(rank)
         m = PAIRS_PER_RANK
         local_pred = pred[rows].clone().requires_grad_(True)
@@ -49,10 +51,12 @@ def _worker(rank, init_file, out_dir, kwargs):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("embeddings", [False, True])
-def test_two_processes_match_one_global_batch(tmp_path, embeddings):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), {"embeddings": embeddings}), nprocs=WORLD, join=True)
-    pred, target, ref, emb_w, emb_l = global_batch()
+def test_two_processes_match_one_global_batch(tmp_path, embeddings, dtype):
+    kwargs = {"embeddings": embeddings, "dtype": dtype}
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), kwargs), nprocs=WORLD, join=True)
+    pred, target, ref, emb_w, emb_l = global_batch(dtype)
     pred.requires_grad_(True)
     extra = dict(emb_w=emb_w, emb_l=emb_l) if embeddings else {}
     loss, metrics = rpo_fast.diffusion_rpo_loss(pred, target, ref, beta=20.0, return_metrics=True, **extra)

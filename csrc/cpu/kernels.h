@@ -41,10 +41,21 @@ struct GradJob {
   int64_t n, d;
 };
 
+// The similarity weights of Diffusion-RPO: out[i, j] = softmax_j(cos(w[i], l[j]) / tau),
+// from m rows of e contiguous floats each (row-major), into an (m, m) row-major output.
+struct SimilarityJob {
+  const float* w;
+  const float* l;
+  int64_t m, e;
+  double tau;
+  float* out;
+};
+
 struct KernelSet {
   const char* name;  // instruction set: "default", "avx2" or "avx512"
   void (*sample_errors)(const ErrorsJob&);
   void (*error_grad)(const GradJob&);
+  void (*similarity_weights)(const SimilarityJob&);
 };
 
 // One per instruction set (defined in kernels_<isa>.cpp).

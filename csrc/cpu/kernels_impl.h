@@ -99,6 +99,66 @@ inline bool streams_output(int64_t touched_bytes) {
   return touched_bytes > threshold;
 }
 
+// kStep bfloat16 elements as two float vectors in an order of their own: the even-indexed
+// elements, then the odd-indexed ones. A bfloat16 is the top half of a float, so that is a
+// shift and a mask (2 instructions) instead of the widening of load_to_float (5); sums do
+// not care about order, as long as every input of the sum is read the same way.
+inline void load2_unordered(const c10::BFloat16* p, fVec& a, fVec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i v = _mm512_loadu_si512(p);
+  a = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  b = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xFFFF0000u))));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  a = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  b = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u))));
+#else
+  load2(p, a, b);
+#endif
+}
+
+// The inverse of load2_unordered: kStep bfloat16 to memory from the even-indexed elements (a)
+// and the odd-indexed ones (b), rounded to nearest even with NaN kept a NaN, as tensor.to()
+// rounds; streamed or stored.
+#if defined(CPU_CAPABILITY_AVX512)
+#define RPO_HAS_UNORDERED_STORE 1
+// x rounded to bfloat16, in the top half of each lane.
+inline __m512i bf16_top_half(const fVec& x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), _mm512_set1_epi32(0x7FC00000), rounded);
+}
+inline void store2_unordered(c10::BFloat16* p, const fVec& a, const fVec& b, bool stream) {
+  const __m512i v = _mm512_or_si512(_mm512_srli_epi32(bf16_top_half(a), 16),
+                                    _mm512_and_si512(bf16_top_half(b), _mm512_set1_epi32(int(0xFFFF0000u))));
+  if (stream) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+  } else {
+    _mm512_storeu_si512(p, v);
+  }
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+#define RPO_HAS_UNORDERED_STORE 1
+inline __m256i bf16_top_half(const fVec& x) {
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  const __m256 is_number = _mm256_cmp_ps(x, x, _CMP_ORD_Q);
+  return _mm256_castps_si256(
+      _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), _mm256_castsi256_ps(rounded), is_number));
+}
+inline void store2_unordered(c10::BFloat16* p, const fVec& a, const fVec& b, bool stream) {
+  const __m256i v = _mm256_or_si256(_mm256_srli_epi32(bf16_top_half(a), 16),
+                                    _mm256_and_si256(bf16_top_half(b), _mm256_set1_epi32(int(0xFFFF0000u))));
+  if (stream) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+  }
+}
+#endif
+
 inline double sum_lanes(const fVec& v) {
   alignas(64) float lanes[fVec::size()];
   v.store(lanes);
@@ -107,11 +167,28 @@ inline double sum_lanes(const fVec& v) {
   return s;
 }
 
+// Work items (chunks of samples of d elements) per parallel task: enough elements that
+// waking the other threads pays off; small batches then run on the calling thread.
+inline int64_t work_grain(int64_t d) {
+  constexpr int64_t kMinTaskElements = 32768;
+  return std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(1, std::min(d, kChunk)));
+}
+
 // Sums of squared differences over elements [0, len) of one chunk:
 // out[0] = sum (model - target)^2, out[1] = sum (ref - target)^2 (when TR is not NoRef).
 template <typename TM, typename TT, typename TR>
 void chunk_sums(const TM* pm, const TT* pt, const TR* pr, int64_t len, double* out) {
   constexpr bool kRef = !std::is_same_v<TR, NoRef>;
+  // All inputs bfloat16: read in the cheaper order of load2_unordered (the same for all).
+  constexpr bool kUnordered = std::is_same_v<TM, c10::BFloat16> && std::is_same_v<TT, c10::BFloat16> &&
+                              (!kRef || std::is_same_v<TR, c10::BFloat16>);
+  const auto load = [](const auto* p, fVec& a, fVec& b) {
+    if constexpr (kUnordered) {
+      load2_unordered(p, a, b);
+    } else {
+      load2(p, a, b);
+    }
+  };
   double sum_m = 0.0, sum_r = 0.0;
   int64_t i = 0;
   while (i + kStep <= len) {
@@ -119,14 +196,14 @@ void chunk_sums(const TM* pm, const TT* pt, const TR* pr, int64_t len, double* o
     fVec am0(0.f), am1(0.f), ar0(0.f), ar1(0.f);
     for (; i < block_end; i += kStep) {
       fVec t0, t1, m0, m1;
-      load2(pt + i, t0, t1);
-      load2(pm + i, m0, m1);
+      load(pt + i, t0, t1);
+      load(pm + i, m0, m1);
       const fVec dm0 = m0 - t0, dm1 = m1 - t1;
       am0 = at::vec::fmadd(dm0, dm0, am0);
       am1 = at::vec::fmadd(dm1, dm1, am1);
       if constexpr (kRef) {
         fVec r0, r1;
-        load2(pr + i, r0, r1);
+        load(pr + i, r0, r1);
         const fVec dr0 = r0 - t0, dr1 = r1 - t1;
         ar0 = at::vec::fmadd(dr0, dr0, ar0);
         ar1 = at::vec::fmadd(dr1, dr1, ar1);
@@ -157,7 +234,7 @@ void sample_errors_typed(const ErrorsJob& job) {
   const auto* model = static_cast<const TM*>(job.model);
   const auto* target = static_cast<const TT*>(job.target);
   const auto* ref = static_cast<const TR*>(job.ref);
-  at::parallel_for(0, n * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n * chunks, work_grain(d), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t k = item / chunks, c = item % chunks;
       const int64_t lo = c * kChunk, len = std::min(d, lo + kChunk) - lo;
@@ -181,12 +258,18 @@ template <typename TM, typename TT>
 void error_grad_typed(const GradJob& job) {
   const int64_t n = job.n, d = job.d;
   if (n == 0 || d == 0) return;
+  // All bfloat16: read and written in the cheaper order of load2_unordered.
+#ifdef RPO_HAS_UNORDERED_STORE
+  constexpr bool kUnordered = std::is_same_v<TM, c10::BFloat16> && std::is_same_v<TT, c10::BFloat16>;
+#else
+  constexpr bool kUnordered = false;
+#endif
   const int64_t chunks = (d + kChunk - 1) / kChunk;
   const auto* model = static_cast<const TM*>(job.model);
   const auto* target = static_cast<const TT*>(job.target);
   auto* grad = static_cast<TM*>(job.grad);
   [[maybe_unused]] const bool stream = streams_output(n * d * int64_t(2 * sizeof(TM) + sizeof(TT)));
-  at::parallel_for(0, n * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n * chunks, work_grain(d), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t k = item / chunks, c = item % chunks;
       const int64_t lo = c * kChunk, len = std::min(d, lo + kChunk) - lo;
@@ -195,30 +278,86 @@ void error_grad_typed(const GradJob& job) {
       TM* pg = grad + k * job.grad_stride + lo;
       const float scale = float(double(job.coef[k]) * 2.0 / double(d));
       const fVec vscale(scale);
+      // kStep elements from i on; stream_now: non-temporal stores (i aligned for them).
+      const auto step = [&](int64_t i, bool stream_now) {
+        fVec t0, t1, m0, m1;
+        if constexpr (kUnordered) {
+#ifdef RPO_HAS_UNORDERED_STORE
+          load2_unordered(pt + i, t0, t1);
+          load2_unordered(pm + i, m0, m1);
+          store2_unordered(pg + i, (m0 - t0) * vscale, (m1 - t1) * vscale, stream_now);
+#endif
+        } else {
+          load2(pt + i, t0, t1);
+          load2(pm + i, m0, m1);
+#ifdef RPO_HAS_STREAM
+          if (stream_now) {
+            stream2(pg + i, (m0 - t0) * vscale, (m1 - t1) * vscale);
+            return;
+          }
+#endif
+          store2(pg + i, (m0 - t0) * vscale, (m1 - t1) * vscale);
+        }
+      };
       int64_t i = 0;
 #ifdef RPO_HAS_STREAM
       if (stream) {
         for (; i < len && reinterpret_cast<uintptr_t>(pg + i) % kStreamAlign != 0; ++i)
           pg[i] = TM((float(pm[i]) - float(pt[i])) * scale);
-        for (; i + kStep <= len; i += kStep) {
-          fVec t0, t1, m0, m1;
-          load2(pt + i, t0, t1);
-          load2(pm + i, m0, m1);
-          stream2(pg + i, (m0 - t0) * vscale, (m1 - t1) * vscale);
-        }
+        for (; i + kStep <= len; i += kStep) step(i, true);
       }
 #endif
-      for (; i + kStep <= len; i += kStep) {
-        fVec t0, t1, m0, m1;
-        load2(pt + i, t0, t1);
-        load2(pm + i, m0, m1);
-        store2(pg + i, (m0 - t0) * vscale, (m1 - t1) * vscale);
-      }
+      for (; i + kStep <= len; i += kStep) step(i, false);
       for (; i < len; ++i) pg[i] = TM((float(pm[i]) - float(pt[i])) * scale);
     }
 #ifdef RPO_HAS_STREAM
     if (stream) _mm_sfence();  // order the streamed stores before the op returns
 #endif
+  });
+}
+
+// sum_i a[i] * b[i] over e floats: float vectors (a few dozen terms per lane at CLIP widths),
+// their lanes summed in double.
+inline double dot(const float* a, const float* b, int64_t e) {
+  fVec acc0(0.f), acc1(0.f);
+  int64_t i = 0;
+  for (; i + kStep <= e; i += kStep) {
+    acc0 = at::vec::fmadd(fVec::loadu(a + i), fVec::loadu(b + i), acc0);
+    acc1 = at::vec::fmadd(fVec::loadu(a + i + fVec::size()), fVec::loadu(b + i + fVec::size()), acc1);
+  }
+  double s = sum_lanes(acc0 + acc1);
+  for (; i < e; ++i) s += double(a[i]) * double(b[i]);
+  return s;
+}
+
+// cos(w_i, l_j) = w_i . l_j / (max(|w_i|, eps) max(|l_j|, eps)), eps = 1e-12 as in
+// F.normalize, without writing normalized copies; the row softmax in double. Non-finite
+// embeddings give NaN rows (the pair stage then makes the loss NaN).
+void similarity_weights(const SimilarityJob& job) {
+  const int64_t m = job.m, e = job.e;
+  if (m == 0) return;
+  std::vector<double> inv_w(static_cast<size_t>(m)), inv_l(static_cast<size_t>(m));
+  for (int64_t i = 0; i < m; ++i) {
+    inv_w[i] = 1.0 / std::max(std::sqrt(dot(job.w + i * e, job.w + i * e, e)), 1e-12);
+    inv_l[i] = 1.0 / std::max(std::sqrt(dot(job.l + i * e, job.l + i * e, e)), 1e-12);
+  }
+  // Rows in parallel only when there is enough work (a global batch of many pairs).
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, m * e));
+  at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+    std::vector<double> row(static_cast<size_t>(m));
+    for (int64_t i = begin; i < end; ++i) {
+      double top = -std::numeric_limits<double>::infinity();
+      for (int64_t j = 0; j < m; ++j) {
+        row[j] = dot(job.w + i * e, job.l + j * e, e) * inv_w[i] * inv_l[j] / job.tau;
+        top = std::max(top, row[j]);
+      }
+      double total = 0.0;
+      for (int64_t j = 0; j < m; ++j) {
+        row[j] = std::exp(row[j] - top);  // NaN stays NaN, and makes total NaN
+        total += row[j];
+      }
+      for (int64_t j = 0; j < m; ++j) job.out[i * m + j] = float(row[j] / total);
+    }
   });
 }
 
@@ -259,7 +398,8 @@ void error_grad(const GradJob& job) {
 
 }  // namespace CPU_CAPABILITY
 
-KernelSet RPO_KERNELS_FN() { return KernelSet{RPO_KERNELS_NAME, &CPU_CAPABILITY::sample_errors, &CPU_CAPABILITY::error_grad}; }
+KernelSet RPO_KERNELS_FN() { return KernelSet{RPO_KERNELS_NAME, &CPU_CAPABILITY::sample_errors, &CPU_CAPABILITY::error_grad,
+                   &CPU_CAPABILITY::similarity_weights}; }
 
 }  // namespace cpu
 }  // namespace rpo_fast

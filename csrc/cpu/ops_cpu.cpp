@@ -137,6 +137,16 @@ at::Tensor error_grad_cpu(const at::Tensor& coef, const at::Tensor& model_pred, 
   return b.grad;
 }
 
+at::Tensor similarity_weights_cpu(const at::Tensor& emb_w, const at::Tensor& emb_l, double tau) {
+  const SimilarityArgs a = prepare_similarity_args(emb_w, emb_l, tau);
+  const int64_t m = a.w.size(0);
+  at::Tensor out = at::empty({m, m}, a.w.options());
+  SimilarityJob job{a.w.const_data_ptr<float>(), a.l.const_data_ptr<float>(), m, a.w.size(1), tau,
+                    out.mutable_data_ptr<float>()};
+  selected_kernels().similarity_weights(job);
+  return out;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace rpo_fast
@@ -145,4 +155,5 @@ TORCH_LIBRARY_IMPL(rpo_fast, CPU, m) {
   m.impl("sample_errors", &rpo_fast::cpu::sample_errors_cpu);
   m.impl("pair_loss", &rpo_fast::cpu::pair_loss_cpu);
   m.impl("error_grad", &rpo_fast::cpu::error_grad_cpu);
+  m.impl("similarity_weights", &rpo_fast::cpu::similarity_weights_cpu);
 }
