@@ -42,7 +42,8 @@ class Backend:
 
 
 def _fused_backend(name: str, ops_prefix: str) -> Backend:
-    """A backend made of the three custom ops ``rpo_fast::{prefix}sample_errors`` etc."""
+    """A backend made of the custom ops ``rpo_fast::{prefix}sample_errors`` etc.: the Triton
+    ones (prefix ``triton_``) are the stages; the C++ ones add the weights and ``fused_loss``."""
     errors_op = getattr(torch.ops.rpo_fast, f"{ops_prefix}sample_errors")
     pair_op = getattr(torch.ops.rpo_fast, f"{ops_prefix}pair_loss")
 
