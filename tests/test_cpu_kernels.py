@@ -235,7 +235,8 @@ def test_sums_stay_accurate_on_large_samples():
 
 def test_forced_instruction_sets_match(tmp_path):
     """The AVX2 and scalar builds of the kernels (picked with ATEN_CPU_CAPABILITY) give the
-    results of the float64 reference too; on this machine they otherwise never run."""
+    results of the float64 reference too (and the bf16 gradient torch's rounding, bit for
+    bit); on this machine they otherwise never run."""
     script = tmp_path / "check.py"
     script.write_text(
         "import sys, torch, rpo_fast\n"
@@ -253,6 +254,12 @@ def test_forced_instruction_sets_match(tmp_path):
         "    exp = (c.double().view(-1, 1, 1, 1) * 2 * (p.double() - t.double()) / p[0].numel())\n"
         "    tol = {torch.float32: 5e-7, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]\n"
         "    assert torch.allclose(grad.double(), exp, rtol=tol, atol=1e-7), dtype\n"
+        "    if dtype == torch.bfloat16:  # the even/odd path rounds exactly as torch does\n"
+        "        s = (c.double() * 2.0 / p[0].numel()).float().view(-1, 1, 1, 1)\n"
+        "        assert torch.equal(grad, ((p.float() - t.float()) * s).to(dtype))\n"
+        "w, l = torch.randn(2, 5, 37, generator=g)\n"
+        "want = torch.softmax(torch.nn.functional.normalize(w.double(), dim=-1) @ torch.nn.functional.normalize(l.double(), dim=-1).T / 0.5, -1)\n"
+        "assert torch.allclose(ops.similarity_weights(w, l, 0.5).double(), want, rtol=1e-5, atol=1e-7)\n"
         "print('ok')\n"
     )
     supported = {"AVX512": ["default", "avx2", "avx512"], "AVX2": ["default", "avx2"]}.get(
