@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <utility>
 
 namespace rpo_fast {
 
@@ -180,8 +181,11 @@ struct SimilarityArgs {
 
 inline SimilarityArgs prepare_similarity_args(const at::Tensor& emb_w, const at::Tensor& emb_l, double tau) {
   constexpr const char* op = "similarity_weights";
-  check_kernel_dtype(op, "emb_w", emb_w);
-  check_kernel_dtype(op, "emb_l", emb_l);
+  // Any floating dtype (float64 CLIP features too): the kernel reads float32 copies.
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"emb_w", emb_w}, {"emb_l", emb_l}}) {
+    TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "rpo_fast::", op, ": ", name,
+                     " must have a floating dtype, got ", t.scalar_type());
+  }
   check_same_device(op, "emb_l", emb_l, emb_w);
   TORCH_CHECK_VALUE(emb_w.dim() == 2 && emb_l.sizes() == emb_w.sizes(),
                     "rpo_fast::similarity_weights: emb_w and emb_l must both have shape (M, E), got ", emb_w.sizes(),
