@@ -11,9 +11,10 @@
 //
 // No double backward: the gradients do not require grad (a loss needs none).
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+
+#include "op_calls.h"
 
 #include <optional>
 #include <tuple>
@@ -23,33 +24,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-std::tuple<at::Tensor, at::Tensor> call_sample_errors(const at::Tensor& model_pred, const at::Tensor& target,
-                                                      const std::optional<at::Tensor>& ref_pred) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("rpo_fast::sample_errors", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                       const std::optional<at::Tensor>&)>();
-  return op.call(model_pred, target, ref_pred);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> call_pair_loss(const at::Tensor& model_err, const at::Tensor& ref_err,
-                                                              const std::optional<at::Tensor>& weights, int64_t method,
-                                                              int64_t loss_type, double beta) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("rpo_fast::pair_loss", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                                 const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
-                                 int64_t, double)>();
-  return op.call(model_err, ref_err, weights, method, loss_type, beta);
-}
-
-at::Tensor call_error_grad(const at::Tensor& coef, const at::Tensor& model_pred, const at::Tensor& target) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("rpo_fast::error_grad", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
-  return op.call(coef, model_pred, target);
-}
 
 class SampleErrors : public torch::autograd::Function<SampleErrors> {
  public:
@@ -81,16 +55,9 @@ class FusedLoss : public torch::autograd::Function<FusedLoss> {
                                const std::optional<at::Tensor>& emb_w, const std::optional<at::Tensor>& emb_l,
                                const std::optional<at::Tensor>& weights, int64_t method, int64_t loss_type,
                                double beta, double tau) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("rpo_fast::fused_loss", "")
-                               .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                                   const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
-                                   int64_t, double, double)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, metrics, coef] =
-        op.call(model_pred, target, ref_pred, ref_err, emb_w, emb_l, weights, method, loss_type, beta, tau);
+        call_fused_loss(model_pred, target, ref_pred, ref_err, emb_w, emb_l, weights, method, loss_type, beta, tau);
     ctx->save_for_backward({model_pred, target, coef});
     ctx->mark_non_differentiable({metrics, coef});
     return {loss, metrics, coef};

@@ -10,18 +10,16 @@
 // Also here: similarity_weights for tensors without a kernel of their own (CUDA, Meta), in
 // ATen ops; the CPU kernel is in cpu/ops_cpu.cpp.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
 
+#include "op_calls.h"
 #include "op_inputs.h"
 
 namespace rpo_fast {
 namespace {
-
-bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // softmax_j(cos(emb_w[i], emb_l[j]) / tau) as rpo_fast/weights.py writes it.
 at::Tensor similarity_weights_aten(const at::Tensor& emb_w, const at::Tensor& emb_l, double tau) {
@@ -37,33 +35,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_loss(
     const std::optional<at::Tensor>& ref_err, const std::optional<at::Tensor>& emb_w,
     const std::optional<at::Tensor>& emb_l, const std::optional<at::Tensor>& weights, int64_t method,
     int64_t loss_type, double beta, double tau) {
-  static const auto errors_op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("rpo_fast::sample_errors", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                    const std::optional<at::Tensor>&)>();
-  static const auto weights_op = c10::Dispatcher::singleton()
-                                     .findSchemaOrThrow("rpo_fast::similarity_weights", "")
-                                     .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>();
-  static const auto pair_op = c10::Dispatcher::singleton()
-                                  .findSchemaOrThrow("rpo_fast::pair_loss", "")
-                                  .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                                      const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                      int64_t, int64_t, double)>();
   TORCH_CHECK_VALUE(present(emb_w) == present(emb_l), "rpo_fast::fused_loss: pass emb_w and emb_l together");
   TORCH_CHECK_VALUE(!(present(emb_w) && present(weights)),
                     "rpo_fast::fused_loss: pass embeddings or weights, not both");
   TORCH_CHECK_VALUE(!(present(ref_pred) && present(ref_err)),
                     "rpo_fast::fused_loss: pass ref_pred or ref_err, not both");
-  auto [model_err, ref_from_pred] = errors_op.call(model_pred, target, ref_pred);
+  auto [model_err, ref_from_pred] = call_sample_errors(model_pred, target, ref_pred);
   const at::Tensor ref = present(ref_err) ? ref_err->to(at::kFloat).contiguous() : ref_from_pred;
   std::optional<at::Tensor> pair_weights;
   if (present(emb_w)) {
-    pair_weights = weights_op.call(*emb_w, *emb_l, tau);
+    pair_weights = call_similarity_weights(*emb_w, *emb_l, tau);
   } else if (present(weights)) {
     pair_weights = weights->to(at::kFloat).contiguous();
   }
-  return pair_op.call(model_err, ref, pair_weights, method, loss_type, beta);
+  return call_pair_loss(model_err, ref, pair_weights, method, loss_type, beta);
 }
 
 }  // namespace

@@ -16,6 +16,9 @@
 
 namespace rpo_fast {
 
+// Whether an optional tensor argument was passed (Python None arrives as nullopt or undefined).
+inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
 inline void check_kernel_dtype(const char* op, const char* name, const at::Tensor& t) {
   const auto dtype = t.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "rpo_fast::", op,
@@ -80,7 +83,7 @@ inline SampleBatch prepare_sample_batch(const at::Tensor& model_pred, const at::
   check_kernel_dtype(op, "target", target);
   check_same_shape(op, "target", target, model_pred);
   check_same_device(op, "target", target, model_pred);
-  const bool has_ref = ref_pred.has_value() && ref_pred->defined();
+  const bool has_ref = present(ref_pred);
   if (has_ref) {
     check_kernel_dtype(op, "ref_pred", *ref_pred);
     check_same_shape(op, "ref_pred", *ref_pred, model_pred);
@@ -163,7 +166,7 @@ inline PairArgs prepare_pair_args(const at::Tensor& model_err, const at::Tensor&
                       model_err.size(0), ",) for dpo and rpo, got ", ref_err.sizes());
     a.ref_err = ref_err.contiguous();
   }
-  if (method == 2 && weights.has_value() && weights->defined()) {
+  if (method == 2 && present(weights)) {
     check_same_device("pair_loss", "weights", *weights, model_err);
     TORCH_CHECK_TYPE(weights->scalar_type() == at::kFloat, "rpo_fast::pair_loss: weights must be float32, got ",
                      weights->scalar_type());
