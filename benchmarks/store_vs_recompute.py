@@ -27,6 +27,8 @@ import torch
 from torch.utils.cpp_extension import load_inline
 
 import rpo_fast  # noqa: F401  (registers torch.ops.rpo_fast)
+from benchmarks.loss_bench import make_inputs
+from benchmarks.profiles import LossCase
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -140,12 +142,9 @@ def main() -> None:
     args = parser.parse_args()
     store = build()
     ops = torch.ops.rpo_fast
-    gen = torch.Generator().manual_seed(0)
-    shape = (2 * args.pairs, 4, 128, 128)  # SDXL latents
-    target = torch.randn(shape, generator=gen)
-    ref = target + torch.randn(shape, generator=gen)
-    pred = ref + 0.05 * torch.randn(shape, generator=gen)
-    coef = torch.randn(shape[0], generator=gen)
+    inputs = make_inputs(LossCase("sdxl", args.pairs, "fp32", "dpo"), torch.device("cpu"))
+    pred, target, ref = inputs.model_pred.detach(), inputs.target, inputs.ref_pred
+    coef = torch.randn(pred.shape[0], generator=torch.Generator().manual_seed(0))
 
     def recompute():
         ops.sample_errors(pred, target, ref)
