@@ -15,7 +15,6 @@
 #include <optional>
 #include <tuple>
 
-#include "cpu/ops_cpu.h"
 #include "op_calls.h"
 #include "op_inputs.h"
 
@@ -31,30 +30,17 @@ at::Tensor similarity_weights_aten(const at::Tensor& emb_w, const at::Tensor& em
   return at::softmax(at::mm(unit_rows(a.w), unit_rows(a.l).t()) / tau, 1);
 }
 
-// store_direction (turned on by the autograd kernel, csrc/autograd.cpp, for the tensors
-// where storing pays): the pass over the predictions also writes model_pred - target,
-// returned as the fourth output for the backward to scale in place into the gradient;
-// float32 on CPU only. Without it the fourth output is an empty (0,) tensor of
-// model_pred's dtype.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_loss(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_loss(
     const at::Tensor& model_pred, const at::Tensor& target, const std::optional<at::Tensor>& ref_pred,
     const std::optional<at::Tensor>& ref_err, const std::optional<at::Tensor>& emb_w,
     const std::optional<at::Tensor>& emb_l, const std::optional<at::Tensor>& weights, int64_t method,
-    int64_t loss_type, double beta, double tau, bool store_direction) {
+    int64_t loss_type, double beta, double tau) {
   TORCH_CHECK_VALUE(present(emb_w) == present(emb_l), "rpo_fast::fused_loss: pass emb_w and emb_l together");
   TORCH_CHECK_VALUE(!(present(emb_w) && present(weights)),
                     "rpo_fast::fused_loss: pass embeddings or weights, not both");
   TORCH_CHECK_VALUE(!(present(ref_pred) && present(ref_err)),
                     "rpo_fast::fused_loss: pass ref_pred or ref_err, not both");
-  at::Tensor model_err, ref_from_pred, direction;
-  if (store_direction) {
-    TORCH_CHECK_VALUE(model_pred.is_cpu(), "rpo_fast::fused_loss: store_direction is implemented for CPU tensors only, got ",
-                      model_pred.device());
-    std::tie(model_err, ref_from_pred, direction) = cpu::errors_and_direction(model_pred, target, ref_pred, true);
-  } else {
-    std::tie(model_err, ref_from_pred) = call_sample_errors(model_pred, target, ref_pred);
-    direction = at::empty({0}, model_pred.options());
-  }
+  auto [model_err, ref_from_pred] = call_sample_errors(model_pred, target, ref_pred);
   const at::Tensor ref = present(ref_err) ? ref_err->to(at::kFloat).contiguous() : ref_from_pred;
   std::optional<at::Tensor> pair_weights;
   if (present(emb_w)) {
@@ -62,8 +48,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_loss(
   } else if (present(weights)) {
     pair_weights = weights->to(at::kFloat).contiguous();
   }
-  auto [loss, metrics, coef] = call_pair_loss(model_err, ref, pair_weights, method, loss_type, beta);
-  return {loss, metrics, coef, direction};
+  return call_pair_loss(model_err, ref, pair_weights, method, loss_type, beta);
 }
 
 }  // namespace

@@ -17,12 +17,8 @@ The C++ extension adds two ops that the Triton backend does without:
 * ``similarity_weights(Tensor emb_w, Tensor emb_l, float tau) -> Tensor``: the ``(M, M)``
   weights of rpo_fast/weights.py, float32.
 * ``fused_loss(model_pred, target, ref_pred?, ref_err?, emb_w?, emb_l?, weights?, int method,
-  int loss_type, float beta, float tau, bool store_direction=False) -> (loss, metrics, coef,
-  direction)``: the stages chained in C++, one op and one autograd node for a loss call on
-  one process (csrc/fused.cpp). ``direction`` is ``model_pred - target`` (like
-  ``model_pred``) when ``store_direction``, else empty ``(0,)``; the autograd kernel sets the
-  flag itself where storing pays (float32 on CPU) and scales the direction in place into the
-  gradient in the backward.
+  int loss_type, float beta, float tau) -> (loss, metrics, coef)``: the stages chained in
+  C++, one op and one autograd node for a loss call on one process (csrc/fused.cpp).
 
 The C++ ops live in the namespace ``rpo_fast`` (``csrc/``), the Triton ones under
 ``rpo_fast::triton_*`` (``kernels/``). Both get their fake kernels and autograd here, from
@@ -30,10 +26,9 @@ one function, so that ``torch.compile(fullgraph=True)`` traces either without a 
 C++ extension registers the same autograd formulas in C++ (csrc/autograd.cpp), which cost
 less per call, and then only its fake kernels come from here.
 
-The stage ops' backward recomputes ``pred - target`` (error_grad) instead of storing a
-gradient in the forward: the bytes moved are the same (README, "Kernels"). fused_loss
-stores it for float32 CPU inputs, where scaling the stored direction in place measured
-faster (csrc/autograd.cpp).
+Backward recomputes ``pred - target`` instead of storing a gradient in the forward: the
+bytes moved are the same (README, "Kernels"), and nothing of size D is allocated or kept
+beyond the inputs that the caller holds anyway.
 """
 
 from __future__ import annotations
@@ -60,14 +55,8 @@ def _fake_error_grad(coef, model_pred, target):
     return torch.empty_like(model_pred)
 
 
-def _fake_fused_loss(
-    model_pred, target, ref_pred, ref_err, emb_w, emb_l, weights, method, loss_type, beta, tau, store_direction=False
-):
-    loss, metrics, coef = _fake_pair_loss(
-        model_pred.new_empty((model_pred.shape[0],), dtype=torch.float32), None, None, 0, 0, 1.0
-    )
-    direction = torch.empty_like(model_pred) if store_direction else model_pred.new_empty((0,))
-    return loss, metrics, coef, direction
+def _fake_fused_loss(model_pred, target, ref_pred, ref_err, emb_w, emb_l, weights, method, loss_type, beta, tau):
+    return _fake_pair_loss(model_pred.new_empty((model_pred.shape[0],), dtype=torch.float32), None, None, 0, 0, 1.0)
 
 
 def register_op_family(

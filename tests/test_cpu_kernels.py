@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import rpo_fast
-from rpo_fast._types import LOSS_TYPES, method_code
+from rpo_fast._types import LOSS_TYPES, loss_type_code, method_code
 
 import parity_utils
 from parity_utils import (
@@ -142,18 +142,18 @@ def test_parity_sd_like_shape(method, dtype):
 # ----------------------------------------------------------------- the three ops one by one
 
 
-LAYOUTS = [
-    lambda x: x,
-    lambda x: x.contiguous(memory_format=torch.channels_last),
-    lambda x: x[..., ::2],  # sliced: copied to contiguous
-    lambda x: x[::2],  # every other sample: each sample a block, walked in place
-    lambda x: x.transpose(0, 1).contiguous().transpose(0, 1),  # dense, batch not outermost
-    lambda x: x[:1].expand(x.shape),  # every sample the same memory (batch stride 0)
-]
-LAYOUT_IDS = ["contiguous", "channels_last", "sliced", "batch_strided", "batch_inner", "expanded"]
-
-
-@pytest.mark.parametrize("make", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: x,
+        lambda x: x.contiguous(memory_format=torch.channels_last),
+        lambda x: x[..., ::2],  # sliced: copied to contiguous
+        lambda x: x[::2],  # every other sample: each sample a block, walked in place
+        lambda x: x.transpose(0, 1).contiguous().transpose(0, 1),  # dense, batch not outermost
+        lambda x: x[:1].expand(x.shape),  # every sample the same memory (batch stride 0)
+    ],
+    ids=["contiguous", "channels_last", "sliced", "batch_strided", "batch_inner", "expanded"],
+)
 def test_sample_errors_and_error_grad_on_any_layout(make):
     gen = torch.Generator().manual_seed(1)
     full = (8, 4, 24, 48)
@@ -355,76 +355,13 @@ def test_fused_loss_rejects_bad_input_with_named_argument():
         ops.similarity_weights(emb, emb.int(), 0.5)
 
 
-# ------------------------------------------- the direction the fused forward stores (float32)
-
-
-def _fused(pred, target, ref, **kwargs):
-    """fused_loss for rpo with uniform weights (sft without ref); kwargs: store_direction."""
-    method = method_code("rpo" if ref is not None else "sft")
-    return ops.fused_loss(pred, target, ref, None, None, None, None, method, 0, TEST_BETA, 0.5, **kwargs)
-
-
-@pytest.mark.parametrize("make", LAYOUTS, ids=LAYOUT_IDS)
-def test_stored_direction_on_any_layout(make):
-    """model_pred - target exactly, in the layout the fake kernel promises (empty_like),
-    and the loss, metrics and coefficients of the call that does not store."""
-    gen = torch.Generator().manual_seed(3)
-    target, ref, pred = (make(torch.randn((8, 4, 24, 48), generator=gen)) for _ in range(3))
-    stored = _fused(pred, target, ref, store_direction=True)
-    plain = _fused(pred, target, ref)  # no gradient wanted: nothing stored
-    assert stored[3].stride() == torch.empty_like(pred).stride()
-    assert torch.equal(stored[3], pred - target)
-    assert plain[3].shape == (0,)
-    for name, a, b in zip(("loss", "metrics", "coef"), stored, plain):
-        assert torch.equal(a, b), name
-
-
-@pytest.mark.parametrize("shape", [(2, 1), (2, 33), (2, 16385), (2, 3, 101, 109)], ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("ref_dtype", [None, torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_stored_direction_tails_and_reference_dtypes(shape, ref_dtype):
-    gen = torch.Generator().manual_seed(4)
-    pred, target, ref = (torch.randn(shape, generator=gen) for _ in range(3))
-    ref = ref.to(ref_dtype) if ref_dtype is not None else None
-    stored = _fused(pred, target, ref, store_direction=True)
-    assert torch.equal(stored[3], pred - target)
-    plain = _fused(pred, target, ref)
-    assert torch.equal(stored[2], plain[2]) and torch.equal(stored[0].isnan(), plain[0].isnan())
-
-
-def test_stored_direction_only_where_it_pays():
-    """Stored for a float32 prediction that wants a gradient; not without grad, and not in
-    bf16, where a stored direction would round the gradient twice (the backward recomputes)."""
+def test_fused_backward_with_retain_graph_and_after_the_graph_is_freed():
+    """A kept graph gives the same gradient on every backward (the incoming gradient
+    scaled in); once freed, another backward raises as torch does."""
     pred, target, ref = torch.randn(3, 4, 5, 6).unbind(0)
     leaf = pred.clone().requires_grad_(True)
-    assert _fused(leaf, target, ref)[3].shape == leaf.shape
-    with torch.no_grad():
-        assert _fused(leaf, target, ref)[3].shape == (0,)
-    assert _fused(pred, target, ref)[3].shape == (0,)
-    bf16 = leaf.detach().bfloat16().requires_grad_(True)
-    assert _fused(bf16, target.bfloat16(), ref)[3].shape == (0,)
-    with pytest.raises(TypeError, match="float32 model_pred and target only"):
-        _fused(bf16, target.bfloat16(), ref, store_direction=True)
-
-
-def test_backward_scales_the_stored_direction_in_place():
-    """The stored buffer becomes the gradient (no copy of size D), equal bit for bit to
-    error_grad's, for an incoming gradient other than 1."""
-    pred, target, ref = torch.randn(3, 4, 5, 6).unbind(0)
-    leaf = pred.clone().requires_grad_(True)
-    loss, _, coef, direction = _fused(leaf, target, ref)
-    stored_at = direction.data_ptr()
-    del direction  # the caller's reference: the node then holds the only one
-    (loss * 0.7).backward()
-    assert leaf.grad.data_ptr() == stored_at
-    assert torch.equal(leaf.grad, ops.error_grad(coef * 0.7, pred, target))
-
-
-def test_backward_with_retain_graph_keeps_the_stored_direction():
-    """A kept graph scales into a new tensor, so that the next backward finds the direction
-    intact; once the graph is freed, another backward raises as torch does."""
-    pred, target, ref = torch.randn(3, 4, 5, 6).unbind(0)
-    leaf = pred.clone().requires_grad_(True)
-    loss, _, coef, _ = _fused(leaf, target, ref)
+    codes = (method_code("rpo"), loss_type_code("sigmoid"), TEST_BETA)
+    loss, _, coef = ops.fused_loss(leaf, target, ref, None, None, None, None, *codes, 0.5)
     (first,) = torch.autograd.grad(loss, leaf, retain_graph=True)
     (second,) = torch.autograd.grad(loss * 2.0, leaf)
     assert torch.equal(first, ops.error_grad(coef, pred, target))

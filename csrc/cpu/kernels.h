@@ -28,11 +28,6 @@ struct ErrorsJob {
   int64_t n, d;
   float* model_err;  // (n,)
   float* ref_err;    // (n,), unused without ref
-  // When not null: direction[k * direction_stride + i] = model - target, in float, in the
-  // inputs' element order (model and target must then both be float). The fused loss keeps
-  // it for its backward, which scales it in place into the gradient.
-  float* direction;
-  int64_t direction_stride;
 };
 
 // grad[k, :] = coef[k] * 2 / d * (model[k, :] - target[k, :]), written in model's kind.

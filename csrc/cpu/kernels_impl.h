@@ -175,14 +175,10 @@ inline int64_t work_grain(int64_t d) {
 }
 
 // Sums of squared differences over elements [0, len) of one chunk:
-// out[0] = sum (model - target)^2, out[1] = sum (ref - target)^2 (when TR is not NoRef);
-// with kDirection, also pd[i] = model[i] - target[i] (float inputs only: the difference
-// that error_grad would compute, so that scaling it gives error_grad's gradient bit for bit).
-template <typename TM, typename TT, typename TR, bool kDirection = false>
-void chunk_sums(const TM* pm, const TT* pt, const TR* pr, int64_t len, double* out, float* pd = nullptr) {
+// out[0] = sum (model - target)^2, out[1] = sum (ref - target)^2 (when TR is not NoRef).
+template <typename TM, typename TT, typename TR>
+void chunk_sums(const TM* pm, const TT* pt, const TR* pr, int64_t len, double* out) {
   constexpr bool kRef = !std::is_same_v<TR, NoRef>;
-  static_assert(!kDirection || (std::is_same_v<TM, float> && std::is_same_v<TT, float>),
-                "the direction is stored for float predictions only");
   // All inputs bfloat16: read in the cheaper order of load2_unordered (the same for all).
   constexpr bool kUnordered = std::is_same_v<TM, c10::BFloat16> && std::is_same_v<TT, c10::BFloat16> &&
                               (!kRef || std::is_same_v<TR, c10::BFloat16>);
@@ -203,7 +199,6 @@ void chunk_sums(const TM* pm, const TT* pt, const TR* pr, int64_t len, double* o
       load(pt + i, t0, t1);
       load(pm + i, m0, m1);
       const fVec dm0 = m0 - t0, dm1 = m1 - t1;
-      if constexpr (kDirection) store2(pd + i, dm0, dm1);
       am0 = at::vec::fmadd(dm0, dm0, am0);
       am1 = at::vec::fmadd(dm1, dm1, am1);
       if constexpr (kRef) {
@@ -220,7 +215,6 @@ void chunk_sums(const TM* pm, const TT* pt, const TR* pr, int64_t len, double* o
   for (; i < len; ++i) {  // tail shorter than one step
     const double t = double(float(pt[i]));
     const double dm = double(float(pm[i])) - t;
-    if constexpr (kDirection) pd[i] = float(pm[i]) - float(pt[i]);
     sum_m += dm * dm;
     if constexpr (kRef) {
       const double dr = double(float(pr[i])) - t;
@@ -231,7 +225,7 @@ void chunk_sums(const TM* pm, const TT* pt, const TR* pr, int64_t len, double* o
   out[1] = sum_r;
 }
 
-template <typename TM, typename TT, typename TR, bool kDirection = false>
+template <typename TM, typename TT, typename TR>
 void sample_errors_typed(const ErrorsJob& job) {
   constexpr bool kRef = !std::is_same_v<TR, NoRef>;
   const int64_t n = job.n, d = job.d;
@@ -244,9 +238,8 @@ void sample_errors_typed(const ErrorsJob& job) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t k = item / chunks, c = item % chunks;
       const int64_t lo = c * kChunk, len = std::min(d, lo + kChunk) - lo;
-      chunk_sums<TM, TT, TR, kDirection>(model + k * job.model_stride + lo, target + k * job.target_stride + lo,
-                                         kRef ? ref + k * job.ref_stride + lo : nullptr, len, &partial[2 * item],
-                                         kDirection ? job.direction + k * job.direction_stride + lo : nullptr);
+      chunk_sums<TM, TT, TR>(model + k * job.model_stride + lo, target + k * job.target_stride + lo,
+                             kRef ? ref + k * job.ref_stride + lo : nullptr, len, &partial[2 * item]);
     }
   });
   for (int64_t k = 0; k < n; ++k) {
@@ -379,23 +372,7 @@ void with_type(ScalarKind kind, Fn&& fn) {
   }
 }
 
-// sample_errors that also writes the direction: float model and target only (the wrapper
-// checks), any reference type.
-void sample_errors_with_direction(const ErrorsJob& job) {
-  if (job.ref == nullptr) {
-    sample_errors_typed<float, float, NoRef, true>(job);
-  } else {
-    with_type(job.ref_kind, [&](auto* r) {
-      sample_errors_typed<float, float, std::remove_pointer_t<decltype(r)>, true>(job);
-    });
-  }
-}
-
 void sample_errors(const ErrorsJob& job) {
-  if (job.direction != nullptr) {
-    sample_errors_with_direction(job);
-    return;
-  }
   with_type(job.model_kind, [&](auto* m) {
     with_type(job.target_kind, [&](auto* t) {
       using TM = std::remove_pointer_t<decltype(m)>;

@@ -9,7 +9,6 @@
 #include <vector>
 
 #include "cpu/kernels.h"
-#include "cpu/ops_cpu.h"
 #include "op_inputs.h"
 #include "rpo_math.h"
 
@@ -46,12 +45,8 @@ ScalarKind kind_of(const at::Tensor& t) {
   }
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> errors_and_direction(const at::Tensor& model_pred,
-                                                                    const at::Tensor& target,
-                                                                    const std::optional<at::Tensor>& ref_pred,
-                                                                    bool store_direction) {
+std::tuple<at::Tensor, at::Tensor> sample_errors_cpu(const at::Tensor& model_pred, const at::Tensor& target,
+                                                     const std::optional<at::Tensor>& ref_pred) {
   const SampleBatch b = prepare_sample_batch(model_pred, target, ref_pred);
   const auto f32 = model_pred.options().dtype(at::kFloat);
   at::Tensor model_err = at::empty({b.n}, f32);
@@ -70,29 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> errors_and_direction(const at::Te
   job.d = b.d;
   job.model_err = model_err.mutable_data_ptr<float>();
   job.ref_err = ref_err.mutable_data_ptr<float>();
-  at::Tensor direction, written;
-  if (store_direction) {
-    TORCH_CHECK_TYPE(b.model.scalar_type() == at::kFloat && b.target.scalar_type() == at::kFloat,
-                     "rpo_fast: the gradient direction is stored for float32 model_pred and target only, got ",
-                     b.model.scalar_type(), " and ", b.target.scalar_type());
-    direction = at::empty_like(model_pred);
-    // Written in place when its samples are blocks in the inputs' order, else into a
-    // buffer in that order that is then copied (unusual layouts only).
-    const bool in_place = samples_are_blocks(direction) && same_element_order(direction, b.model);
-    written = in_place ? direction : empty_in_order_of(b.model, direction.options());
-    job.direction = written.mutable_data_ptr<float>();
-    job.direction_stride = sample_stride(written);
-  }
   if (b.n > 0) selected_kernels().sample_errors(job);
-  if (store_direction && !written.is_same(direction)) direction.copy_(written);
-  return {model_err, ref_err, direction};
-}
-
-namespace {
-
-std::tuple<at::Tensor, at::Tensor> sample_errors_cpu(const at::Tensor& model_pred, const at::Tensor& target,
-                                                     const std::optional<at::Tensor>& ref_pred) {
-  auto [model_err, ref_err, direction] = errors_and_direction(model_pred, target, ref_pred, false);
   return {model_err, ref_err};
 }
 
