@@ -54,14 +54,20 @@ inline bool same_element_order(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
+// An uninitialized tensor of like's sizes with like's order inside each sample and samples
+// back to back. like's samples must be blocks.
+inline at::Tensor empty_in_order_of(const at::Tensor& like, const at::TensorOptions& options) {
+  std::vector<int64_t> strides(like.strides().begin(), like.strides().end());
+  strides[0] = like.size(0) > 0 ? like.numel() / like.size(0) : 1;
+  return at::empty_strided(like.sizes(), strides, options);
+}
+
 // t itself when its samples are blocks in like's element order, else a copy of t (in its
 // own dtype) with like's order inside each sample and samples back to back. like's
 // samples must be blocks.
 inline at::Tensor in_order_of(const at::Tensor& t, const at::Tensor& like) {
   if (same_element_order(t, like) && samples_are_blocks(t)) return t;
-  std::vector<int64_t> strides(like.strides().begin(), like.strides().end());
-  strides[0] = like.size(0) > 0 ? like.numel() / like.size(0) : 1;
-  at::Tensor out = at::empty_strided(like.sizes(), strides, t.options());
+  at::Tensor out = empty_in_order_of(like, t.options());
   out.copy_(t);
   return out;
 }

@@ -73,7 +73,7 @@ def _fused_backend(name: str, ops_prefix: str) -> Backend:
         return torch.ops.rpo_fast.similarity_weights(emb_w.detach(), emb_l.detach(), float(tau))
 
     def fused_loss(inputs):
-        loss, metrics, _ = torch.ops.rpo_fast.fused_loss(
+        loss, metrics, _, _ = torch.ops.rpo_fast.fused_loss(
             inputs.model_pred,
             inputs.target,
             inputs.ref_pred,

@@ -17,8 +17,11 @@ The C++ extension adds two ops that the Triton backend does without:
 * ``similarity_weights(Tensor emb_w, Tensor emb_l, float tau) -> Tensor``: the ``(M, M)``
   weights of rpo_fast/weights.py, float32.
 * ``fused_loss(model_pred, target, ref_pred?, ref_err?, emb_w?, emb_l?, weights?, int method,
-  int loss_type, float beta, float tau) -> (loss, metrics, coef)``: the stages chained in
-  C++, one op and one autograd node for a loss call on one process (csrc/fused.cpp).
+  int loss_type, float beta, float tau, bool with_grad=False) -> (loss, metrics, coef, grad)``:
+  the stages chained in C++, one op and one autograd node for a loss call on one process
+  (csrc/fused.cpp). ``grad`` is d loss / d model_pred (like ``model_pred``) when
+  ``with_grad``, else empty ``(0,)``; the autograd kernel asks for it where the forward
+  writes it with one pass over memory (dpo and sft on CPU) and hands it on in the backward.
 
 The C++ ops live in the namespace ``rpo_fast`` (``csrc/``), the Triton ones under
 ``rpo_fast::triton_*`` (``kernels/``). Both get their fake kernels and autograd here, from
@@ -26,9 +29,9 @@ one function, so that ``torch.compile(fullgraph=True)`` traces either without a 
 C++ extension registers the same autograd formulas in C++ (csrc/autograd.cpp), which cost
 less per call, and then only its fake kernels come from here.
 
-Backward recomputes ``pred - target`` instead of storing a gradient in the forward: the
-bytes moved are the same (README, "Kernels"), and nothing of size D is allocated or kept
-beyond the inputs that the caller holds anyway.
+The stage ops' backward recomputes ``pred - target`` (error_grad) instead of storing a
+gradient in the forward: the bytes moved are the same when the stages run one after the
+other (README, "Kernels"). fused_loss stores it where one pass suffices (csrc/autograd.cpp).
 """
 
 from __future__ import annotations
@@ -55,8 +58,14 @@ def _fake_error_grad(coef, model_pred, target):
     return torch.empty_like(model_pred)
 
 
-def _fake_fused_loss(model_pred, target, ref_pred, ref_err, emb_w, emb_l, weights, method, loss_type, beta, tau):
-    return _fake_pair_loss(model_pred.new_empty((model_pred.shape[0],), dtype=torch.float32), None, None, 0, 0, 1.0)
+def _fake_fused_loss(
+    model_pred, target, ref_pred, ref_err, emb_w, emb_l, weights, method, loss_type, beta, tau, with_grad=False
+):
+    loss, metrics, coef = _fake_pair_loss(
+        model_pred.new_empty((model_pred.shape[0],), dtype=torch.float32), None, None, 0, 0, 1.0
+    )
+    grad = torch.empty_like(model_pred) if with_grad else model_pred.new_empty((0,))
+    return loss, metrics, coef, grad
 
 
 def register_op_family(

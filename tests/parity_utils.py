@@ -18,6 +18,8 @@ rtol 2^-8 (bf16), 2^-11 (fp16).
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from typing import Dict, Optional
 
@@ -126,6 +128,17 @@ def pair_reference64(model_err, ref_err, weights, method, loss_type, beta):
 def errors64(pred, target):
     """Per-sample mean squared errors in float64."""
     return (pred.double() - target.double()).pow(2).flatten(1).mean(1)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's intra-op threads set to ``count`` inside the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def assert_within(actual, expected, atol, rtol, what):
@@ -328,7 +341,9 @@ FUSED_IDS = [f"{m}-{w}-{'ref_err' if r else 'ref_pred'}" for m, w, r in FUSED_CA
 
 def check_fused_matches_stages(method, weights, use_ref_err, dtype, device="cpu"):
     """fused_loss is the stage ops chained: the same loss, metrics and coefficients, bit for
-    bit, and (through autograd) the same gradient as error_grad of those coefficients."""
+    bit, and (through autograd) the same gradient as error_grad of those coefficients; for
+    an incoming gradient other than 1, within one more rounding (a gradient the forward
+    wrote is scaled by it)."""
     ops = torch.ops.rpo_fast
     inputs = make_inputs(5, SMALL, dtype, device, with_embeddings=weights == "embeddings",
                          with_weights=weights == "explicit")
@@ -350,5 +365,8 @@ def check_fused_matches_stages(method, weights, use_ref_err, dtype, device="cpu"
                            inputs["weights"], *codes, 0.5)
     for name, a, b in zip(("loss", "metrics", "coef"), fused, staged):
         assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), name
+    (grad,) = torch.autograd.grad(fused[0], leaf, retain_graph=True)
+    assert torch.equal(grad, ops.error_grad(staged[2], pred, target))
     (grad,) = torch.autograd.grad(fused[0] * 3.0, leaf)
-    assert torch.equal(grad, ops.error_grad(staged[2] * 3.0, pred, target))
+    assert_within(grad, ops.error_grad(staged[2] * 3.0, pred, target), GRAD_ATOL[dtype], 2 * GRAD_RTOL[dtype],
+                  "grad, dL = 3")

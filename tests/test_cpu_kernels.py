@@ -25,6 +25,7 @@ from parity_utils import (
     check_nan_prediction_gives_nan_loss,
     check_similarity_weights,
     check_similarity_weights_edge_rows,
+    torch_threads,
     PAIR_STAGE_CASES,
     PAIR_STAGE_IDS,
     check_hinge_slope_at_the_kink,
@@ -142,18 +143,18 @@ def test_parity_sd_like_shape(method, dtype):
 # ----------------------------------------------------------------- the three ops one by one
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda x: x,
-        lambda x: x.contiguous(memory_format=torch.channels_last),
-        lambda x: x[..., ::2],  # sliced: copied to contiguous
-        lambda x: x[::2],  # every other sample: each sample a block, walked in place
-        lambda x: x.transpose(0, 1).contiguous().transpose(0, 1),  # dense, batch not outermost
-        lambda x: x[:1].expand(x.shape),  # every sample the same memory (batch stride 0)
-    ],
-    ids=["contiguous", "channels_last", "sliced", "batch_strided", "batch_inner", "expanded"],
-)
+LAYOUTS = [
+    lambda x: x,
+    lambda x: x.contiguous(memory_format=torch.channels_last),
+    lambda x: x[..., ::2],  # sliced: copied to contiguous
+    lambda x: x[::2],  # every other sample: each sample a block, walked in place
+    lambda x: x.transpose(0, 1).contiguous().transpose(0, 1),  # dense, batch not outermost
+    lambda x: x[:1].expand(x.shape),  # every sample the same memory (batch stride 0)
+]
+LAYOUT_IDS = ["contiguous", "channels_last", "sliced", "batch_strided", "batch_inner", "expanded"]
+
+
+@pytest.mark.parametrize("make", LAYOUTS, ids=LAYOUT_IDS)
 def test_sample_errors_and_error_grad_on_any_layout(make):
     gen = torch.Generator().manual_seed(1)
     full = (8, 4, 24, 48)
@@ -213,12 +214,8 @@ def test_sample_errors_without_reference_deterministic_and_thread_independent():
     pred, target = torch.randn(2, 6, 4, 3, 3000).unbind(0)  # 36000 elements: 3 chunks a sample
     first = ops.sample_errors(pred, target, None)
     assert first[1].shape == (0,)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         single = ops.sample_errors(pred, target, None)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(first[0], single[0])  # a fixed summation order, whatever the threads
     assert_within(first[0], errors64(pred, target), 0.0, ERROR_ROUNDINGS * UNIT_ROUNDOFF, "model_err")
 
@@ -355,17 +352,105 @@ def test_fused_loss_rejects_bad_input_with_named_argument():
         ops.similarity_weights(emb, emb.int(), 0.5)
 
 
-def test_fused_backward_with_retain_graph_and_after_the_graph_is_freed():
-    """A kept graph gives the same gradient on every backward (the incoming gradient
-    scaled in); once freed, another backward raises as torch does."""
-    pred, target, ref = torch.randn(3, 4, 5, 6).unbind(0)
+# --------------------------------- the gradient the fused forward writes (dpo and sft on CPU)
+
+
+def _fused(method, pred, target, ref=None, ref_err=None, **kwargs):
+    """fused_loss with sigmoid loss, no weights; kwargs: with_grad."""
+    codes = (method_code(method), loss_type_code("sigmoid"), TEST_BETA)
+    return ops.fused_loss(pred, target, ref, ref_err, None, None, None, *codes, 0.5, **kwargs)
+
+
+def _staged(method, pred, target, ref=None, ref_err=None):
+    """The stage ops: (loss, metrics, coef, gradient for dL = 1)."""
+    model_err, ref_from_pred = ops.sample_errors(pred, target, ref)
+    ref_errors = ref_err.float() if ref_err is not None else ref_from_pred
+    loss, metrics, coef = ops.pair_loss(model_err, ref_errors, None, method_code(method), loss_type_code("sigmoid"),
+                                        TEST_BETA)
+    return loss, metrics, coef, ops.error_grad(coef, pred, target)
+
+
+def _assert_same(got, want):
+    for name, a, b in zip(("loss", "metrics", "coef", "grad"), got, want):
+        assert a.shape == b.shape and a.stride() == b.stride(), name
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), name
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("pairs", [1, 2, 3, 8])
+@pytest.mark.parametrize("method,reference", [("dpo", "ref_pred"), ("dpo", "ref_err"), ("sft", None)])
+def test_forward_gradient_is_the_stages_bit_for_bit(method, reference, pairs, threads):
+    """Pair by pair (at least two pairs a thread) or through the stages (fewer): the loss,
+    metrics, coefficients and gradient of the stage ops, in fp32 and bf16, D = 252."""
+    gen = torch.Generator().manual_seed(pairs)
+    for dtype in (torch.float32, torch.bfloat16):
+        pred, target, ref = (torch.randn((2 * pairs, *SMALL), generator=gen).to(dtype) for _ in range(3))
+        ref_err = ops.sample_errors(ref, target, None)[0] if reference == "ref_err" else None
+        ref = ref if reference == "ref_pred" else None
+        with torch_threads(threads):
+            got = _fused(method, pred, target, ref, ref_err, with_grad=True)
+        _assert_same(got, _staged(method, pred, target, ref, ref_err))
+
+
+@pytest.mark.parametrize("make", LAYOUTS, ids=LAYOUT_IDS)
+def test_forward_gradient_on_any_layout(make):
+    """The gradient in the layout the fake kernel promises (empty_like), on every layout."""
+    gen = torch.Generator().manual_seed(5)
+    target, ref, pred = (make(torch.randn((8, 4, 24, 48), generator=gen)) for _ in range(3))
+    with torch_threads(1):  # four pairs: pairwise
+        got = _fused("dpo", pred, target, ref, with_grad=True)
+    assert got[3].stride() == torch.empty_like(pred).stride()
+    _assert_same(got, _staged("dpo", pred, target, ref))
+
+
+def test_forward_gradient_of_a_non_finite_pair_is_nan_everywhere():
+    """As the pair stage makes every coefficient NaN when one input is not finite."""
+    pred, target, ref = torch.randn(3, 8, 4, 5, 6).unbind(0)
+    pred[5, 1, 2, 3] = float("inf")
+    with torch_threads(1):
+        got = _fused("dpo", pred, target, ref, with_grad=True)
+    assert got[0].isnan() and got[3].isnan().all()
+    _assert_same(got, _staged("dpo", pred, target, ref))
+
+
+def test_forward_writes_the_gradient_only_where_it_pays():
+    """dpo and sft on CPU with a gradient wanted; not rpo (a second pass either way), not
+    without grad."""
+    pred, target, ref = torch.randn(3, 8, 4, 5, 6).unbind(0)
     leaf = pred.clone().requires_grad_(True)
-    codes = (method_code("rpo"), loss_type_code("sigmoid"), TEST_BETA)
-    loss, _, coef = ops.fused_loss(leaf, target, ref, None, None, None, None, *codes, 0.5)
+    assert _fused("dpo", leaf, target, ref)[3].shape == leaf.shape
+    assert _fused("sft", leaf, target)[3].shape == leaf.shape
+    assert _fused("rpo", leaf, target, ref)[3].shape == (0,)
+    with torch.no_grad():
+        assert _fused("dpo", leaf, target, ref)[3].shape == (0,)
+    assert _fused("dpo", pred, target, ref)[3].shape == (0,)
+
+
+def test_backward_hands_on_the_forward_gradient_without_a_copy():
+    """dL = 1: the buffer the forward wrote becomes the gradient; other dL: scaled in place."""
+    pred, target, ref = torch.randn(3, 8, 4, 5, 6).unbind(0)
+    for scale in (1.0, 0.25):
+        leaf = pred.clone().requires_grad_(True)
+        loss, _, coef, grad = _fused("dpo", leaf, target, ref)
+        written_at = grad.data_ptr()
+        del grad  # the caller's reference: the node then holds the only one
+        (loss * scale).backward()
+        assert leaf.grad.data_ptr() == written_at
+        assert_within(leaf.grad, ops.error_grad(coef * scale, pred, target), 0.0, 2 * UNIT_ROUNDOFF, "grad")
+
+
+@pytest.mark.parametrize("method", ["rpo", "dpo"])
+def test_backward_with_retain_graph_and_after_the_graph_is_freed(method):
+    """A kept graph gives the same gradient on every backward (the incoming gradient scaled
+    in); once freed, another backward raises as torch does."""
+    pred, target, ref = torch.randn(3, 8, 4, 5, 6).unbind(0)
+    leaf = pred.clone().requires_grad_(True)
+    loss, _, coef, _ = _fused(method, leaf, target, ref)
     (first,) = torch.autograd.grad(loss, leaf, retain_graph=True)
-    (second,) = torch.autograd.grad(loss * 2.0, leaf)
-    assert torch.equal(first, ops.error_grad(coef, pred, target))
-    assert torch.equal(second, ops.error_grad(coef * 2.0, pred, target))
+    (again,) = torch.autograd.grad(loss, leaf, retain_graph=True)
+    (doubled,) = torch.autograd.grad(loss * 2.0, leaf)
+    assert torch.equal(first, ops.error_grad(coef, pred, target)) and torch.equal(first, again)
+    assert torch.equal(doubled, ops.error_grad(coef * 2.0, pred, target))  # doubling is exact
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         torch.autograd.grad(loss, leaf)
 
@@ -386,12 +471,8 @@ def test_pair_loss_is_thread_independent():
     model_err, ref_err = torch.rand(2, 600, generator=gen)
     weights = torch.rand(300, 300, generator=gen)
     first = ops.pair_loss(model_err, ref_err, weights, 2, 0, 2500.0)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         single = ops.pair_loss(model_err, ref_err, weights, 2, 0, 2500.0)
-    finally:
-        torch.set_num_threads(threads)
     for a, b in zip(first, single):
         assert torch.equal(a, b)
 

@@ -22,9 +22,11 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "rpo_math.h"  // included by kernels_prelude.h before the target pragma
 
 namespace rpo_fast {
 namespace cpu {
@@ -225,11 +227,26 @@ void chunk_sums(const TM* pm, const TT* pt, const TR* pr, int64_t len, double* o
   out[1] = sum_r;
 }
 
+// Sample k's errors from its chunks' (model, ref) sums, added in chunk order.
+template <bool kRef>
+void finish_errors(const ErrorsJob& job, int64_t k, const double* sums, int64_t chunks) {
+  double sum_m = 0.0, sum_r = 0.0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    sum_m += sums[2 * c];
+    sum_r += sums[2 * c + 1];
+  }
+  // d == 0 gives 0/0 = NaN: the mean of nothing, as torch's mean.
+  job.model_err[k] = float(sum_m / double(job.d));
+  if constexpr (kRef) job.ref_err[k] = float(sum_r / double(job.d));
+}
+
+inline int64_t chunks_of(int64_t d) { return std::max<int64_t>(1, (d + kChunk - 1) / kChunk); }
+
 template <typename TM, typename TT, typename TR>
 void sample_errors_typed(const ErrorsJob& job) {
   constexpr bool kRef = !std::is_same_v<TR, NoRef>;
   const int64_t n = job.n, d = job.d;
-  const int64_t chunks = std::max<int64_t>(1, (d + kChunk - 1) / kChunk);
+  const int64_t chunks = chunks_of(d);
   std::vector<double> partial(static_cast<size_t>(2 * n * chunks), 0.0);
   const auto* model = static_cast<const TM*>(job.model);
   const auto* target = static_cast<const TT*>(job.target);
@@ -242,78 +259,125 @@ void sample_errors_typed(const ErrorsJob& job) {
                              kRef ? ref + k * job.ref_stride + lo : nullptr, len, &partial[2 * item]);
     }
   });
-  for (int64_t k = 0; k < n; ++k) {
-    double sum_m = 0.0, sum_r = 0.0;
-    for (int64_t c = 0; c < chunks; ++c) {
-      sum_m += partial[2 * (k * chunks + c)];
-      sum_r += partial[2 * (k * chunks + c) + 1];
+  for (int64_t k = 0; k < n; ++k) finish_errors<kRef>(job, k, &partial[2 * k * chunks], chunks);
+}
+
+// All-bfloat16 gradients are read and written in the cheaper order of load2_unordered.
+template <typename TM, typename TT>
+constexpr bool kUnorderedGrad =
+#ifdef RPO_HAS_UNORDERED_STORE
+    std::is_same_v<TM, c10::BFloat16> && std::is_same_v<TT, c10::BFloat16>;
+#else
+    false;
+#endif
+
+// Whether the gradient of job goes out with non-temporal stores.
+template <typename TM, typename TT>
+bool grad_streams(const GradJob& job) {
+  return streams_output(job.n * job.d * int64_t(2 * sizeof(TM) + sizeof(TT)));
+}
+
+// Chunk c of sample k's gradient: coef[k] * 2 / d * (model - target), in model's type.
+template <typename TM, typename TT>
+void grad_chunk(const GradJob& job, int64_t k, int64_t c, [[maybe_unused]] bool stream) {
+  constexpr bool kUnordered = kUnorderedGrad<TM, TT>;
+  const int64_t d = job.d;
+  const int64_t lo = c * kChunk, len = std::min(d, lo + kChunk) - lo;
+  const TM* pm = static_cast<const TM*>(job.model) + k * job.model_stride + lo;
+  const TT* pt = static_cast<const TT*>(job.target) + k * job.target_stride + lo;
+  TM* pg = static_cast<TM*>(job.grad) + k * job.grad_stride + lo;
+  const float scale = float(double(job.coef[k]) * 2.0 / double(d));
+  const fVec vscale(scale);
+  // kStep elements from i on; stream_now: non-temporal stores (i aligned for them).
+  const auto step = [&](int64_t i, bool stream_now) {
+    fVec t0, t1, m0, m1;
+    if constexpr (kUnordered) {
+#ifdef RPO_HAS_UNORDERED_STORE
+      load2_unordered(pt + i, t0, t1);
+      load2_unordered(pm + i, m0, m1);
+      store2_unordered(pg + i, (m0 - t0) * vscale, (m1 - t1) * vscale, stream_now);
+#endif
+    } else {
+      load2(pt + i, t0, t1);
+      load2(pm + i, m0, m1);
+#ifdef RPO_HAS_STREAM
+      if (stream_now) {
+        stream2(pg + i, (m0 - t0) * vscale, (m1 - t1) * vscale);
+        return;
+      }
+#endif
+      store2(pg + i, (m0 - t0) * vscale, (m1 - t1) * vscale);
     }
-    // d == 0 gives 0/0 = NaN: the mean of nothing, as torch's mean.
-    job.model_err[k] = float(sum_m / double(d));
-    if constexpr (kRef) job.ref_err[k] = float(sum_r / double(d));
+  };
+  int64_t i = 0;
+#ifdef RPO_HAS_STREAM
+  if (stream) {
+    for (; i < len && reinterpret_cast<uintptr_t>(pg + i) % kStreamAlign != 0; ++i)
+      pg[i] = TM((float(pm[i]) - float(pt[i])) * scale);
+    for (; i + kStep <= len; i += kStep) step(i, true);
   }
+#endif
+  for (; i + kStep <= len; i += kStep) step(i, false);
+  for (; i < len; ++i) pg[i] = TM((float(pm[i]) - float(pt[i])) * scale);
+}
+
+// Orders a thread's streamed stores before the op returns.
+inline void fence_streams([[maybe_unused]] bool stream) {
+#ifdef RPO_HAS_STREAM
+  if (stream) _mm_sfence();
+#endif
 }
 
 template <typename TM, typename TT>
 void error_grad_typed(const GradJob& job) {
   const int64_t n = job.n, d = job.d;
   if (n == 0 || d == 0) return;
-  // All bfloat16: read and written in the cheaper order of load2_unordered.
-#ifdef RPO_HAS_UNORDERED_STORE
-  constexpr bool kUnordered = std::is_same_v<TM, c10::BFloat16> && std::is_same_v<TT, c10::BFloat16>;
-#else
-  constexpr bool kUnordered = false;
-#endif
-  const int64_t chunks = (d + kChunk - 1) / kChunk;
-  const auto* model = static_cast<const TM*>(job.model);
-  const auto* target = static_cast<const TT*>(job.target);
-  auto* grad = static_cast<TM*>(job.grad);
-  [[maybe_unused]] const bool stream = streams_output(n * d * int64_t(2 * sizeof(TM) + sizeof(TT)));
+  const int64_t chunks = chunks_of(d);
+  const bool stream = grad_streams<TM, TT>(job);
   at::parallel_for(0, n * chunks, work_grain(d), [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t k = item / chunks, c = item % chunks;
-      const int64_t lo = c * kChunk, len = std::min(d, lo + kChunk) - lo;
-      const TM* pm = model + k * job.model_stride + lo;
-      const TT* pt = target + k * job.target_stride + lo;
-      TM* pg = grad + k * job.grad_stride + lo;
-      const float scale = float(double(job.coef[k]) * 2.0 / double(d));
-      const fVec vscale(scale);
-      // kStep elements from i on; stream_now: non-temporal stores (i aligned for them).
-      const auto step = [&](int64_t i, bool stream_now) {
-        fVec t0, t1, m0, m1;
-        if constexpr (kUnordered) {
-#ifdef RPO_HAS_UNORDERED_STORE
-          load2_unordered(pt + i, t0, t1);
-          load2_unordered(pm + i, m0, m1);
-          store2_unordered(pg + i, (m0 - t0) * vscale, (m1 - t1) * vscale, stream_now);
-#endif
-        } else {
-          load2(pt + i, t0, t1);
-          load2(pm + i, m0, m1);
-#ifdef RPO_HAS_STREAM
-          if (stream_now) {
-            stream2(pg + i, (m0 - t0) * vscale, (m1 - t1) * vscale);
-            return;
-          }
-#endif
-          store2(pg + i, (m0 - t0) * vscale, (m1 - t1) * vscale);
-        }
-      };
-      int64_t i = 0;
-#ifdef RPO_HAS_STREAM
-      if (stream) {
-        for (; i < len && reinterpret_cast<uintptr_t>(pg + i) % kStreamAlign != 0; ++i)
-          pg[i] = TM((float(pm[i]) - float(pt[i])) * scale);
-        for (; i + kStep <= len; i += kStep) step(i, true);
-      }
-#endif
-      for (; i + kStep <= len; i += kStep) step(i, false);
-      for (; i < len; ++i) pg[i] = TM((float(pm[i]) - float(pt[i])) * scale);
-    }
-#ifdef RPO_HAS_STREAM
-    if (stream) _mm_sfence();  // order the streamed stores before the op returns
-#endif
+    for (int64_t item = begin; item < end; ++item) grad_chunk<TM, TT>(job, item / chunks, item % chunks, stream);
+    fence_streams(stream);
   });
+}
+
+// dpo and sft pair by pair (PairwiseJob): the pair's two samples are summed chunk by chunk
+// with chunk_sums and finished as sample_errors finishes them, and the gradient rows are
+// error_grad's, so errors, coefficients and gradient equal the stage ops' bit for bit.
+template <typename TM, typename TT, typename TR>
+bool pairwise_typed(const PairwiseJob& job) {
+  constexpr bool kRef = !std::is_same_v<TR, NoRef>;
+  const ErrorsJob& e = job.errors;
+  const int64_t m = job.m, d = e.d, chunks = chunks_of(d);
+  const bool stream = grad_streams<TM, TT>(job.grad);
+  std::vector<char> finite(static_cast<size_t>(m), 1);
+  at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> sums(static_cast<size_t>(2 * chunks));
+    for (int64_t i = begin; i < end; ++i) {
+      for (const int64_t k : {i, i + m}) {
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t lo = c * kChunk, len = std::min(d, lo + kChunk) - lo;
+          chunk_sums<TM, TT, TR>(static_cast<const TM*>(e.model) + k * e.model_stride + lo,
+                                 static_cast<const TT*>(e.target) + k * e.target_stride + lo,
+                                 kRef ? static_cast<const TR*>(e.ref) + k * e.ref_stride + lo : nullptr, len,
+                                 &sums[2 * c]);
+        }
+        finish_errors<kRef>(e, k, sums.data(), chunks);
+      }
+      const math::PairProblem p{e.model_err, job.method == math::kSft ? nullptr : e.ref_err, nullptr, m,
+                                job.method, job.loss_type, job.beta};
+      const bool ok = math::inputs_finite_at(p, i) && math::inputs_finite_at(p, i + m);
+      job.coef[i] = math::coefficient(p, math::row_terms(p, i).grad_winner, ok);
+      job.coef[i + m] = math::coefficient(p, math::column_grad(p, i), ok);
+      finite[i] = ok;
+      if (d > 0) {
+        for (const int64_t k : {i, i + m}) {
+          for (int64_t c = 0; c < chunks; ++c) grad_chunk<TM, TT>(job.grad, k, c, stream);
+        }
+      }
+    }
+    fence_streams(stream);
+  });
+  return std::all_of(finite.begin(), finite.end(), [](char ok) { return ok != 0; });
 }
 
 // sum_i a[i] * b[i] over e floats: float vectors (a few dozen terms per lane at CLIP widths),
@@ -388,6 +452,24 @@ void sample_errors(const ErrorsJob& job) {
   });
 }
 
+bool pairwise_loss_grad(const PairwiseJob& job) {
+  bool finite = true;
+  with_type(job.errors.model_kind, [&](auto* m) {
+    with_type(job.errors.target_kind, [&](auto* t) {
+      using TM = std::remove_pointer_t<decltype(m)>;
+      using TT = std::remove_pointer_t<decltype(t)>;
+      if (job.errors.ref == nullptr) {
+        finite = pairwise_typed<TM, TT, NoRef>(job);
+      } else {
+        with_type(job.errors.ref_kind, [&](auto* r) {
+          finite = pairwise_typed<TM, TT, std::remove_pointer_t<decltype(r)>>(job);
+        });
+      }
+    });
+  });
+  return finite;
+}
+
 void error_grad(const GradJob& job) {
   with_type(job.model_kind, [&](auto* m) {
     with_type(job.target_kind, [&](auto* t) {
@@ -398,8 +480,10 @@ void error_grad(const GradJob& job) {
 
 }  // namespace CPU_CAPABILITY
 
-KernelSet RPO_KERNELS_FN() { return KernelSet{RPO_KERNELS_NAME, &CPU_CAPABILITY::sample_errors, &CPU_CAPABILITY::error_grad,
-                   &CPU_CAPABILITY::similarity_weights}; }
+KernelSet RPO_KERNELS_FN() {
+  return KernelSet{RPO_KERNELS_NAME, &CPU_CAPABILITY::sample_errors, &CPU_CAPABILITY::error_grad,
+                   &CPU_CAPABILITY::similarity_weights, &CPU_CAPABILITY::pairwise_loss_grad};
+}
 
 }  // namespace cpu
 }  // namespace rpo_fast

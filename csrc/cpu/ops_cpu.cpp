@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/ops_cpu.h"
 #include "op_inputs.h"
 #include "rpo_math.h"
 
@@ -45,12 +46,8 @@ ScalarKind kind_of(const at::Tensor& t) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_errors_cpu(const at::Tensor& model_pred, const at::Tensor& target,
-                                                     const std::optional<at::Tensor>& ref_pred) {
-  const SampleBatch b = prepare_sample_batch(model_pred, target, ref_pred);
-  const auto f32 = model_pred.options().dtype(at::kFloat);
-  at::Tensor model_err = at::empty({b.n}, f32);
-  at::Tensor ref_err = at::empty({b.ref.defined() ? b.n : 0}, f32);
+// The kernel job for b's errors, written into model_err and ref_err.
+ErrorsJob errors_job(const SampleBatch& b, at::Tensor& model_err, at::Tensor& ref_err) {
   ErrorsJob job{};
   job.model = b.model.const_data_ptr();
   job.target = b.target.const_data_ptr();
@@ -65,7 +62,16 @@ std::tuple<at::Tensor, at::Tensor> sample_errors_cpu(const at::Tensor& model_pre
   job.d = b.d;
   job.model_err = model_err.mutable_data_ptr<float>();
   job.ref_err = ref_err.mutable_data_ptr<float>();
-  if (b.n > 0) selected_kernels().sample_errors(job);
+  return job;
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_errors_cpu(const at::Tensor& model_pred, const at::Tensor& target,
+                                                     const std::optional<at::Tensor>& ref_pred) {
+  const SampleBatch b = prepare_sample_batch(model_pred, target, ref_pred);
+  const auto f32 = model_pred.options().dtype(at::kFloat);
+  at::Tensor model_err = at::empty({b.n}, f32);
+  at::Tensor ref_err = at::empty({b.ref.defined() ? b.n : 0}, f32);
+  if (b.n > 0) selected_kernels().sample_errors(errors_job(b, model_err, ref_err));
   return {model_err, ref_err};
 }
 
@@ -148,6 +154,48 @@ at::Tensor similarity_weights_cpu(const at::Tensor& emb_w, const at::Tensor& emb
 }
 
 }  // namespace
+
+PairwiseResult pairwise_loss_grad(const at::Tensor& model_pred, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& ref_pred, const std::optional<at::Tensor>& ref_err,
+                                  int64_t method, int64_t loss_type, double beta) {
+  TORCH_CHECK_VALUE(method == math::kDpo || method == math::kSft,
+                    "rpo_fast: the pairwise pass serves dpo and sft only, got method ", method);
+  const SampleBatch b = prepare_sample_batch(model_pred, target, ref_pred);
+  const auto f32 = model_pred.options().dtype(at::kFloat);
+  PairwiseResult r;
+  r.model_err = at::empty({b.n}, f32);
+  r.ref_err = present(ref_err) ? ref_err->to(at::kFloat).contiguous() : at::empty({b.ref.defined() ? b.n : 0}, f32);
+  // The pair stage's argument checks, before the kernel reads the given reference errors.
+  prepare_pair_args(r.model_err, r.ref_err, std::nullopt, method, loss_type, beta);
+  at::Tensor coef = at::empty({b.n}, f32);  // the kernel's; pair_loss gives the op's
+  r.grad = at::empty_like(model_pred);
+  // The gradient is written in the inputs' element order: into grad itself when its samples
+  // are blocks in that order, else into a buffer copied into it (unusual layouts only).
+  const bool in_place = samples_are_blocks(r.grad) && same_element_order(r.grad, b.model);
+  at::Tensor written = in_place ? r.grad : empty_in_order_of(b.model, r.grad.options());
+  PairwiseJob job{};
+  job.errors = errors_job(b, r.model_err, r.ref_err);
+  job.coef = coef.mutable_data_ptr<float>();
+  job.grad.coef = job.coef;
+  job.grad.model = b.model.const_data_ptr();
+  job.grad.target = b.target.const_data_ptr();
+  job.grad.grad = written.mutable_data_ptr();
+  job.grad.model_kind = kind_of(b.model);
+  job.grad.target_kind = kind_of(b.target);
+  job.grad.model_stride = sample_stride(b.model);
+  job.grad.target_stride = sample_stride(b.target);
+  job.grad.grad_stride = sample_stride(written);
+  job.grad.n = b.n;
+  job.grad.d = b.d;
+  job.m = b.n / 2;
+  job.method = method;
+  job.loss_type = loss_type;
+  job.beta = beta;
+  r.finite = job.m == 0 || selected_kernels().pairwise_loss_grad(job);
+  if (!in_place) r.grad.copy_(written);
+  return r;
+}
+
 }  // namespace cpu
 }  // namespace rpo_fast
 
