@@ -73,12 +73,10 @@ class FusedLoss : public torch::autograd::Function<FusedLoss> {
     auto [loss, metrics, coef, grad] = call_fused_loss(model_pred, target, ref_pred, ref_err, emb_w, emb_l, weights,
                                                        method, loss_type, beta, tau, with_grad);
     if (with_grad) {
-      // In saved_data, not save_for_backward: the backward may scale it in place, which a
-      // saved variable's version check would reject, and takes it out so that autograd
-      // owns the buffer it returns. coef is saved only for torch's error on a second
-      // backward through a freed graph.
-      ctx->saved_data["grad"] = grad;
-      ctx->save_for_backward({coef});
+      // Saved like any tensor (saved-tensor hooks see it; the engine releases it after the
+      // backward, which lets autograd own the buffer that backward returns).
+      ctx->save_for_backward({coef, grad});
+      ctx->saved_data["grad_written"] = true;
     } else {
       ctx->save_for_backward({coef, model_pred, target});
     }
@@ -92,18 +90,17 @@ class FusedLoss : public torch::autograd::Function<FusedLoss> {
     const auto saved = ctx->get_saved_variables();  // raises if the graph was freed
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const at::Tensor& dloss = grads[0];
-    const auto stored = ctx->saved_data.find("grad");
-    if (stored == ctx->saved_data.end()) {
+    if (ctx->saved_data.count("grad_written") == 0) {
       out[0] = call_error_grad((saved[0] * dloss.to(at::kFloat)).contiguous(), saved[1], saved[2]);
       return out;
     }
-    at::Tensor grad = stored->second.toTensor();
+    const at::Tensor& grad = saved[1];
     // dL's value can be read for free from a real CPU tensor; not while torch.compile traces.
     const bool unit = dloss.is_cpu() && !at::isTensorSubclassLike(dloss) && dloss.item<double>() == 1.0;
     if (torch::autograd::get_current_graph_task_keep_graph()) {
       out[0] = unit ? grad.clone() : grad * dloss;  // another backward will follow: keep ours
     } else {
-      ctx->saved_data.erase(stored);
+      // The engine releases the saved gradient after this call: the buffer is autograd's.
       out[0] = unit ? grad : grad.mul_(dloss);
     }
     return out;
