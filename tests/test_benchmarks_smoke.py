@@ -26,6 +26,7 @@ from benchmarks.collect import e2e_rows, loss_rows, targets  # noqa: E402
 from benchmarks.loss_bench import impls_for, loss_fn, make_inputs, saved_for_backward  # noqa: E402
 from benchmarks.profiles import E2E_LOOPS, LossCase, get_profile  # noqa: E402
 from benchmarks.report import main as report_main  # noqa: E402
+from parity_utils import torch_threads  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -129,3 +130,19 @@ def test_saved_bytes_count_each_storage_once(dtype):
         assert extra < 1024 and total >= 2 * fp32_copy
     else:  # .float() makes fp32 copies of model_pred and target, and autograd keeps both
         assert 2 * fp32_copy <= extra < 2 * fp32_copy + 1024
+
+
+@pytest.mark.parametrize("method,keeps_gradient", [("dpo", True), ("rpo", False)])
+def test_saved_bytes_see_the_gradient_the_cpu_forward_writes(method, keeps_gradient):
+    """The cpu backend keeps dpo's gradient from the forward (one pass) and rpo's inputs
+    (recompute): the column must show the gradient when it is kept."""
+    case = LossCase("tiny", 4, "fp32", method)  # 4 pairs: the pairwise pass on up to 2 threads
+    inputs = make_inputs(case, torch.device("cpu"))
+    fn = loss_fn(case, "cpu")
+    grad_bytes = case.numel * 4
+    with torch_threads(1):
+        _, extra = saved_for_backward(lambda: fn(inputs), inputs)
+    if keeps_gradient:
+        assert grad_bytes <= extra < grad_bytes + 1024
+    else:
+        assert extra < 1024
