@@ -242,21 +242,25 @@ void finish_errors(const ErrorsJob& job, int64_t k, const double* sums, int64_t 
 
 inline int64_t chunks_of(int64_t d) { return std::max<int64_t>(1, (d + kChunk - 1) / kChunk); }
 
+// chunk_sums over chunk c of sample k of job's inputs, into out[0..1].
+template <typename TM, typename TT, typename TR>
+void sample_chunk_sums(const ErrorsJob& job, int64_t k, int64_t c, double* out) {
+  constexpr bool kRef = !std::is_same_v<TR, NoRef>;
+  const int64_t lo = c * kChunk, len = std::min(job.d, lo + kChunk) - lo;
+  chunk_sums<TM, TT, TR>(static_cast<const TM*>(job.model) + k * job.model_stride + lo,
+                         static_cast<const TT*>(job.target) + k * job.target_stride + lo,
+                         kRef ? static_cast<const TR*>(job.ref) + k * job.ref_stride + lo : nullptr, len, out);
+}
+
 template <typename TM, typename TT, typename TR>
 void sample_errors_typed(const ErrorsJob& job) {
   constexpr bool kRef = !std::is_same_v<TR, NoRef>;
   const int64_t n = job.n, d = job.d;
   const int64_t chunks = chunks_of(d);
   std::vector<double> partial(static_cast<size_t>(2 * n * chunks), 0.0);
-  const auto* model = static_cast<const TM*>(job.model);
-  const auto* target = static_cast<const TT*>(job.target);
-  const auto* ref = static_cast<const TR*>(job.ref);
   at::parallel_for(0, n * chunks, work_grain(d), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t k = item / chunks, c = item % chunks;
-      const int64_t lo = c * kChunk, len = std::min(d, lo + kChunk) - lo;
-      chunk_sums<TM, TT, TR>(model + k * job.model_stride + lo, target + k * job.target_stride + lo,
-                             kRef ? ref + k * job.ref_stride + lo : nullptr, len, &partial[2 * item]);
+      sample_chunk_sums<TM, TT, TR>(job, item / chunks, item % chunks, &partial[2 * item]);
     }
   });
   for (int64_t k = 0; k < n; ++k) finish_errors<kRef>(job, k, &partial[2 * k * chunks], chunks);
@@ -354,13 +358,7 @@ bool pairwise_typed(const PairwiseJob& job) {
     std::vector<double> sums(static_cast<size_t>(2 * chunks));
     for (int64_t i = begin; i < end; ++i) {
       for (const int64_t k : {i, i + m}) {
-        for (int64_t c = 0; c < chunks; ++c) {
-          const int64_t lo = c * kChunk, len = std::min(d, lo + kChunk) - lo;
-          chunk_sums<TM, TT, TR>(static_cast<const TM*>(e.model) + k * e.model_stride + lo,
-                                 static_cast<const TT*>(e.target) + k * e.target_stride + lo,
-                                 kRef ? static_cast<const TR*>(e.ref) + k * e.ref_stride + lo : nullptr, len,
-                                 &sums[2 * c]);
-        }
+        for (int64_t c = 0; c < chunks; ++c) sample_chunk_sums<TM, TT, TR>(e, k, c, &sums[2 * c]);
         finish_errors<kRef>(e, k, sums.data(), chunks);
       }
       const math::PairProblem p{e.model_err, job.method == math::kSft ? nullptr : e.ref_err, nullptr, m,

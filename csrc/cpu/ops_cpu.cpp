@@ -123,22 +123,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_cpu(const at::Tensor& m
   return {loss, metrics, coef};
 }
 
+// The kernel job for the gradient of model and target (samples in one element order) into out.
+GradJob grad_job(const float* coef, const at::Tensor& model, const at::Tensor& target, at::Tensor& out, int64_t n,
+                 int64_t d) {
+  GradJob job{};
+  job.coef = coef;
+  job.model = model.const_data_ptr();
+  job.target = target.const_data_ptr();
+  job.grad = out.mutable_data_ptr();
+  job.model_kind = kind_of(model);
+  job.target_kind = kind_of(target);
+  job.model_stride = sample_stride(model);
+  job.target_stride = sample_stride(target);
+  job.grad_stride = sample_stride(out);
+  job.n = n;
+  job.d = d;
+  return job;
+}
+
 at::Tensor error_grad_cpu(const at::Tensor& coef, const at::Tensor& model_pred, const at::Tensor& target) {
   GradBatch b = prepare_grad_batch(coef, model_pred, target);
   const at::Tensor coef_c = coef.contiguous();
-  GradJob job{};
-  job.coef = coef_c.const_data_ptr<float>();
-  job.model = b.model.const_data_ptr();
-  job.target = b.target.const_data_ptr();
-  job.grad = b.out.mutable_data_ptr();
-  job.model_kind = kind_of(b.model);
-  job.target_kind = kind_of(b.target);
-  job.model_stride = sample_stride(b.model);
-  job.target_stride = sample_stride(b.target);
-  job.grad_stride = sample_stride(b.out);
-  job.n = b.n;
-  job.d = b.d;
-  selected_kernels().error_grad(job);
+  selected_kernels().error_grad(grad_job(coef_c.const_data_ptr<float>(), b.model, b.target, b.out, b.n, b.d));
   if (!b.out.is_same(b.grad)) b.grad.copy_(b.out);
   return b.grad;
 }
@@ -176,17 +182,7 @@ PairwiseResult pairwise_loss_grad(const at::Tensor& model_pred, const at::Tensor
   PairwiseJob job{};
   job.errors = errors_job(b, r.model_err, r.ref_err);
   job.coef = coef.mutable_data_ptr<float>();
-  job.grad.coef = job.coef;
-  job.grad.model = b.model.const_data_ptr();
-  job.grad.target = b.target.const_data_ptr();
-  job.grad.grad = written.mutable_data_ptr();
-  job.grad.model_kind = kind_of(b.model);
-  job.grad.target_kind = kind_of(b.target);
-  job.grad.model_stride = sample_stride(b.model);
-  job.grad.target_stride = sample_stride(b.target);
-  job.grad.grad_stride = sample_stride(written);
-  job.grad.n = b.n;
-  job.grad.d = b.d;
+  job.grad = grad_job(job.coef, b.model, b.target, written, b.n, b.d);
   job.m = b.n / 2;
   job.method = method;
   job.loss_type = loss_type;

@@ -19,7 +19,6 @@ import json
 import time
 from pathlib import Path
 
-
 from .base_model import BASE_DIR, PretrainConfig, base_exists, load_pipeline, pretrain
 from .datasets import write_style_data, write_style_embeddings
 from .evaluate import GUIDANCE_SCALE, INFERENCE_STEPS, evaluate
