@@ -1,26 +1,44 @@
-"""Deterministic scores of generated shapes images: style (how sketch-like) and fidelity
-(right shape and colour). Image statistics only, no learned model, so that a score cannot
-be gamed by fooling a network and means the same on every machine.
+"""Deterministic scores of generated shapes images: style (is this the caption's shape drawn
+as an outline?) and fidelity (right shape and colour). Image statistics only, no learned
+model, so that a score cannot be gamed by fooling a network and means the same on every
+machine.
 
-Both start from the same segmentation of the image after a 3x3 median filter (which removes
-the pixel noise a sampler leaves but keeps lines 2 pixels wide). The background colour is the median of the image's
-border (the task keeps shapes ``MARGIN`` pixels inside it); a pixel is foreground when some
-channel differs from it by more than ``FOREGROUND_THRESHOLD``; isolated foreground pixels
-(sampling noise) are dropped. Every shape of the task is convex, so the convex hull of the
-foreground is the region the shape claims, whether it is drawn filled or as an outline.
+Geometry comes from a segmentation of the image after a 3x3 median filter (which removes
+the pixel noise a sampler leaves but keeps lines 2 pixels wide). The background colour is
+the median of the image's border (the task keeps shapes ``MARGIN`` pixels inside it); a
+pixel is foreground when some channel differs from it by more than
+``FOREGROUND_THRESHOLD``; isolated foreground pixels are dropped. Every shape of the task
+is convex, so the convex hull of the foreground is the region the shape claims, whether it
+is drawn filled or as an outline.
 
-* style (hollowness) = the fraction of that hull which is *not* foreground: about 0 for a
-  filled shape, about 0.5-0.7 for the task's outlines; gaps in an outline do not change it
-  much, because the hull still spans the whole shape.
 * fidelity = 1 when the shape is present (its hull covers 2-80% of the image: an empty or
   noise-filled image fails), its colour (median foreground colour) is nearest to the
   caption's colour among the task's colours, and its hull matches the caption's shape best
   among the task's shapes (IoU against each shape fitted to the hull's bounding box);
   0 otherwise. The mean over images is the fraction drawn right.
+* drawing = how the shape is drawn, read from the *unfiltered* pixels (a filter could close
+  the holes that noise punches, or open holes in a speckled fill): the caption's shape is
+  drawn in both styles into the foreground's bounding box, which gives the outline's ring
+  (where an outline puts its line) and the interior (the filled shape less the ring, two
+  pixels away from it where the shape is large enough). ``outline`` when at least
+  ``RING_COVERAGE`` of the ring has a pixel of the caption's colour within one pixel (a
+  drawn line wobbles) and at least ``CLEAN_INTERIOR`` of the interior is background;
+  the counts are also checked against chance: an outline needs them to be less likely
+  than ``SPECKLE_P`` for a filled shape under random speckle of any rate (so a small interior
+  left clean by luck is not an outline). ``filled`` when the ring and at least
+  ``FILLED_INTERIOR`` of the interior have the colour; ``neither`` otherwise (noise, blur that smears the line into the interior, a
+  broken or missing line).
+* style = 1 when the image is faithful (above) and drawn as an ``outline``; 0 otherwise.
+  ``style_rate``, its mean, is the fraction of images that are the right shape and colour
+  drawn in the target style. Noise cannot raise it: a fill that noise or speckle turns to
+  background in a fraction s of its pixels keeps the colour in 1 - s of the ring, so it
+  would need s >= CLEAN_INTERIOR and 1 - s >= RING_COVERAGE at once.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
@@ -28,18 +46,26 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .shapes import COLOURS, SHAPES, SUPERSAMPLE, parse_caption, shape_polygon
+from .styles import draw_styled
 
 # The fidelity budget of the demo's success test and of the quality benchmark's selection:
 # a tuned model may lose at most this fraction of the base's fidelity.
 MAX_FIDELITY_DROP = 0.10
 FOREGROUND_THRESHOLD = 60  # of 255, in the channel that differs most from the background
+RING_COVERAGE = 0.6  # of the outline's ring in the caption's colour, for either drawing
+CLEAN_INTERIOR = 0.8  # of the interior that is background, for an outline
+FILLED_INTERIOR = 0.6  # of the interior in the caption's colour, for a filled shape
+SPECKLE_P = 1e-3  # an outline's counts must be less likely than this under random speckle of any rate
+MIN_INTERIOR = 8  # pixels: fewer is too little evidence to call an interior empty or filled
+DRAWINGS = ("outline", "filled", "neither")
 MIN_AREA, MAX_AREA = 0.02, 0.80  # hull area as a fraction of the image, for "a shape is there"
 
 
 @dataclass(frozen=True)
 class ImageScores:
-    style: float  # hollowness in [0, 1]
+    style: float  # 1.0 for a faithful outline, else 0.0
     fidelity: float  # 1.0 or 0.0
+    drawing: str  # one of DRAWINGS
     colour_ok: bool
     shape_ok: bool
     present: bool
@@ -117,20 +143,22 @@ def hull_mask(mask: np.ndarray) -> np.ndarray:
     return np.asarray(out, dtype=bool)
 
 
-def _shape_template(shape: str, box, size) -> np.ndarray:
-    """The filled ``shape`` fitted to ``box`` (pixel-centre coordinates), as a mask."""
+def _coverage(shape: str, box, size, style: str = "plain") -> np.ndarray:
+    """The fraction of every pixel that ``shape`` drawn in ``style`` covers when fitted to
+    ``box`` (x0, y0, x1, y1 in pixel-centre coordinates): the renderer's own drawing,
+    supersampled and box-filtered like the task's images."""
     s = SUPERSAMPLE
     x0, y0, x1, y1 = box
     big = ((x0 - 0.5) * s, (y0 - 0.5) * s, (x1 + 0.5) * s, (y1 + 0.5) * s)  # pixel centres -> edges
     canvas = Image.new("L", (size[1] * s, size[0] * s), 0)
-    draw = ImageDraw.Draw(canvas)
-    polygon = shape_polygon(shape, big)
-    if polygon is None:
-        draw.ellipse(big, fill=255)
-    else:
-        draw.polygon(polygon, fill=255)
+    draw_styled(ImageDraw.Draw(canvas), shape, big, 255, 0, style, scale=s)
     small = canvas.resize((size[1], size[0]), Image.Resampling.BOX)
-    return np.asarray(small) >= 128
+    return np.asarray(small, dtype=np.float32) / 255.0
+
+
+def _shape_template(shape: str, box, size) -> np.ndarray:
+    """The filled ``shape`` fitted to ``box``, as a mask."""
+    return _coverage(shape, box, size) >= 0.5
 
 
 def classify_shape(hull: np.ndarray) -> str:
@@ -147,10 +175,99 @@ def classify_shape(hull: np.ndarray) -> str:
 
 
 def classify_colour(pixels: np.ndarray, mask: np.ndarray) -> str:
+    """The task's colour that most foreground pixels vote for. A pixel votes for the colour
+    that, blended with the background in some proportion, comes nearest to it: the
+    anti-aliased edge of a 2-pixel line is part background, and a pink pixel is then red on
+    white, not the nearest colour to pink."""
     if not mask.any():
         return "none"
-    colour = np.median(pixels[mask], axis=0)
-    return min(COLOURS, key=lambda name: float(np.sum((np.asarray(COLOURS[name]) - colour) ** 2)))
+    background = background_colour(pixels)
+    offsets = pixels[mask] - background  # (N, 3)
+    names = list(COLOURS)
+    residuals = []
+    for name in names:
+        d = np.asarray(COLOURS[name], dtype=np.float32) - background
+        alpha = np.clip(offsets @ d / max(float(d @ d), 1e-6), 0.0, 1.0)
+        residuals.append(np.linalg.norm(offsets - alpha[:, None] * d, axis=1))
+    votes = np.bincount(np.argmin(np.stack(residuals), axis=0), minlength=len(names))
+    return names[int(np.argmax(votes))]
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    padded = np.pad(mask, 1)
+    h, w = mask.shape
+    return np.logical_or.reduce([padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+                                 for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 0.0
+
+
+def _fitted_regions(shape: str, mask: np.ndarray, is_colour: np.ndarray):
+    """The outline's ring and the interior of ``shape`` fitted to the foreground: the
+    bounding box of ``mask``, each edge moved by up to half a pixel (anti-aliased edges put
+    the box that far off), the one whose filled or outlined template best overlaps the
+    pixels of the colour."""
+    ys, xs = np.nonzero(mask)
+    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max(), ys.max()
+    best = None
+    for box in itertools.product(*[(v - 0.5, v, v + 0.5) for v in (x0, y0, x1, y1)]):
+        fill = _coverage(shape, box, mask.shape)
+        ring_cover = _coverage(shape, box, mask.shape, "sketch")
+        fit = max(_iou(is_colour, fill >= 0.5), _iou(is_colour, ring_cover >= 0.5))
+        if best is None or fit > best[0]:
+            best = (fit, fill, ring_cover)
+    _, fill, ring_cover = best
+    # the interior keeps a margin from the ring for a line that wobbles: two pixels where the
+    # shape is large enough, else one, else none (a small triangle)
+    line = ring_cover > 0.05
+    for margin in (_dilate(_dilate(line)), _dilate(line), line):
+        interior = (fill >= 0.99) & ~margin
+        if interior.sum() >= MIN_INTERIOR:
+            break
+    return ring_cover >= 0.75, interior
+
+
+def _binomial_tail(k: int, n: int, p: np.ndarray) -> np.ndarray:
+    """P(Bin(n, p) >= k), for every p of an array."""
+    j = np.arange(k, n + 1)
+    logs = (np.array([math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) for i in j])[:, None]
+            + j[:, None] * np.log(p)[None] + (n - j)[:, None] * np.log1p(-p)[None])
+    return np.exp(logs).sum(axis=0)
+
+
+def speckle_p(ring_colour: int, ring: int, interior_background: int, interior: int) -> float:
+    """How well random speckle explains an outline: the largest, over speckle rates s, of the
+    probability that a filled shape whose pixels each turn to background with probability s
+    shows at least ``ring_colour`` of ``ring`` ring pixels in colour and at least
+    ``interior_background`` of ``interior`` interior pixels as background."""
+    s = np.linspace(0.005, 0.995, 199)
+    return float((_binomial_tail(ring_colour, ring, 1 - s) * _binomial_tail(interior_background, interior, s)).max())
+
+
+def classify_drawing(raw: np.ndarray, mask: np.ndarray, shape: str, colour: str) -> str:
+    """``outline``, ``filled`` or ``neither``: how ``shape`` in ``colour`` is drawn in the
+    unfiltered ``raw`` pixels, with the geometry of the (filtered) foreground ``mask``."""
+    if not mask.any():
+        return "neither"
+    background = background_colour(raw)
+    is_background = np.abs(raw - background).max(axis=2) <= FOREGROUND_THRESHOLD
+    target = np.asarray(COLOURS[colour], dtype=np.float32)
+    # a pixel has the colour when it is foreground and nearer to the colour than to the background
+    is_colour = ~is_background & (np.sum((raw - target) ** 2, axis=2) < np.sum((raw - background) ** 2, axis=2))
+    ring, interior = _fitted_regions(shape, mask, is_colour)
+    # the ring is covered where a pixel of the colour lies within one pixel (a drawn line
+    # wobbles); chance is judged on the exact counts
+    if interior.sum() < MIN_INTERIOR or _dilate(is_colour)[ring].mean() < RING_COVERAGE:
+        return "neither"
+    if is_background[interior].mean() >= CLEAN_INTERIOR and speckle_p(
+            int(is_colour[ring].sum()), int(ring.sum()), int(is_background[interior].sum()), int(interior.sum())) < SPECKLE_P:
+        return "outline"
+    if is_colour[interior].mean() >= FILLED_INTERIOR:
+        return "filled"
+    return "neither"
 
 
 def keeps_fidelity(fidelity: float, base_fidelity: float) -> bool:
@@ -161,18 +278,20 @@ def keeps_fidelity(fidelity: float, base_fidelity: float) -> bool:
 def score_image(image, caption: str) -> ImageScores:
     """Style and fidelity of one generated image for the caption it was generated from."""
     scene = parse_caption(caption)
-    pixels = median_filter(_as_array(image))
+    raw = _as_array(image)
+    pixels = median_filter(raw)
     mask = foreground_mask(pixels)
     hull = hull_mask(mask)
-    hull_area = hull.sum()
-    style = float(1.0 - (mask & hull).sum() / hull_area) if hull_area else 0.0
-    present = MIN_AREA <= hull_area / hull.size <= MAX_AREA
-    colour = classify_colour(pixels, mask)
+    present = MIN_AREA <= hull.sum() / hull.size <= MAX_AREA
+    colour = classify_colour(raw, mask)
     shape = classify_shape(hull)
     colour_ok, shape_ok = colour == scene.colour, shape == scene.shape
+    faithful = present and colour_ok and shape_ok
+    drawing = classify_drawing(raw, mask, scene.shape, scene.colour)
     return ImageScores(
-        style=style,
-        fidelity=float(present and colour_ok and shape_ok),
+        style=float(faithful and drawing == "outline"),
+        fidelity=float(faithful),
+        drawing=drawing,
         colour_ok=colour_ok,
         shape_ok=shape_ok,
         present=bool(present),
@@ -182,7 +301,9 @@ def score_image(image, caption: str) -> ImageScores:
 
 
 def score_images(images: Sequence, captions: Sequence[str]) -> Dict[str, np.ndarray]:
-    """Per-image ``style`` and ``fidelity`` arrays (and the components), same order."""
+    """Per-image arrays, same order: ``style`` (1.0 for a faithful outline, else 0.0; its
+    mean is the style rate), ``fidelity``, the components ``colour_ok``, ``shape_ok``,
+    ``present``, and ``outline`` / ``filled`` (the drawing, whatever the fidelity)."""
     if len(images) != len(captions):
         raise ValueError(f"images, captions: expected equal lengths, got {len(images)} and {len(captions)}")
     scores = [score_image(image, caption) for image, caption in zip(images, captions)]
@@ -192,4 +313,6 @@ def score_images(images: Sequence, captions: Sequence[str]) -> Dict[str, np.ndar
         "colour_ok": np.array([s.colour_ok for s in scores], dtype=float),
         "shape_ok": np.array([s.shape_ok for s in scores], dtype=float),
         "present": np.array([s.present for s in scores], dtype=float),
+        "outline": np.array([s.drawing == "outline" for s in scores], dtype=float),
+        "filled": np.array([s.drawing == "filled" for s in scores], dtype=float),
     }

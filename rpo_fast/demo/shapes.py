@@ -38,7 +38,7 @@ BACKGROUNDS: Dict[str, Tuple[int, int, int]] = {
     "black": (15, 15, 15),
     "gray": (128, 128, 128),
 }
-SIZES: Dict[str, int] = {"small": 14, "large": 22}  # bounding-box side in pixels
+SIZES: Dict[str, int] = {"small": 16, "large": 22}  # bounding-box side in pixels
 POSITIONS: Dict[str, float] = {"on the left": -1.0, "in the center": 0.0, "on the right": 1.0}
 SIZE_JITTER = 2  # +- pixels on the side
 SHIFT_JITTER = 2  # +- pixels on the centre
