@@ -40,3 +40,14 @@ def tiny_sdxl_dir(tmp_path_factory):
     from rpo_fast.tiny import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def short_pretrained_base(tmp_path_factory):
+    """The demo's base pretrained for 2 steps through the real pretraining code (quality is not
+    the point), for the demo and quality-benchmark tests."""
+    from rpo_fast.demo import base_model
+
+    root = tmp_path_factory.mktemp("demo_base")
+    config = base_model.PretrainConfig(steps=2, batch_size=4, per_scene=1)
+    return base_model.pretrain(root / "base", root / "work", config, progress=False)

@@ -149,6 +149,7 @@ class PretrainConfig:
     learning_rate: float = 1e-3
     per_scene: int = 24  # jittered renderings of every training caption
     uncond_fraction: float = 0.1  # rows with an empty caption: the unconditional model for guidance
+    sketch_fraction: float = 0.3  # renderings drawn as outlines: the base draws both styles
     seed: int = 0
 
 
@@ -167,7 +168,7 @@ def pretrain(out_dir: PathLike = BASE_DIR, work_dir: Optional[PathLike] = None, 
     if not (init_dir / "model_index.json").exists():
         build_untrained(init_dir, config.seed)
     data_dir = write_pretrain_data(work_dir / "data", per_scene=config.per_scene, seed=config.seed,
-                                   uncond_fraction=config.uncond_fraction)
+                                   uncond_fraction=config.uncond_fraction, sketch_fraction=config.sketch_fraction)
     result = train(TrainConfig(
         pretrained_model=str(init_dir), data=str(data_dir), output_dir=str(work_dir / "sft"), method="sft",
         learning_rate=config.learning_rate, lr_scheduler="cosine", lr_warmup_steps=min(100, config.steps // 10),
@@ -198,9 +199,11 @@ def export_pipeline(init_dir: PathLike, unet_dir: PathLike, out_dir: PathLike) -
     return out_dir
 
 
-def load_pipeline(model_dir: PathLike = BASE_DIR, unet_dir: Optional[PathLike] = None, device: str = "cpu"):
+def load_pipeline(model_dir: PathLike = BASE_DIR, unet_dir: Optional[PathLike] = None, device: str = "cpu",
+                  checkpoint: Optional[PathLike] = None):
     """``StableDiffusionPipeline`` in fp32 with a DDIM scheduler, optionally with a fine-tuned
-    UNet (the ``unet/`` folder a full fine-tune writes)."""
+    UNet: the ``unet/`` folder a full fine-tune writes, or the weights of a full fine-tune's
+    ``checkpoint-<step>/`` folder."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     if not (Path(model_dir) / "model_index.json").exists():
@@ -209,6 +212,12 @@ def load_pipeline(model_dir: PathLike = BASE_DIR, unet_dir: Optional[PathLike] =
     pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), dtype=torch.float32)
     if unet_dir is not None:
         pipe.unet = UNet2DConditionModel.from_pretrained(str(unet_dir), dtype=torch.float32)
+    if checkpoint is not None:
+        from safetensors.torch import load_file
+
+        from ..train.checkpoint import MODEL_FILE
+
+        pipe.unet.load_state_dict(load_file(str(Path(checkpoint) / MODEL_FILE)), strict=True)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", clip_sample=True,
                                                clip_sample_range=1.0, set_alpha_to_one=True)
     pipe.set_progress_bar_config(disable=True)

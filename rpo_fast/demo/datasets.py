@@ -1,8 +1,11 @@
 """The demo's data on disk, in the Pick-a-Pic v2 parquet schema that ``rpo_fast.data`` reads,
 and the embeddings that weight RPO's contrast matrix.
 
-* pretraining data: the plain image of every training caption (``per_scene`` jittered
-  renderings each) as the preferred image; the trainer's ``sft`` reads only that one;
+* pretraining data: every training caption (``per_scene`` jittered renderings each) drawn
+  ``plain`` most of the time and as a ``sketch`` a fraction ``sketch_fraction`` of the time,
+  under the same caption (no caption names the style), as the preferred image; the trainer's
+  ``sft`` reads only that one. The base therefore draws both styles, and preference
+  optimization has a mode to move probability toward, as in the paper's style alignment;
 * style preference data: the same caption and layout drawn as a ``sketch`` (preferred) and
   ``plain`` (dispreferred). Which of the two is ``jpg_0`` is random, with ``label_0`` saying
   which one won, as in Pick-a-Pic. Rows are shuffled across captions, so a batch of pairs
@@ -49,22 +52,26 @@ def _write(folder: Path, rows, meta: Dict) -> Path:
 
 
 def write_pretrain_data(folder: PathLike, *, per_scene: int = 24, seed: int = 0, uncond_fraction: float = 0.1,
-                        split_seed: int = 0) -> Path:
-    """Plain images of the training captions; ``uncond_fraction`` extra rows with an empty
-    caption (random training images) teach the unconditional model that classifier-free
-    guidance needs. Returns the folder (a source for ``load_preference_dataset``)."""
+                        sketch_fraction: float = 0.25, split_seed: int = 0) -> Path:
+    """Images of the training captions, each a ``sketch`` with probability ``sketch_fraction``
+    and ``plain`` otherwise; ``uncond_fraction`` extra rows with an empty caption (random
+    training images) teach the unconditional model that classifier-free guidance needs.
+    Returns the folder (a source for ``load_preference_dataset``)."""
     if not 0.0 <= uncond_fraction < 1.0:
         raise ValueError(f"uncond_fraction: expected a number in [0, 1), got {uncond_fraction!r}")
+    if not 0.0 <= sketch_fraction <= 1.0:
+        raise ValueError(f"sketch_fraction: expected a number in [0, 1], got {sketch_fraction!r}")
     folder = Path(folder)
     meta = {"kind": "pretrain", "per_scene": per_scene, "seed": seed, "uncond_fraction": uncond_fraction,
-            "split_seed": split_seed, "version": 1}
+            "sketch_fraction": sketch_fraction, "split_seed": split_seed, "version": 2}
     if _up_to_date(folder, meta):
         return folder
     samples = scene_samples(split_scenes(split_seed)["train"], per_scene, seed)
     rng = random.Random(seed + 1)
+    style_rng = random.Random(seed + 3)
     rows = []
     for scene, layout in samples:
-        image = render(scene, layout, "plain")
+        image = render(scene, layout, "sketch" if style_rng.random() < sketch_fraction else "plain")
         rows.append((scene.caption, image, image, 1.0))
         if rng.random() < uncond_fraction / (1.0 - uncond_fraction):
             rows.append(("", image, image, 1.0))
