@@ -9,7 +9,7 @@ BUILD_STAMP := $(VENV)/.extension-built
 CSRC := $(shell find csrc -type f 2>/dev/null)
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: setup demo test test-all test-gpu bench clean
+.PHONY: setup demo test test-all test-gpu bench bench-quality clean
 
 setup: $(BUILD_STAMP)
 
@@ -38,6 +38,9 @@ test-gpu: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)  # e.g. BENCH_ARGS=--quick
+
+bench-quality: setup
+	$(BIN)/python -m benchmarks.quality $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info rpo_fast/_C*.so $(BUILD_STAMP)

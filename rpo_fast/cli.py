@@ -18,7 +18,6 @@ SUBCOMMANDS = {
     "embed": ("rpo_fast.embedding", "embed a preference dataset with open_clip for the RPO weights"),
     "eval": ("rpo_fast.evaluation.cli", "generate with a base and a tuned model and score both"),
     "demo": ("rpo_fast.demo.cli", "style alignment on a synthetic task, on a CPU in minutes"),
-    "bench-quality": ("rpo_fast.demo.bench_quality", "SFT vs DPO vs RPO on the synthetic style task"),
 }
 
 

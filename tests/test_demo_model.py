@@ -39,10 +39,11 @@ def test_style_data_prefers_the_sketch_and_is_deterministic(tmp_path):
     assert (a / datasets.DATA_FILE).read_bytes() == (b / datasets.DATA_FILE).read_bytes()
     data = load_preference_dataset(str(a))
     assert len(data) == len(shapes.split_scenes()["train"])
-    labels = set()
-    for i in range(0, len(data), 7):
-        pair = data.get_pair(i)
-        assert scores.score_image(pair.chosen, pair.prompt).style > scores.score_image(pair.rejected, pair.prompt).style + 0.05
+    pairs = [data.get_pair(i) for i in range(0, len(data), 3)]
+    chosen = scores.score_images([p.chosen for p in pairs], [p.prompt for p in pairs])
+    rejected = scores.score_images([p.rejected for p in pairs], [p.prompt for p in pairs])
+    assert chosen["style"].mean() >= 0.95 and chosen["filled"].max() == 0.0
+    assert rejected["filled"].mean() == 1.0 and rejected["style"].max() == 0.0
     import pyarrow.parquet as pq
 
     labels = set(pq.read_table(a / datasets.DATA_FILE, columns=["label_0"]).column("label_0").to_pylist())
@@ -51,15 +52,19 @@ def test_style_data_prefers_the_sketch_and_is_deterministic(tmp_path):
         datasets.write_style_data(tmp_path / "c", split="holdout")
 
 
-def test_pretrain_data_has_plain_images_and_unconditional_rows(tmp_path):
-    folder = datasets.write_pretrain_data(tmp_path / "p", per_scene=2, uncond_fraction=0.2)
+def test_pretrain_data_draws_both_styles_under_the_same_captions_and_has_unconditional_rows(tmp_path):
+    folder = datasets.write_pretrain_data(tmp_path / "p", per_scene=2, uncond_fraction=0.2, sketch_fraction=0.3)
     data = load_preference_dataset(str(folder))
     prompts = [data.prompt(i) for i in range(len(data))]
     train_captions = {s.caption for s in shapes.split_scenes()["train"]}
-    assert set(prompts) - {""} == train_captions
+    assert set(prompts) - {""} == train_captions  # no caption names the style
     assert 0.1 < prompts.count("") / len(prompts) < 0.3
-    pair = data.get_pair(prompts.index(next(iter(train_captions))))
-    assert scores.score_image(pair.chosen, pair.prompt).style < 0.05
+    rows = [i for i, p in enumerate(prompts) if p]
+    drawn = scores.score_images([data.get_pair(i).chosen for i in rows], [prompts[i] for i in rows])
+    assert drawn["outline"].sum() + drawn["filled"].sum() >= 0.97 * len(rows)
+    assert 0.22 < drawn["outline"].mean() < 0.38  # 0.3 of the renderings are sketches
+    with pytest.raises(ValueError, match="sketch_fraction"):
+        datasets.write_pretrain_data(tmp_path / "q", sketch_fraction=1.5)
 
 
 def test_embedder_is_most_similar_for_the_same_caption_and_layout():
@@ -81,14 +86,6 @@ def _namespace(module, argv):
     return parser.parse_args(argv)
 
 
-@pytest.fixture(scope="module")
-def short_pretrained_base(tmp_path_factory):
-    """A base pretrained for 2 steps through the real pretraining code (quality is not the point)."""
-    root = tmp_path_factory.mktemp("demo_base")
-    config = base_model.PretrainConfig(steps=2, batch_size=4, per_scene=1)
-    return base_model.pretrain(root / "base", root / "work", config, progress=False)
-
-
 def test_pretrain_builds_a_loadable_base(short_pretrained_base):
     out = short_pretrained_base
     assert base_model.base_exists(out)
@@ -99,14 +96,15 @@ def test_pretrain_builds_a_loadable_base(short_pretrained_base):
 
 # Needs the committed, fully pretrained base (rpo_fast/demo/base): fails until it exists.
 @pytest.mark.slow
-def test_committed_base_draws_the_captions():
-    """The committed base draws the held-out test captions mostly right, filled (plain)."""
+def test_committed_base_draws_the_captions_in_both_styles():
+    """The committed base draws the held-out test captions mostly right, as outlines
+    between 10% and 40% of the time (what the demo measures: 24 captions x 4 samples)."""
     from rpo_fast.demo.evaluate import evaluate
 
-    scenes = shapes.split_scenes()["test"][:8]
-    ev = evaluate(base_model.load_pipeline(), scenes, samples_per_prompt=1, progress=False)
+    ev = evaluate(base_model.load_pipeline(), shapes.split_scenes()["test"], samples_per_prompt=4, progress=False)
     assert ev.scores["fidelity"].mean() >= 0.6
-    assert ev.scores["style"].mean() < 0.2
+    assert 0.1 <= ev.scores["style"].mean() <= 0.4
+    assert ev.scores["filled"].mean() >= 0.1
 
 
 def test_short_demo_run_writes_grid_plot_and_results(tmp_path, capsys, short_pretrained_base):
@@ -120,8 +118,11 @@ def test_short_demo_run_writes_grid_plot_and_results(tmp_path, capsys, short_pre
         assert (tmp_path / name).stat().st_size > 0
     result = json.loads((tmp_path / "demo_results.json").read_text())
     assert result["captions"] == 3 and result["weights"] == "similarity"
-    assert set(result["results"]) == {"base", "RPO", "difference"}
-    assert "style up by more than its CI" in capsys.readouterr().out
+    assert set(result["results"]) == {"base", "tuned", "difference"}
+    for row in result["results"].values():
+        assert set(row) == {"style_rate", "fidelity"} and set(row["style_rate"]) == {"mean", "ci95"}
+    assert set(result["seconds"]) == {"train", "total"}
+    assert "style rate up by at least" in capsys.readouterr().out
 
 
 def test_demo_rejects_bad_arguments(tmp_path):
@@ -131,47 +132,3 @@ def test_demo_rejects_bad_arguments(tmp_path):
         cli.run(_namespace(cli, ["--out", str(tmp_path), "--steps", "0"]))
     with pytest.raises(ValueError, match="--max-prompts"):
         cli.run(_namespace(cli, ["--out", str(tmp_path), "--max-prompts", "1"]))
-
-
-def test_bench_quality_selects_runs_seeds_and_writes_the_table(tmp_path, short_pretrained_base):
-    from rpo_fast.demo import bench_quality
-
-    args = _namespace(bench_quality, [
-        "--out", str(tmp_path / "out"), "--model-dir", str(short_pretrained_base), "--work", str(tmp_path / "work"), "--methods", "sft", "rpo",
-        "--seeds", "0", "1", "--steps", "1", "--batch-pairs", "4", "--betas", "100", "1000", "--learning-rates", "1e-5",
-        "--validation-samples", "1", "--test-samples", "1", "--inference-steps", "1", "--pairs-per-caption", "1",
-        "--no-progress"])
-    assert bench_quality.run(args) == 0
-    report = json.loads((tmp_path / "out" / "quality.json").read_text())
-    assert set(report["results"]) == {"sft", "rpo"}
-    assert len(report["selection"]["rpo"]["grid"]) == 2 and len(report["selection"]["sft"]["grid"]) == 1
-    for r in report["results"].values():
-        assert len(r["style"]["per_seed"]) == 2 and r["style"]["ci95"] >= 0
-    assert report["winner"]["method"] in ("sft", "rpo")
-    table = (tmp_path / "out" / "quality.md").read_text()
-    assert "| rpo |" in table and "Winner" in table
-    assert (tmp_path / "out" / "quality.png").stat().st_size > 0
-    runs = sorted((tmp_path / "work" / "runs").glob("*.json"))
-    assert len(runs) == 2 + 3 + 4  # base (validation, test), 3 grid runs, 2 methods x 2 seeds
-    mtimes = [p.stat().st_mtime for p in runs]
-    assert bench_quality.run(args) == 0  # a second run reuses every record
-    assert [p.stat().st_mtime for p in runs] == mtimes
-
-
-def test_bench_quality_selection_respects_the_fidelity_constraint():
-    from rpo_fast.demo.bench_quality import _select, _winner
-
-    def rec(style, fid):
-        return {"style": {"mean": style}, "fidelity": {"mean": fid}}
-
-    records = [rec(0.6, 0.5), rec(0.4, 0.75), rec(0.3, 0.8)]
-    assert _select(records, base_fidelity=0.8) is records[1]  # 0.75 >= 0.72; 0.5 is not
-    assert _select(records, base_fidelity=1.0) is records[2]  # none within 10%: the most faithful
-    results = {"a": {"style": {"mean": 0.5, "ci95": 0.05}, "fidelity": {"mean": 0.8}},
-               "b": {"style": {"mean": 0.3, "ci95": 0.05}, "fidelity": {"mean": 0.8}}}
-    assert _winner(results, 0.8) == {"method": "a", "runner_up": "b", "cis_separate": True,
-                                     "fidelity_constraint_met": True, "excluded_by_fidelity": {}}
-    # the most stylish method is out when its fidelity falls more than 10% (0.7 < 0.72)
-    results["c"] = {"style": {"mean": 0.9, "ci95": 0.05}, "fidelity": {"mean": 0.7}}
-    winner = _winner(results, 0.8)
-    assert winner["method"] == "a" and winner["excluded_by_fidelity"] == {"c": pytest.approx(-0.125)}

@@ -6,7 +6,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 from .shapes import IMAGE_SIZE
 
@@ -30,11 +30,13 @@ class FinetuneSettings:
 
 def finetune(model_dir: PathLike, data_dir: PathLike, out_dir: PathLike, settings: FinetuneSettings, *,
              embeddings: Optional[PathLike] = None, latent_cache: Optional[PathLike] = None,
-             progress: bool = True) -> Path:
-    """A fresh full fine-tune of the base UNet into ``out_dir``; returns its ``unet/`` folder.
+             progress: bool = True, checkpoint_every: int = 0) -> Tuple[Path, Dict[int, Path]]:
+    """A fresh full fine-tune of the base UNet into ``out_dir``; returns its ``unet/`` folder
+    and the checkpoints written every ``checkpoint_every`` steps (step -> folder; none for 0).
     ``embeddings`` (rpo only): the cache whose similarities weight the contrast matrix;
     without it the weights are uniform."""
     from ..train import TrainConfig, train
+    from ..train.checkpoint import list_checkpoints
 
     out_dir = Path(out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)  # a demo run is short: start clean, never half-resume
@@ -44,10 +46,11 @@ def finetune(model_dir: PathLike, data_dir: PathLike, out_dir: PathLike, setting
         tau=settings.tau, embeddings=str(embeddings) if embeddings and settings.method == "rpo" else None,
         learning_rate=settings.learning_rate, lr_scheduler="constant_with_warmup", lr_warmup_steps=min(10, settings.steps),
         max_steps=settings.steps, batch_pairs=settings.batch_pairs, resolution=IMAGE_SIZE, seed=settings.seed,
-        checkpoint_every=0, checkpoints_total_limit=1, latent_cache=str(latent_cache) if latent_cache else None,
+        checkpoint_every=checkpoint_every, checkpoints_total_limit=None if checkpoint_every else 1, latent_cache=str(latent_cache) if latent_cache else None,
         vae_encode_batch_size=256, progress=progress, tensorboard=False, log_every=10,
     ))
+    checkpoints = list_checkpoints(result.output_dir)
     # the end-of-run checkpoint repeats the weights in unet/: drop it to keep the folder small
-    for checkpoint in result.checkpoints:
-        shutil.rmtree(checkpoint, ignore_errors=True)
-    return result.output_dir / "unet"
+    for step in [s for s in checkpoints if s == settings.steps or not checkpoint_every]:
+        shutil.rmtree(checkpoints.pop(step), ignore_errors=True)
+    return result.output_dir / "unet", checkpoints

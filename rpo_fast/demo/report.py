@@ -4,31 +4,44 @@ the scores with their confidence intervals."""
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from PIL import Image, ImageDraw
 
 PathLike = Union[str, os.PathLike]
 
 
-def save_grid(path: PathLike, rows: Dict[str, Sequence[Image.Image]], *, scale: int = 3, label_width: int = 110) -> Path:
-    """One row per entry of ``rows`` (label -> images, equal counts), images upscaled ``scale``x."""
+LINE_HEIGHT = 11  # pixels per caption line in PIL's default font
+
+
+def save_grid(path: PathLike, rows: Dict[str, Sequence[Image.Image]], *, captions: Optional[Sequence[str]] = None,
+              scale: int = 3, label_width: int = 110) -> Path:
+    """One row per entry of ``rows`` (label -> images, equal counts), images upscaled
+    ``scale``x; ``captions`` (one per column) are written under the columns."""
     if not rows:
         raise ValueError("rows: expected at least one row of images")
     counts = {len(v) for v in rows.values()}
     if len(counts) != 1 or 0 in counts:
         raise ValueError(f"rows: expected the same non-zero number of images in every row, got {sorted(counts)}")
     columns = counts.pop()
+    if captions is not None and len(captions) != columns:
+        raise ValueError(f"captions: expected one per column ({columns}), got {len(captions)}")
     w, h = next(iter(rows.values()))[0].size
     cell_w, cell_h = w * scale + 2, h * scale + 2
-    grid = Image.new("RGB", (label_width + columns * cell_w, len(rows) * cell_h), (255, 255, 255))
+    wrapped = [textwrap.wrap(c, width=max(8, (cell_w - 4) // 6)) for c in captions] if captions is not None else []
+    caption_h = (max(len(lines) for lines in wrapped) * LINE_HEIGHT + 6) if wrapped else 0
+    grid = Image.new("RGB", (label_width + columns * cell_w, len(rows) * cell_h + caption_h), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for r, (label, images) in enumerate(rows.items()):
         draw.text((4, r * cell_h + cell_h // 2 - 6), label, fill=(0, 0, 0))
         for c, image in enumerate(images):
             big = image.convert("RGB").resize((w * scale, h * scale), Image.Resampling.NEAREST)
             grid.paste(big, (label_width + c * cell_w + 1, r * cell_h + 1))
+    for c, lines in enumerate(wrapped):
+        for k, line in enumerate(lines):
+            draw.text((label_width + c * cell_w + 3, len(rows) * cell_h + 3 + k * LINE_HEIGHT), line, fill=(0, 0, 0))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
@@ -36,7 +49,7 @@ def save_grid(path: PathLike, rows: Dict[str, Sequence[Image.Image]], *, scale: 
 
 
 def save_score_plot(path: PathLike, results: Dict[str, Dict[str, Tuple[float, float]]], *,
-                    metrics: Sequence[str] = ("style", "fidelity"), title: str = "") -> Path:
+                    metrics: Sequence[str] = ("style_rate", "fidelity"), title: str = "") -> Path:
     """Bars of ``results[model][metric] = (mean, ci half-width)``, one panel per metric."""
     import matplotlib
 
