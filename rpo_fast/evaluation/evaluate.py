@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from PIL import Image
 
-from ..embedding import register_open_clip_configs
+from ..clip import register_open_clip_configs
 from .generation import (
     DTYPES,
     GenerationSettings,
