@@ -9,7 +9,6 @@
 #include <vector>
 
 #include "cpu/kernels.h"
-#include "cpu/ops_cpu.h"
 #include "op_inputs.h"
 #include "rpo_math.h"
 
@@ -38,12 +37,14 @@ const KernelSet& selected_kernels() {
 namespace {
 
 ScalarKind kind_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return ScalarKind::kFloat;
-    case at::kBFloat16: return ScalarKind::kBFloat16;
-    case at::kHalf: return ScalarKind::kHalf;
-    default: TORCH_CHECK_TYPE(false, "rpo_fast: unsupported dtype ", t.scalar_type());
-  }
+  ScalarKind kind = ScalarKind::kFloat;
+  with_kernel_type(t.scalar_type(), [&](auto* p) {
+    using T = std::remove_pointer_t<decltype(p)>;
+    kind = std::is_same_v<T, c10::BFloat16> ? ScalarKind::kBFloat16
+           : std::is_same_v<T, c10::Half>   ? ScalarKind::kHalf
+                                            : ScalarKind::kFloat;
+  });
+  return kind;
 }
 
 // The kernel job for b's errors, written into model_err and ref_err.
@@ -160,37 +161,6 @@ at::Tensor similarity_weights_cpu(const at::Tensor& emb_w, const at::Tensor& emb
 }
 
 }  // namespace
-
-PairwiseResult pairwise_loss_grad(const at::Tensor& model_pred, const at::Tensor& target,
-                                  const std::optional<at::Tensor>& ref_pred, const std::optional<at::Tensor>& ref_err,
-                                  int64_t method, int64_t loss_type, double beta) {
-  TORCH_CHECK_VALUE(method == math::kDpo || method == math::kSft,
-                    "rpo_fast: the pairwise pass serves dpo and sft only, got method ", method);
-  const SampleBatch b = prepare_sample_batch(model_pred, target, ref_pred);
-  const auto f32 = model_pred.options().dtype(at::kFloat);
-  PairwiseResult r;
-  r.model_err = at::empty({b.n}, f32);
-  r.ref_err = present(ref_err) ? ref_err->to(at::kFloat).contiguous() : at::empty({b.ref.defined() ? b.n : 0}, f32);
-  // The pair stage's argument checks, before the kernel reads the given reference errors.
-  prepare_pair_args(r.model_err, r.ref_err, std::nullopt, method, loss_type, beta);
-  at::Tensor coef = at::empty({b.n}, f32);  // the kernel's; pair_loss gives the op's
-  r.grad = at::empty_like(model_pred);
-  // The gradient is written in the inputs' element order: into grad itself when its samples
-  // are blocks in that order, else into a buffer copied into it (unusual layouts only).
-  const bool in_place = samples_are_blocks(r.grad) && same_element_order(r.grad, b.model);
-  at::Tensor written = in_place ? r.grad : empty_in_order_of(b.model, r.grad.options());
-  PairwiseJob job{};
-  job.errors = errors_job(b, r.model_err, r.ref_err);
-  job.coef = coef.mutable_data_ptr<float>();
-  job.grad = grad_job(job.coef, b.model, b.target, written, b.n, b.d);
-  job.m = b.n / 2;
-  job.method = method;
-  job.loss_type = loss_type;
-  job.beta = beta;
-  r.finite = job.m == 0 || selected_kernels().pairwise_loss_grad(job);
-  if (!in_place) r.grad.copy_(written);
-  return r;
-}
 
 }  // namespace cpu
 }  // namespace rpo_fast
