@@ -6,7 +6,12 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "cpu/kernels.h"
 #include "op_inputs.h"
@@ -142,8 +147,24 @@ GradJob grad_job(const float* coef, const at::Tensor& model, const at::Tensor& t
   return job;
 }
 
+// The gradient is a fresh tensor every call, and glibc maps an allocation of many MiB anew (or
+// trims the heap between calls): its first write then faults every 4 KiB page in (8192
+// faults for SDXL fp32 at M = 64, docs/kernels-cpp.md "Page faults"). Advising transparent
+// huge pages for its 2 MiB-aligned interior before the kernel writes it makes that a fault
+// per 2 MiB where the kernel's THP mode is "madvise" or "always". Advice only: pages already
+// present are left as they are, and a failure changes nothing.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#endif
+}
+
 at::Tensor error_grad_cpu(const at::Tensor& coef, const at::Tensor& model_pred, const at::Tensor& target) {
   GradBatch b = prepare_grad_batch(coef, model_pred, target);
+  advise_huge_pages(b.out);
   const at::Tensor coef_c = coef.contiguous();
   selected_kernels().error_grad(grad_job(coef_c.const_data_ptr<float>(), b.model, b.target, b.out, b.n, b.d));
   if (!b.out.is_same(b.grad)) b.grad.copy_(b.out);
