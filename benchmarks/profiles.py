@@ -13,9 +13,11 @@ from typing import Dict, Tuple
 
 import torch
 
+from rpo_fast._types import DTYPE_NAMES
+
 # Latent shapes (C, H, W): SD1.5 at 512 px, SDXL at 1024 px, and a toy one for the smoke run.
 LATENT_SHAPES: Dict[str, Tuple[int, ...]] = {"sd15": (4, 64, 64), "sdxl": (4, 128, 128), "tiny": (4, 8, 8)}
-DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES: Dict[str, torch.dtype] = {name: DTYPE_NAMES[name] for name in ("fp32", "bf16")}  # the measured ones
 PAIRS = (1, 4, 16, 64)
 METHODS = ("rpo", "dpo")
 

@@ -46,20 +46,19 @@ inline at::Tensor call_similarity_weights(const at::Tensor& emb_w, const at::Ten
   return op.call(emb_w, emb_l, tau);
 }
 
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_fused_loss(
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> call_fused_loss(
     const at::Tensor& model_pred, const at::Tensor& target, const std::optional<at::Tensor>& ref_pred,
     const std::optional<at::Tensor>& ref_err, const std::optional<at::Tensor>& emb_w,
     const std::optional<at::Tensor>& emb_l, const std::optional<at::Tensor>& weights, int64_t method,
-    int64_t loss_type, double beta, double tau, bool with_grad) {
+    int64_t loss_type, double beta, double tau) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("rpo_fast::fused_loss", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                                  const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
-                                 int64_t, double, double, bool)>();
-  return op.call(model_pred, target, ref_pred, ref_err, emb_w, emb_l, weights, method, loss_type, beta, tau,
-                 with_grad);
+                                 int64_t, double, double)>();
+  return op.call(model_pred, target, ref_pred, ref_err, emb_w, emb_l, weights, method, loss_type, beta, tau);
 }
 
 }  // namespace rpo_fast

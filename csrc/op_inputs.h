@@ -1,4 +1,8 @@
-// Argument checks and memory-layout preparation shared by the CPU and CUDA op wrappers.
+// Internal asserts and the memory-layout rules shared by the CPU and CUDA op wrappers.
+//
+// Users' arguments are validated once, by rpo_fast/_checks.py, before any op runs; the asserts
+// here only keep a direct call of an op from reading memory it should not (a RuntimeError
+// naming the op and the argument).
 //
 // The kernels iterate raw memory: every input as n samples, sample k being the d
 // contiguous elements at data + k * d, with the same element order inside a sample in
@@ -11,29 +15,39 @@
 
 #include <ATen/ATen.h>
 
+#include "rpo_math.h"
+
 #include <optional>
-#include <utility>
 
 namespace rpo_fast {
 
 // Whether an optional tensor argument was passed (Python None arrives as nullopt or undefined).
 inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
-inline void check_kernel_dtype(const char* op, const char* name, const at::Tensor& t) {
-  const auto dtype = t.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "rpo_fast::", op,
-                   ": ", name, " must be float32, bfloat16 or float16, got ", dtype,
-                   " (use backend='torch' for other dtypes)");
+#define RPO_ASSERT(cond, ...) TORCH_CHECK(cond, "rpo_fast::", __VA_ARGS__, " (internal check failed)")
+
+// The kernels' input dtypes (rpo_fast._types.KERNEL_DTYPES in Python): calls fn(T*) with a
+// null pointer of the element type of dtype.
+template <typename Fn>
+void with_kernel_type(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: fn(static_cast<float*>(nullptr)); break;
+    case at::kBFloat16: fn(static_cast<c10::BFloat16*>(nullptr)); break;
+    case at::kHalf: fn(static_cast<c10::Half*>(nullptr)); break;
+    default: RPO_ASSERT(false, "kernels: float32, bfloat16 or float16 inputs only, got ", dtype);
+  }
 }
 
-inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
-  TORCH_CHECK_VALUE(t.device() == like.device(), "rpo_fast::", op, ": ", name, " must be on ", like.device(),
-                    " (the device of the first argument), got ", t.device());
+// t has a kernel dtype and, unless t is like itself, like's sizes and device.
+inline void assert_input(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
+  with_kernel_type(t.scalar_type(), [](auto*) {});
+  RPO_ASSERT(t.sizes() == like.sizes() && t.device() == like.device(), op, ": ", name,
+             " must have the sizes and device of model_pred");
 }
 
-inline void check_same_shape(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
-  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), "rpo_fast::", op, ": ", name, " must have the shape of model_pred ",
-                    like.sizes(), ", got ", t.sizes());
+inline void assert_errors(const char* op, const char* name, const at::Tensor& t, int64_t n) {
+  RPO_ASSERT(t.scalar_type() == at::kFloat && t.dim() == 1 && (n < 0 || t.size(0) == n), op, ": ", name,
+             " must be float32 of shape (", n, ",), got ", t.scalar_type(), " ", t.sizes());
 }
 
 // Whether every sample t[k] is a gap-free block of d elements in memory (any order inside):
@@ -84,17 +98,11 @@ inline int64_t sample_stride(const at::Tensor& t) { return t.dim() > 0 ? t.strid
 inline SampleBatch prepare_sample_batch(const at::Tensor& model_pred, const at::Tensor& target,
                                         const std::optional<at::Tensor>& ref_pred) {
   constexpr const char* op = "sample_errors";
-  TORCH_CHECK_VALUE(model_pred.dim() >= 1, "rpo_fast::sample_errors: model_pred must have a batch dimension, got a 0-d tensor");
-  check_kernel_dtype(op, "model_pred", model_pred);
-  check_kernel_dtype(op, "target", target);
-  check_same_shape(op, "target", target, model_pred);
-  check_same_device(op, "target", target, model_pred);
+  RPO_ASSERT(model_pred.dim() >= 1, op, ": model_pred must have a batch dimension");
+  assert_input(op, "model_pred", model_pred, model_pred);
+  assert_input(op, "target", target, model_pred);
   const bool has_ref = present(ref_pred);
-  if (has_ref) {
-    check_kernel_dtype(op, "ref_pred", *ref_pred);
-    check_same_shape(op, "ref_pred", *ref_pred, model_pred);
-    check_same_device(op, "ref_pred", *ref_pred, model_pred);
-  }
+  if (has_ref) assert_input(op, "ref_pred", *ref_pred, model_pred);
   SampleBatch b;
   b.model = samples_are_blocks(model_pred) ? model_pred : model_pred.contiguous();
   b.target = in_order_of(target, b.model);
@@ -119,15 +127,11 @@ struct GradBatch {
 
 inline GradBatch prepare_grad_batch(const at::Tensor& coef, const at::Tensor& model_pred, const at::Tensor& target) {
   constexpr const char* op = "error_grad";
-  TORCH_CHECK_VALUE(model_pred.dim() >= 1, "rpo_fast::error_grad: model_pred must have a batch dimension, got a 0-d tensor");
-  check_kernel_dtype(op, "model_pred", model_pred);
-  check_kernel_dtype(op, "target", target);
-  check_same_shape(op, "target", target, model_pred);
-  check_same_device(op, "target", target, model_pred);
-  check_same_device(op, "coef", coef, model_pred);
-  TORCH_CHECK_TYPE(coef.scalar_type() == at::kFloat, "rpo_fast::error_grad: coef must be float32, got ", coef.scalar_type());
-  TORCH_CHECK_VALUE(coef.dim() == 1 && coef.size(0) == model_pred.size(0), "rpo_fast::error_grad: coef must have shape (",
-                    model_pred.size(0), ",), got ", coef.sizes());
+  RPO_ASSERT(model_pred.dim() >= 1, op, ": model_pred must have a batch dimension");
+  assert_input(op, "model_pred", model_pred, model_pred);
+  assert_input(op, "target", target, model_pred);
+  assert_errors(op, "coef", coef, model_pred.size(0));
+  RPO_ASSERT(coef.device() == model_pred.device(), op, ": coef must be on the device of model_pred");
   GradBatch b;
   b.grad = at::empty_like(model_pred);
   if (samples_are_blocks(b.grad)) {
@@ -152,32 +156,22 @@ struct PairArgs {
 inline PairArgs prepare_pair_args(const at::Tensor& model_err, const at::Tensor& ref_err,
                                   const std::optional<at::Tensor>& weights, int64_t method, int64_t loss_type,
                                   double beta) {
-  TORCH_CHECK_VALUE(method >= 0 && method <= 2, "rpo_fast::pair_loss: method must be 0 (sft), 1 (dpo) or 2 (rpo), got ", method);
-  TORCH_CHECK_VALUE(loss_type >= 0 && loss_type <= 2,
-                    "rpo_fast::pair_loss: loss_type must be 0 (sigmoid), 1 (hinge) or 2 (ipo), got ", loss_type);
-  TORCH_CHECK_VALUE(beta > 0.0, "rpo_fast::pair_loss: beta must be > 0, got ", beta);
-  TORCH_CHECK_TYPE(model_err.scalar_type() == at::kFloat, "rpo_fast::pair_loss: model_err must be float32, got ",
-                   model_err.scalar_type());
-  TORCH_CHECK_VALUE(model_err.dim() == 1 && model_err.size(0) % 2 == 0,
-                    "rpo_fast::pair_loss: model_err must have shape (2M,), got ", model_err.sizes());
+  constexpr const char* op = "pair_loss";
+  RPO_ASSERT(method >= math::kSft && method <= math::kRpo && loss_type >= math::kSigmoid && loss_type <= math::kIpo &&
+                 beta > 0.0,
+             op, ": method, loss_type or beta out of range");
+  assert_errors(op, "model_err", model_err, -1);
+  RPO_ASSERT(model_err.size(0) % 2 == 0, op, ": model_err must have shape (2M,)");
   PairArgs a;
   a.m = model_err.size(0) / 2;
   a.model_err = model_err.contiguous();
-  check_same_device("pair_loss", "ref_err", ref_err, model_err);
-  TORCH_CHECK_TYPE(ref_err.scalar_type() == at::kFloat, "rpo_fast::pair_loss: ref_err must be float32, got ", ref_err.scalar_type());
-  if (method == 0) {
-    TORCH_CHECK_VALUE(ref_err.dim() == 1, "rpo_fast::pair_loss: ref_err must be 1-d, got ", ref_err.sizes());
-  } else {
-    TORCH_CHECK_VALUE(ref_err.dim() == 1 && ref_err.size(0) == model_err.size(0), "rpo_fast::pair_loss: ref_err must have shape (",
-                      model_err.size(0), ",) for dpo and rpo, got ", ref_err.sizes());
-    a.ref_err = ref_err.contiguous();
-  }
-  if (method == 2 && present(weights)) {
-    check_same_device("pair_loss", "weights", *weights, model_err);
-    TORCH_CHECK_TYPE(weights->scalar_type() == at::kFloat, "rpo_fast::pair_loss: weights must be float32, got ",
-                     weights->scalar_type());
-    TORCH_CHECK_VALUE(weights->dim() == 2 && weights->size(0) == a.m && weights->size(1) == a.m,
-                      "rpo_fast::pair_loss: weights must have shape (", a.m, ", ", a.m, "), got ", weights->sizes());
+  RPO_ASSERT(ref_err.device() == model_err.device(), op, ": ref_err must be on the device of model_err");
+  assert_errors(op, "ref_err", ref_err, method == math::kSft ? -1 : model_err.size(0));
+  if (method != math::kSft) a.ref_err = ref_err.contiguous();
+  if (method == math::kRpo && present(weights)) {
+    RPO_ASSERT(weights->scalar_type() == at::kFloat && weights->device() == model_err.device() &&
+                   weights->sizes() == at::IntArrayRef({a.m, a.m}),
+               op, ": weights must be float32 (M, M) on the device of model_err");
     a.weights = weights->contiguous();
   }
   return a;
@@ -191,15 +185,9 @@ struct SimilarityArgs {
 inline SimilarityArgs prepare_similarity_args(const at::Tensor& emb_w, const at::Tensor& emb_l, double tau) {
   constexpr const char* op = "similarity_weights";
   // Any floating dtype (float64 CLIP features too): the kernel reads float32 copies.
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"emb_w", emb_w}, {"emb_l", emb_l}}) {
-    TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "rpo_fast::", op, ": ", name,
-                     " must have a floating dtype, got ", t.scalar_type());
-  }
-  check_same_device(op, "emb_l", emb_l, emb_w);
-  TORCH_CHECK_VALUE(emb_w.dim() == 2 && emb_l.sizes() == emb_w.sizes(),
-                    "rpo_fast::similarity_weights: emb_w and emb_l must both have shape (M, E), got ", emb_w.sizes(),
-                    " and ", emb_l.sizes());
-  TORCH_CHECK_VALUE(tau > 0.0, "rpo_fast::similarity_weights: tau must be > 0, got ", tau);
+  RPO_ASSERT(at::isFloatingType(emb_w.scalar_type()) && at::isFloatingType(emb_l.scalar_type()) &&
+                 emb_w.device() == emb_l.device() && emb_w.dim() == 2 && emb_l.sizes() == emb_w.sizes() && tau > 0.0,
+             op, ": emb_w and emb_l must be floating (M, E) on one device, tau > 0");
   return {emb_w.to(at::kFloat).contiguous(), emb_l.to(at::kFloat).contiguous()};
 }
 

@@ -28,8 +28,7 @@ TORCH_LIBRARY(rpo_fast, m) {
   m.def("similarity_weights(Tensor emb_w, Tensor emb_l, float tau) -> Tensor");
   m.def(
       "fused_loss(Tensor model_pred, Tensor target, Tensor? ref_pred, Tensor? ref_err, Tensor? emb_w, "
-      "Tensor? emb_l, Tensor? weights, int method, int loss_type, float beta, float tau, "
-      "bool with_grad=False) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? emb_l, Tensor? weights, int method, int loss_type, float beta, float tau) -> (Tensor, Tensor, Tensor)");
   m.def("cpu_isa() -> str", &rpo_fast::cpu_isa);
 }
 

@@ -7,10 +7,12 @@ Importing this module registers, under ``torch.ops.rpo_fast``:
   stage (loss, metrics, ``coef = dloss/dmodel_err``);
 * ``triton_error_grad(coef, model_pred, target)``: the gradient write.
 
-Semantics are those of ``rpo_fast/ops.py``; ``rpo_fast/reference.py::pair_loss`` is the
-definition the pair stage matches. Autograd and the compile story come from
-``rpo_fast.ops.register_op_family``. Launch structure and the reasons for it are in
-``docs/kernels-triton.md``.
+Semantics are those of ``rpo_fast/ops.py`` (and its fake kernels); ``rpo_fast/reference.py``
+is the definition the pair stage matches. The ops' backward is registered here, once, in
+the one gradient design of every backend: sample_errors' backward is error_grad of the
+incoming gradient, pair_loss's scales the coefficients. Arguments are validated for users
+by ``rpo_fast/_checks.py``; the asserts below only guard the kernels. Launch structure and
+the reasons for it are in ``docs/kernels-triton.md``.
 
 The ops are ``torch.library.custom_op`` (opaque to inductor), not ``triton_op``: the Python
 wrapper picks a memory layout from the real strides at run time (which a traced
@@ -22,7 +24,6 @@ from a convolution, the kernels are bandwidth-bound reductions).
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from typing import Optional, Tuple
 
@@ -30,11 +31,12 @@ import torch
 import triton
 import triton.language as tl
 
-from rpo_fast.ops import _fake_error_grad, _fake_pair_loss, _fake_sample_errors, register_op_family
+from rpo_fast import _types
+from rpo_fast.ops import fake_error_grad, fake_pair_loss, fake_sample_errors
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_METHOD_SFT, _METHOD_DPO, _METHOD_RPO = 0, 1, 2  # _types.METHODS order
-_NUM_LOSS_TYPES = 3  # sigmoid, hinge, ipo: _types.LOSS_TYPES order
+# The codes of rpo_fast/_types.py, as constexprs that the kernels may read.
+SFT, DPO, RPO = (tl.constexpr(c) for c in (_types.SFT, _types.DPO, _types.RPO))
+SIGMOID, HINGE = tl.constexpr(_types.SIGMOID), tl.constexpr(_types.HINGE)
 
 # Streaming kernels: one block of 1024 elements per loop step, 4 warps (8 elements a
 # thread: one 16-byte load per bf16/fp16 input, two per fp32 input).
@@ -151,11 +153,11 @@ def _log1p(u):
 @triton.jit
 def _loss_and_slope(x, beta, LOSS_TYPE: tl.constexpr):
     """The per-element loss f(x) and f'(x) of DESIGN.md (reference.elementwise_loss)."""
-    if LOSS_TYPE == 0:  # sigmoid: -log(sigmoid(x)) = softplus(-x), stable for any |x|
+    if LOSS_TYPE == SIGMOID:  # sigmoid: -log(sigmoid(x)) = softplus(-x), stable for any |x|
         e = tl.exp(-tl.abs(x))
         f = tl.maximum(-x, 0.0, propagate_nan=tl.PropagateNan.ALL) + _log1p(e)
         slope = -tl.where(x >= 0, e / (1.0 + e), 1.0 / (1.0 + e))  # -sigmoid(-x)
-    elif LOSS_TYPE == 1:  # hinge: max(0, 1 - x); slope 0 at the kink, as torch.relu's
+    elif LOSS_TYPE == HINGE:  # hinge: max(0, 1 - x); slope 0 at the kink, as torch.relu's
         f = tl.maximum(1.0 - x, 0.0, propagate_nan=tl.PropagateNan.ALL)
         slope = tl.where(1.0 - x > 0.0, -1.0, 0.0)
     else:  # ipo: (x / beta - 1 / (2 beta))^2
@@ -247,13 +249,13 @@ def _pair_finish_kernel(
         mask = offs < n
         me = tl.load(model_err_ptr + offs, mask=mask, other=0.0)
         model_sum += me
-        if METHOD != 0:
+        if METHOD != SFT:
             re = tl.load(ref_err_ptr + offs, mask=mask, other=0.0)
             ref_sum += re
             nonfinite += (mask & ~(_is_finite(me) & _is_finite(re))).to(tl.int32)
     model_mse = tl.sum(model_sum, axis=0) * (0.5 * inv_m)
 
-    if METHOD == 0:  # sft: mean error of the preferred rows; no finite check (the reference has none)
+    if METHOD == SFT:  # sft: mean error of the preferred rows; no finite check (the reference has none)
         win_sum = tl.zeros([BLOCK], dtype=tl.float32)
         for i0 in range(0, M, BLOCK):
             offs = i0 + lanes
@@ -285,7 +287,7 @@ def _pair_finish_kernel(
             hit = tl.where(z > 0.0, 1.0, tl.where(z == 0.0, 0.5, 0.0))
             acc_sum += tl.where(mask, hit, 0.0)
             margin_sum += tl.where(mask, z / beta, 0.0)
-            if METHOD == 1:  # dpo: the loss and coef live on the diagonal
+            if METHOD == DPO:  # dpo: the loss and coef live on the diagonal
                 f, slope = _loss_and_slope(z, beta, LOSS_TYPE)
                 loss_sum += tl.where(mask, f, 0.0)
                 tl.store(coef_ptr + i, -beta * inv_m * slope, mask=mask)
@@ -297,7 +299,7 @@ def _pair_finish_kernel(
                 nonfinite += (row_loss != row_loss).to(tl.int32)
                 if HAS_WEIGHTS:
                     wdiag_sum += tl.load(weights_ptr + i.to(tl.int64) * (M + 1), mask=mask, other=0.0)
-        if METHOD == 1:
+        if METHOD == DPO:
             loss = tl.sum(loss_sum, axis=0) * inv_m
             weight_diag = nan
         else:
@@ -327,29 +329,23 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _check_runnable(name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"{name}: the triton backend runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got a CPU tensor"
-        )
-    if t.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name}: the triton backend runs CUDA tensors, got a {t.device.type} tensor")
+def _assert_prediction(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
+    """What the streaming kernels rely on (internal: rpo_fast/_checks.py validates for users)."""
+    torch._check(
+        t.dtype in _types.KERNEL_DTYPES and t.shape == like.shape and t.device == like.device and t.dim() >= 1,
+        lambda: f"rpo_fast::triton: {name} must be a kernel dtype with the shape and device of model_pred",
+    )
+    torch._check(
+        t.is_cuda or (t.is_cpu and os.environ.get("TRITON_INTERPRET") == "1"),
+        lambda: f"rpo_fast::triton: {name} must be a CUDA tensor (or a CPU one under TRITON_INTERPRET=1)",
+    )
 
 
-def _check_prediction(name: str, t: torch.Tensor, like: Optional[torch.Tensor]) -> None:
-    _check_runnable(name, t)
-    if t.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"{name}: expected float32, bfloat16 or float16, got {t.dtype}")
-    if like is None:
-        if t.dim() < 1 or t.shape[0] == 0:
-            raise ValueError(f"{name}: expected shape (N, *S) with N > 0, got {tuple(t.shape)}")
-        return
-    if t.shape != like.shape:
-        raise ValueError(f"{name}: expected the shape of model_pred {tuple(like.shape)}, got {tuple(t.shape)}")
-    if t.device != like.device:
-        raise ValueError(f"{name}: expected device {like.device} (that of model_pred), got {t.device}")
+def _assert_errors(name: str, t: torch.Tensor, n: int) -> None:
+    torch._check(
+        t.dtype == torch.float32 and t.dim() == 1 and t.shape[0] == n,
+        lambda: f"rpo_fast::triton: {name} must be float32 of shape ({n},), got {t.dtype} {tuple(t.shape)}",
+    )
 
 
 def _rows_dense(t: torch.Tensor) -> bool:
@@ -394,10 +390,10 @@ def triton_sample_errors(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-sample errors ``mean_d (pred - target)^2`` (float32 ``(N,)``) of model_pred and of
     ref_pred (``(0,)`` when ref_pred is None), from one pass over the inputs."""
-    _check_prediction("model_pred", model_pred, None)
-    _check_prediction("target", target, model_pred)
+    _assert_prediction("model_pred", model_pred, model_pred)
+    _assert_prediction("target", target, model_pred)
     if ref_pred is not None:
-        _check_prediction("ref_pred", ref_pred, model_pred)
+        _assert_prediction("ref_pred", ref_pred, model_pred)
     n = model_pred.shape[0]
     d = model_pred[0].numel()
     has_ref = ref_pred is not None
@@ -430,15 +426,6 @@ def triton_sample_errors(
     return model_err, ref_err
 
 
-def _check_errors(name: str, t: torch.Tensor, n: Optional[int]) -> None:
-    _check_runnable(name, t)
-    if t.dtype != torch.float32:
-        raise TypeError(f"{name}: expected float32, got {t.dtype}")
-    if t.dim() != 1 or (n is not None and t.shape[0] != n):
-        want = f"({n},)" if n is not None else "(2M,)"
-        raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
-
-
 def _tile_block(m: int) -> int:
     """Square tile edge of the M x M stage: 16 to 64, the smallest power of two >= M."""
     return max(16, min(64, triton.next_power_of_2(m)))
@@ -455,28 +442,23 @@ def triton_pair_loss(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The O(M^2) stage: ``(loss 0-d, metrics (5,), coef = dloss/dmodel_err (2M,))``, float32,
     as ``rpo_fast.reference.pair_loss`` defines them."""
-    _check_errors("model_err", model_err, None)
     n = model_err.shape[0]
-    if n == 0 or n % 2:
-        raise ValueError(f"model_err: expected shape (2M,) with M > 0, got {tuple(model_err.shape)}")
     m = n // 2
-    if method not in (_METHOD_SFT, _METHOD_DPO, _METHOD_RPO):
-        raise ValueError(f"method: expected 0 (sft), 1 (dpo) or 2 (rpo), got {method}")
-    if not 0 <= loss_type < _NUM_LOSS_TYPES:
-        raise ValueError(f"loss_type: expected 0 (sigmoid), 1 (hinge) or 2 (ipo), got {loss_type}")
-    if not beta > 0 or not math.isfinite(beta):
-        raise ValueError(f"beta: expected a finite value > 0, got {beta}")
-    if method != _METHOD_SFT:
-        _check_errors("ref_err", ref_err, n)
-    has_weights = weights is not None and method == _METHOD_RPO
+    _assert_errors("model_err", model_err, 2 * m)
+    torch._check(
+        m > 0 and method in (_types.SFT, _types.DPO, _types.RPO) and 0 <= loss_type < len(_types.LOSS_TYPES) and beta > 0,
+        lambda: f"rpo_fast::triton_pair_loss: M > 0, method, loss_type and beta > 0 in range, got M = {m}, "
+        f"{method}, {loss_type}, {beta}",
+    )
+    if method != _types.SFT:
+        _assert_errors("ref_err", ref_err, n)
+    has_weights = weights is not None and method == _types.RPO
     if has_weights:
-        _check_runnable("weights", weights)
-        if weights.shape != (m, m):
-            raise ValueError(f"weights: expected shape ({m}, {m}), got {tuple(weights.shape)}")
+        torch._check(weights.shape == (m, m), lambda: f"rpo_fast::triton_pair_loss: weights must be ({m}, {m})")
         weights = weights.to(dtype=torch.float32, device=model_err.device).contiguous()
 
     model_err = model_err.contiguous()
-    ref = ref_err.contiguous() if method != _METHOD_SFT else model_err
+    ref = ref_err.contiguous() if method != _types.SFT else model_err
     w = weights if has_weights else model_err  # a placeholder pointer, never read
     device = model_err.device
     loss = torch.empty((), dtype=torch.float32, device=device)
@@ -486,7 +468,7 @@ def triton_pair_loss(
     uniform = 1.0 / m
     with _device_guard(model_err):
         row_loss = coef  # a placeholder pointer unless rpo
-        if method == _METHOD_RPO:
+        if method == _types.RPO:
             block = _tile_block(m)
             row_loss = torch.empty((m,), dtype=torch.float32, device=device)
             _rpo_tile_kernel[(triton.cdiv(m, block), 2)](
@@ -507,10 +489,10 @@ def triton_pair_loss(
 def triton_error_grad(coef: torch.Tensor, model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``coef[k] * 2 * (model_pred[k] - target[k]) / D`` in model_pred's dtype and shape
     (and strides, as ``torch.empty_like`` gives them)."""
-    _check_prediction("model_pred", model_pred, None)
-    _check_prediction("target", target, model_pred)
+    _assert_prediction("model_pred", model_pred, model_pred)
+    _assert_prediction("target", target, model_pred)
     n = model_pred.shape[0]
-    _check_errors("coef", coef, n)
+    _assert_errors("coef", coef, n)
     out = torch.empty_like(model_pred)
     d = model_pred[0].numel()
     if d == 0:
@@ -534,9 +516,36 @@ def triton_error_grad(coef: torch.Tensor, model_pred: torch.Tensor, target: torc
     return out
 
 
-triton_sample_errors.register_fake(_fake_sample_errors)
-triton_pair_loss.register_fake(_fake_pair_loss)
-triton_error_grad.register_fake(_fake_error_grad)
-register_op_family(
-    "rpo_fast::triton_sample_errors", "rpo_fast::triton_pair_loss", "rpo_fast::triton_error_grad", fakes=False
-)
+# --------------------------------------------------------------------------- fake kernels, autograd
+
+
+def _errors_setup(ctx, inputs, output):
+    model_pred, target, _ = inputs
+    ctx.save_for_backward(model_pred, target)
+
+
+def _errors_backward(ctx, grad_model_err, grad_ref_err):
+    """d loss / d model_pred = error_grad(d loss / d model_err): the gradient written here."""
+    model_pred, target = ctx.saved_tensors
+    if grad_model_err is None:
+        return None, None, None
+    return triton_error_grad(grad_model_err.float().contiguous(), model_pred, target), None, None
+
+
+def _pair_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+
+
+def _pair_backward(ctx, grad_loss, grad_metrics, grad_coef):
+    """d loss / d model_err = coef, scaled by the incoming gradient."""
+    (coef,) = ctx.saved_tensors
+    if grad_loss is None:
+        return None, None, None, None, None, None
+    return coef * grad_loss, None, None, None, None, None
+
+
+triton_sample_errors.register_fake(fake_sample_errors)
+triton_pair_loss.register_fake(fake_pair_loss)
+triton_error_grad.register_fake(fake_error_grad)
+triton_sample_errors.register_autograd(_errors_backward, setup_context=_errors_setup)
+triton_pair_loss.register_autograd(_pair_backward, setup_context=_pair_setup)

@@ -9,11 +9,11 @@ nothing on the GPU and are traced away by ``torch.compile``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 
-from ._types import LOSS_TYPES, METHODS
+from ._types import BACKENDS, KERNEL_DTYPES, LOSS_TYPES, METHODS
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -49,12 +49,29 @@ def _check_tensor(name: str, value, *, floating: bool = True) -> None:
         )
 
 
-def _check_positive(name: str, value) -> float:
+def check_positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a positive number, got {type(value).__name__}")
     if not value > 0:  # also rejects NaN
         raise ValueError(f"{name}: expected a value > 0, got {value}")
     return float(value)
+
+
+def check_backend(backend: str, available: List[str], runs_on_device: bool, device: torch.device,
+                  dtypes: Sequence[torch.dtype]) -> None:
+    """An explicitly requested backend: known, available here, able to run on ``device``, and
+    (but for ``torch``) taking the inputs' ``dtypes``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected 'auto' or one of {list(BACKENDS)}, got {backend!r}")
+    if backend not in available:
+        raise ValueError(f"backend: {backend!r} is not available here; available: {available}")
+    if not runs_on_device:
+        raise ValueError(f"backend: {backend!r} does not run on {device.type} tensors")
+    if backend != "torch" and not all(d in KERNEL_DTYPES for d in dtypes):
+        raise TypeError(
+            f"backend: {backend!r} takes float32, bfloat16 or float16 inputs, got "
+            f"{sorted({str(d) for d in dtypes})}; use backend='torch'"
+        )
 
 
 def check_batch(name: str, tensor: torch.Tensor) -> int:
@@ -139,8 +156,8 @@ def check_inputs(
             raise ValueError(f"{name}: expected device {device} (that of model_pred), got {tensor.device}")
 
     same_device("target", target)
-    beta = _check_positive("beta", beta)
-    tau = _check_positive("tau", tau)
+    beta = check_positive("beta", beta)
+    tau = check_positive("tau", tau)
     if method == "sft":
         if loss_type is not None:
             check_loss_type(loss_type)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
 _loaded: Optional[bool] = None
 _reason: str = ""
+_kernel_keys: Dict[str, bool] = {}  # dispatch key -> whether the extension has kernels for it
 
 
 def load() -> bool:
@@ -28,6 +29,8 @@ def load() -> bool:
             # Fake kernels and autograd now, at import: registering them on the first loss
             # call would break a torch.compile(fullgraph=True) that makes that call.
             register_cxx_ops()
+            for key in ("CPU", "CUDA"):
+                _kernel_keys[key] = torch._C._dispatch_has_kernel_for_dispatch_key("rpo_fast::sample_errors", key)
             _loaded = True
         except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
             _loaded = False
@@ -47,11 +50,9 @@ def unavailable_reason() -> str:
     return _reason
 
 
-# Constant for the life of the process: torch.compile evaluates it once while tracing
-# instead of tracing the dispatcher query (which would break the graph).
-@torch.compiler.assume_constant_result
 def has_kernel(dispatch_key: str) -> bool:
-    """Whether the extension registered ``rpo_fast::sample_errors`` for this dispatch key."""
-    if not load():
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("rpo_fast::sample_errors", dispatch_key)
+    """Whether the extension registered its kernels for ``dispatch_key`` (``CPU``, ``CUDA``).
+
+    A lookup in what ``load`` found: constant for the life of the process, so torch.compile
+    traces it as a constant (a dispatcher query would break the graph)."""
+    return load() and _kernel_keys.get(dispatch_key, False)

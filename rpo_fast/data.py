@@ -92,7 +92,8 @@ def _head_tail_digest(path: PathLike, span: int = 1 << 16) -> str:
     return h.hexdigest()
 
 
-def _hash(*parts: Any) -> str:
+def content_hash(*parts: Any) -> str:
+    """A short sha256 of JSON-serializable parts: the key of a cache entry."""
     h = hashlib.sha256()
     for part in parts:
         h.update(json.dumps(part, sort_keys=True, default=str).encode())
@@ -105,7 +106,7 @@ class PreferenceDataset:
 
     def __init__(self, prompts: List[str], fingerprint_parts: Tuple[Any, ...], description: str):
         self._prompts = prompts
-        self._fingerprint = _hash(*fingerprint_parts, len(prompts))
+        self._fingerprint = content_hash(*fingerprint_parts, len(prompts))
         self.description = description
 
     def __len__(self) -> int:

@@ -15,13 +15,11 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 import torch
 
 from . import _extension, reference
-from ._types import BACKENDS, loss_type_code, method_code
+from ._checks import check_backend
+from ._types import KERNEL_DTYPES, loss_type_code, method_code
 from .weights import similarity_weights as reference_weights
 
 logger = logging.getLogger("rpo_fast")
-
-# The fused kernels take these input dtypes; float64 (gradcheck) stays on the reference.
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -67,13 +65,16 @@ def _fused_backend(name: str, ops_prefix: str) -> Backend:
         return loss, metrics
 
     if ops_prefix:  # the Triton ops: stages only
-        return Backend(name, sample_errors, pair_loss)
+        # reference_weights passed, not left to the field default: a backend built while
+        # torch.compile traces the first call is stored in _BACKENDS, and dynamo cannot
+        # rebuild a default it saw without a source.
+        return Backend(name, sample_errors, pair_loss, reference_weights)
 
     def similarity_weights(emb_w, emb_l, tau):
         return torch.ops.rpo_fast.similarity_weights(emb_w.detach(), emb_l.detach(), float(tau))
 
     def fused_loss(inputs):
-        loss, metrics, _, _ = torch.ops.rpo_fast.fused_loss(
+        loss, metrics, _ = torch.ops.rpo_fast.fused_loss(
             inputs.model_pred,
             inputs.target,
             inputs.ref_pred,
@@ -120,10 +121,7 @@ def _backend(name: str) -> Backend:
 def _make_backend(name: str) -> Backend:
     if name == "torch":
         return TORCH_BACKEND
-    if name in ("cpu", "cuda"):
-        from .ops import register_cxx_ops
-
-        register_cxx_ops()
+    if name in ("cpu", "cuda"):  # the C++ ops, registered when rpo_fast._C loaded
         return _fused_backend(name, "")
     if name == "triton":
         from .kernels import triton_loss  # noqa: F401  (registers the rpo_fast::triton_* ops)
@@ -175,20 +173,10 @@ def resolve(backend: str, device: torch.device, dtypes: Tuple[torch.dtype, ...])
 
 
 def _resolve(backend: str, device: torch.device, dtypes: Tuple[torch.dtype, ...]) -> Backend:
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend: expected 'auto' or one of {list(BACKENDS)}, got {backend!r}")
     available = available_backends()
     kernel_dtypes_ok = all(d in KERNEL_DTYPES for d in dtypes)
     if backend != "auto":
-        if backend not in available:
-            raise ValueError(f"backend: {backend!r} is not available here; available: {available}")
-        if not _runs_on(backend, device):
-            raise ValueError(f"backend: {backend!r} does not run on {device.type} tensors")
-        if backend != "torch" and not kernel_dtypes_ok:
-            raise TypeError(
-                f"backend: {backend!r} takes float32, bfloat16 or float16 inputs, got "
-                f"{sorted({str(d) for d in dtypes})}; use backend='torch'"
-            )
+        check_backend(backend, available, _runs_on(backend, device), device, dtypes)
         return _backend(backend)
 
     preferred = ["triton", "cuda"] if device.type == "cuda" else ["cpu"] if device.type == "cpu" else []

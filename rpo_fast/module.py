@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._checks import _check_positive, check_loss_type, check_method
+from ._checks import check_positive, check_loss_type, check_method
 from .functional import diffusion_dpo_loss, diffusion_rpo_loss, sft_loss
 
 
@@ -28,8 +28,8 @@ class RPOLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.method = check_method(method)
-        self.beta = _check_positive("beta", beta)
-        self.tau = _check_positive("tau", tau)
+        self.beta = check_positive("beta", beta)
+        self.tau = check_positive("tau", tau)
         self.loss_type = check_loss_type(loss_type)
         self.backend = backend
 

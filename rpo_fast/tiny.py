@@ -47,7 +47,7 @@ def build_tokenizer(save_dir: PathLike, num_merges: int = 1000, max_length: int 
     return tokenizer
 
 
-def _text_encoder(vocab_size: int, hidden: int, projection_dim: int, max_length: int, with_projection: bool):
+def tiny_text_encoder(vocab_size: int, hidden: int, projection_dim: int, max_length: int, with_projection: bool):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
@@ -81,7 +81,7 @@ def _vae(latent_channels: int = 4, block_out_channels: Sequence[int] = (16, 32))
     )
 
 
-def _scheduler(prediction_type: str = "epsilon"):
+def tiny_scheduler(prediction_type: str = "epsilon"):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(
@@ -132,14 +132,14 @@ def build_tiny_sd15(
     torch.manual_seed(seed)
     save_dir = Path(save_dir)
     tokenizer = build_tokenizer(save_dir / "tokenizer", num_merges)
-    text_encoder = _text_encoder(len(tokenizer), text_hidden, text_hidden, 77, with_projection=False)
+    text_encoder = tiny_text_encoder(len(tokenizer), text_hidden, text_hidden, 77, with_projection=False)
     unet = _unet(sample_size, block_out_channels, cross_attention_dim=text_hidden)
     pipe = StableDiffusionPipeline(
         vae=_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=_scheduler(prediction_type),
+        scheduler=tiny_scheduler(prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -166,8 +166,8 @@ def build_tiny_sdxl(
     save_dir = Path(save_dir)
     tokenizer = build_tokenizer(save_dir / "tokenizer", num_merges)
     tokenizer_2 = build_tokenizer(save_dir / "tokenizer_2", num_merges)
-    text_encoder = _text_encoder(len(tokenizer), text_hidden, text_hidden, 77, with_projection=False)
-    text_encoder_2 = _text_encoder(len(tokenizer_2), text_hidden, text_hidden, 77, with_projection=True)
+    text_encoder = tiny_text_encoder(len(tokenizer), text_hidden, text_hidden, 77, with_projection=False)
+    text_encoder_2 = tiny_text_encoder(len(tokenizer_2), text_hidden, text_hidden, 77, with_projection=True)
     time_embed_dim = 8
     unet = _unet(
         sample_size,
@@ -185,7 +185,7 @@ def build_tiny_sdxl(
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet,
-        scheduler=_scheduler(prediction_type),
+        scheduler=tiny_scheduler(prediction_type),
     )
     pipe.save_pretrained(save_dir)
     return save_dir

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import _check_positive, check_embeddings
+from ._checks import check_positive, check_embeddings
 
 
 def similarity_weights(emb_w: torch.Tensor, emb_l: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
@@ -14,7 +14,7 @@ def similarity_weights(emb_w: torch.Tensor, emb_l: torch.Tensor, tau: float = 0.
     Weights are constants of the loss: the result is detached from the embeddings.
     """
     check_embeddings(emb_w, emb_l, None)
-    tau = _check_positive("tau", tau)
+    tau = check_positive("tau", tau)
     dtype = torch.float64 if emb_w.dtype == torch.float64 else torch.float32
     w = F.normalize(emb_w.detach().to(dtype), dim=-1)
     l = F.normalize(emb_l.detach().to(dtype), dim=-1)

@@ -11,13 +11,8 @@ from PIL import Image
 
 from rpo_fast.cli import main as cli_main
 from rpo_fast.data import load_preference_dataset, write_pickapic_parquet
-from rpo_fast.embedding import (
-    build_embedding_cache,
-    check_open_clip_source,
-    embedding_cache_info,
-    load_embedding_cache,
-    open_clip_embedder,
-)
+from rpo_fast.clip import check_open_clip_source, open_clip_embedder
+from rpo_fast.embedding import build_embedding_cache, embedding_cache_info, load_embedding_cache
 
 from tiny_scorers import TINY_CLIP_DIM, TINY_CLIP_NAME, save_tiny_open_clip, tiny_open_clip_config
 

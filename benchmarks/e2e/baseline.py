@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from benchmarks.eager_loss import eager_dpo_loss, eager_rpo_loss
+from rpo_fast._types import DTYPE_NAMES
 from rpo_fast.data import load_preference_dataset
 
 BETA_DPO = 5000.0  # equals rpo-fast's default beta of 2500 (eager_loss.py)
@@ -66,7 +67,7 @@ class DiffusionDPOBaseline:
         self.pairs, self.resolution, self.device, self.method = pairs, resolution, device, method
         self.max_grad_norm = max_grad_norm
         self.rng = np.random.default_rng(seed)
-        weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+        weight_dtype = DTYPE_NAMES.get(mixed_precision, torch.float32)  # "no": float32
         self.autocast_dtype = None if mixed_precision == "no" else weight_dtype
 
         self.tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")

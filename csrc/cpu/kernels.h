@@ -41,23 +41,6 @@ struct GradJob {
   int64_t n, d;
 };
 
-// dpo and sft, whose gradient coefficients depend on one pair only: pair i's errors (samples
-// i and i + m), its coefficients dL/d model_err (rpo_math.h, with dL = 1) and its gradient
-// rows, one pair after the other, so that the gradient pass re-reads model and target from
-// cache instead of memory. errors: the inputs and the per-sample error outputs (ref null: no
-// reference pass, errors.ref_err then holds given reference errors, or nothing for sft);
-// grad: model, target and the gradient output (grad.coef points at coef). The kernel
-// returns whether every pair's inputs were finite (rpo_math.h's inputs_finite_at); when not,
-// the caller makes the gradient NaN as the pair stage makes every coefficient NaN.
-struct PairwiseJob {
-  ErrorsJob errors;
-  GradJob grad;
-  float* coef;  // (2m,)
-  int64_t m;
-  int64_t method, loss_type;
-  double beta;
-};
-
 // The similarity weights of Diffusion-RPO: out[i, j] = softmax_j(cos(w[i], l[j]) / tau),
 // from m rows of e contiguous floats each (row-major), into an (m, m) row-major output.
 struct SimilarityJob {
@@ -73,7 +56,6 @@ struct KernelSet {
   void (*sample_errors)(const ErrorsJob&);
   void (*error_grad)(const GradJob&);
   void (*similarity_weights)(const SimilarityJob&);
-  bool (*pairwise_loss_grad)(const PairwiseJob&);
 };
 
 // One per instruction set (defined in kernels_<isa>.cpp).

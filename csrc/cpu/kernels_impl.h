@@ -26,7 +26,6 @@
 #include <vector>
 
 #include "cpu/kernels.h"
-#include "rpo_math.h"  // included by kernels_prelude.h before the target pragma
 
 namespace rpo_fast {
 namespace cpu {
@@ -344,40 +343,6 @@ void error_grad_typed(const GradJob& job) {
   });
 }
 
-// dpo and sft pair by pair (PairwiseJob): the pair's two samples are summed chunk by chunk
-// with chunk_sums and finished as sample_errors finishes them, and the gradient rows are
-// error_grad's, so errors, coefficients and gradient equal the stage ops' bit for bit.
-template <typename TM, typename TT, typename TR>
-bool pairwise_typed(const PairwiseJob& job) {
-  constexpr bool kRef = !std::is_same_v<TR, NoRef>;
-  const ErrorsJob& e = job.errors;
-  const int64_t m = job.m, d = e.d, chunks = chunks_of(d);
-  const bool stream = grad_streams<TM, TT>(job.grad);
-  std::vector<char> finite(static_cast<size_t>(m), 1);
-  at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> sums(static_cast<size_t>(2 * chunks));
-    for (int64_t i = begin; i < end; ++i) {
-      for (const int64_t k : {i, i + m}) {
-        for (int64_t c = 0; c < chunks; ++c) sample_chunk_sums<TM, TT, TR>(e, k, c, &sums[2 * c]);
-        finish_errors<kRef>(e, k, sums.data(), chunks);
-      }
-      const math::PairProblem p{e.model_err, job.method == math::kSft ? nullptr : e.ref_err, nullptr, m,
-                                job.method, job.loss_type, job.beta};
-      const bool ok = math::inputs_finite_at(p, i) && math::inputs_finite_at(p, i + m);
-      job.coef[i] = math::coefficient(p, math::row_terms(p, i).grad_winner, ok);
-      job.coef[i + m] = math::coefficient(p, math::column_grad(p, i), ok);
-      finite[i] = ok;
-      if (d > 0) {
-        for (const int64_t k : {i, i + m}) {
-          for (int64_t c = 0; c < chunks; ++c) grad_chunk<TM, TT>(job.grad, k, c, stream);
-        }
-      }
-    }
-    fence_streams(stream);
-  });
-  return std::all_of(finite.begin(), finite.end(), [](char ok) { return ok != 0; });
-}
-
 // sum_i a[i] * b[i] over e floats: float vectors (a few dozen terms per lane at CLIP widths),
 // their lanes summed in double.
 inline double dot(const float* a, const float* b, int64_t e) {
@@ -450,24 +415,6 @@ void sample_errors(const ErrorsJob& job) {
   });
 }
 
-bool pairwise_loss_grad(const PairwiseJob& job) {
-  bool finite = true;
-  with_type(job.errors.model_kind, [&](auto* m) {
-    with_type(job.errors.target_kind, [&](auto* t) {
-      using TM = std::remove_pointer_t<decltype(m)>;
-      using TT = std::remove_pointer_t<decltype(t)>;
-      if (job.errors.ref == nullptr) {
-        finite = pairwise_typed<TM, TT, NoRef>(job);
-      } else {
-        with_type(job.errors.ref_kind, [&](auto* r) {
-          finite = pairwise_typed<TM, TT, std::remove_pointer_t<decltype(r)>>(job);
-        });
-      }
-    });
-  });
-  return finite;
-}
-
 void error_grad(const GradJob& job) {
   with_type(job.model_kind, [&](auto* m) {
     with_type(job.target_kind, [&](auto* t) {
@@ -480,7 +427,7 @@ void error_grad(const GradJob& job) {
 
 KernelSet RPO_KERNELS_FN() {
   return KernelSet{RPO_KERNELS_NAME, &CPU_CAPABILITY::sample_errors, &CPU_CAPABILITY::error_grad,
-                   &CPU_CAPABILITY::similarity_weights, &CPU_CAPABILITY::pairwise_loss_grad};
+                   &CPU_CAPABILITY::similarity_weights};
 }
 
 }  // namespace cpu

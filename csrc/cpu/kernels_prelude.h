@@ -50,7 +50,6 @@
 #include <c10/util/quint8.h>
 
 #include "cpu/kernels.h"
-#include "rpo_math.h"  // the pair arithmetic the pairwise kernel calls (inline, shared with ops_cpu.cpp)
 
 namespace rpo_fast {
 namespace cpu {

@@ -6,10 +6,14 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "cpu/kernels.h"
-#include "cpu/ops_cpu.h"
 #include "op_inputs.h"
 #include "rpo_math.h"
 
@@ -38,12 +42,14 @@ const KernelSet& selected_kernels() {
 namespace {
 
 ScalarKind kind_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return ScalarKind::kFloat;
-    case at::kBFloat16: return ScalarKind::kBFloat16;
-    case at::kHalf: return ScalarKind::kHalf;
-    default: TORCH_CHECK_TYPE(false, "rpo_fast: unsupported dtype ", t.scalar_type());
-  }
+  ScalarKind kind = ScalarKind::kFloat;
+  with_kernel_type(t.scalar_type(), [&](auto* p) {
+    using T = std::remove_pointer_t<decltype(p)>;
+    kind = std::is_same_v<T, c10::BFloat16> ? ScalarKind::kBFloat16
+           : std::is_same_v<T, c10::Half>   ? ScalarKind::kHalf
+                                            : ScalarKind::kFloat;
+  });
+  return kind;
 }
 
 // The kernel job for b's errors, written into model_err and ref_err.
@@ -141,8 +147,24 @@ GradJob grad_job(const float* coef, const at::Tensor& model, const at::Tensor& t
   return job;
 }
 
+// The gradient is a fresh tensor every call, and glibc maps an allocation of many MiB anew (or
+// trims the heap between calls): its first write then faults every 4 KiB page in (8192
+// faults for SDXL fp32 at M = 64, docs/kernels-cpp.md "Page faults"). Advising transparent
+// huge pages for its 2 MiB-aligned interior before the kernel writes it makes that a fault
+// per 2 MiB where the kernel's THP mode is "madvise" or "always". Advice only: pages already
+// present are left as they are, and a failure changes nothing.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#endif
+}
+
 at::Tensor error_grad_cpu(const at::Tensor& coef, const at::Tensor& model_pred, const at::Tensor& target) {
   GradBatch b = prepare_grad_batch(coef, model_pred, target);
+  advise_huge_pages(b.out);
   const at::Tensor coef_c = coef.contiguous();
   selected_kernels().error_grad(grad_job(coef_c.const_data_ptr<float>(), b.model, b.target, b.out, b.n, b.d));
   if (!b.out.is_same(b.grad)) b.grad.copy_(b.out);
@@ -160,37 +182,6 @@ at::Tensor similarity_weights_cpu(const at::Tensor& emb_w, const at::Tensor& emb
 }
 
 }  // namespace
-
-PairwiseResult pairwise_loss_grad(const at::Tensor& model_pred, const at::Tensor& target,
-                                  const std::optional<at::Tensor>& ref_pred, const std::optional<at::Tensor>& ref_err,
-                                  int64_t method, int64_t loss_type, double beta) {
-  TORCH_CHECK_VALUE(method == math::kDpo || method == math::kSft,
-                    "rpo_fast: the pairwise pass serves dpo and sft only, got method ", method);
-  const SampleBatch b = prepare_sample_batch(model_pred, target, ref_pred);
-  const auto f32 = model_pred.options().dtype(at::kFloat);
-  PairwiseResult r;
-  r.model_err = at::empty({b.n}, f32);
-  r.ref_err = present(ref_err) ? ref_err->to(at::kFloat).contiguous() : at::empty({b.ref.defined() ? b.n : 0}, f32);
-  // The pair stage's argument checks, before the kernel reads the given reference errors.
-  prepare_pair_args(r.model_err, r.ref_err, std::nullopt, method, loss_type, beta);
-  at::Tensor coef = at::empty({b.n}, f32);  // the kernel's; pair_loss gives the op's
-  r.grad = at::empty_like(model_pred);
-  // The gradient is written in the inputs' element order: into grad itself when its samples
-  // are blocks in that order, else into a buffer copied into it (unusual layouts only).
-  const bool in_place = samples_are_blocks(r.grad) && same_element_order(r.grad, b.model);
-  at::Tensor written = in_place ? r.grad : empty_in_order_of(b.model, r.grad.options());
-  PairwiseJob job{};
-  job.errors = errors_job(b, r.model_err, r.ref_err);
-  job.coef = coef.mutable_data_ptr<float>();
-  job.grad = grad_job(job.coef, b.model, b.target, written, b.n, b.d);
-  job.m = b.n / 2;
-  job.method = method;
-  job.loss_type = loss_type;
-  job.beta = beta;
-  r.finite = job.m == 0 || selected_kernels().pairwise_loss_grad(job);
-  if (!in_place) r.grad.copy_(written);
-  return r;
-}
 
 }  // namespace cpu
 }  // namespace rpo_fast

@@ -219,17 +219,6 @@ __global__ void __launch_bounds__(kThreads) error_grad_kernel(const float* __res
   }
 }
 
-// Calls fn(T*) with a null pointer of the element type of dtype (checked earlier).
-template <typename Fn>
-void with_type(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat: fn(static_cast<float*>(nullptr)); break;
-    case at::kBFloat16: fn(static_cast<c10::BFloat16*>(nullptr)); break;
-    case at::kHalf: fn(static_cast<c10::Half*>(nullptr)); break;
-    default: TORCH_CHECK_TYPE(false, "rpo_fast: unsupported dtype ", dtype);
-  }
-}
-
 // Whether every sample of every tensor starts 16-byte aligned, so that 8-element steps
 // (chunks and d multiples of 8) can use 16-byte loads and stores.
 bool vector_aligned(int64_t d, std::initializer_list<const at::Tensor*> tensors) {
@@ -244,8 +233,8 @@ bool vector_aligned(int64_t d, std::initializer_list<const at::Tensor*> tensors)
 
 dim3 chunk_grid(int64_t n, int64_t d) {
   const int64_t chunks = std::max<int64_t>(1, (d + kChunk - 1) / kChunk);
-  TORCH_CHECK(n <= 65535, "rpo_fast (cuda): at most 65535 samples per call, got ", n);
-  TORCH_CHECK(chunks <= 2147483647, "rpo_fast (cuda): samples too large");
+  RPO_ASSERT(n <= 65535, "cuda kernels: at most 65535 samples per call, got ", n);
+  RPO_ASSERT(chunks <= 2147483647, "cuda kernels: samples too large");
   return dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(n));
 }
 
@@ -263,8 +252,8 @@ std::tuple<at::Tensor, at::Tensor> sample_errors_cuda(const at::Tensor& model_pr
   const bool vec = vector_aligned(b.d, {&b.model, &b.target, &b.ref});
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (b.d > 0) {
-    with_type(b.model.scalar_type(), [&](auto* m) {
-      with_type(b.target.scalar_type(), [&](auto* t) {
+    with_kernel_type(b.model.scalar_type(), [&](auto* m) {
+      with_kernel_type(b.target.scalar_type(), [&](auto* t) {
         using TM = std::remove_pointer_t<decltype(m)>;
         using TT = std::remove_pointer_t<decltype(t)>;
         const auto* pm = static_cast<const TM*>(b.model.const_data_ptr());
@@ -275,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor> sample_errors_cuda(const at::Tensor& model_pr
           errors_partial_kernel<TM, TT, NoRef><<<grid, kThreads, 0, stream>>>(
               pm, pt, nullptr, strides, b.d, vec, partial.mutable_data_ptr<double>());
         } else {
-          with_type(b.ref.scalar_type(), [&](auto* r) {
+          with_kernel_type(b.ref.scalar_type(), [&](auto* r) {
             using TR = std::remove_pointer_t<decltype(r)>;
             errors_partial_kernel<TM, TT, TR><<<grid, kThreads, 0, stream>>>(
                 pm, pt, static_cast<const TR*>(b.ref.const_data_ptr()), strides, b.d, vec,
@@ -328,8 +317,8 @@ at::Tensor error_grad_cuda(const at::Tensor& coef, const at::Tensor& model_pred,
   const dim3 grid = chunk_grid(b.n, b.d);
   const bool vec = vector_aligned(b.d, {&b.model, &b.target, &b.out});
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  with_type(b.model.scalar_type(), [&](auto* m) {
-    with_type(b.target.scalar_type(), [&](auto* t) {
+  with_kernel_type(b.model.scalar_type(), [&](auto* m) {
+    with_kernel_type(b.target.scalar_type(), [&](auto* t) {
       using TM = std::remove_pointer_t<decltype(m)>;
       using TT = std::remove_pointer_t<decltype(t)>;
       const SampleStrides strides{sample_stride(b.model), sample_stride(b.target), 0, sample_stride(b.out)};

@@ -37,7 +37,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..tiny import _scheduler, _text_encoder, build_tokenizer
+from ..tiny import build_tokenizer, tiny_scheduler, tiny_text_encoder
 from .shapes import IMAGE_SIZE
 
 PathLike = Union[str, os.PathLike]
@@ -128,10 +128,10 @@ def build_untrained(save_dir: PathLike, seed: int = 0) -> Path:
     save_dir = Path(save_dir)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(save_dir / "tokenizer", NUM_MERGES, MAX_TOKENS)
-    text_encoder = _text_encoder(len(tokenizer), TEXT_HIDDEN, TEXT_HIDDEN, MAX_TOKENS, with_projection=False)
+    text_encoder = tiny_text_encoder(len(tokenizer), TEXT_HIDDEN, TEXT_HIDDEN, MAX_TOKENS, with_projection=False)
     pipe = StableDiffusionPipeline(
         vae=identity_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=build_unet(seed),
-        scheduler=_scheduler("epsilon"), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        scheduler=tiny_scheduler("epsilon"), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(save_dir)
     return save_dir

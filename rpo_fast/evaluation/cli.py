@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..embedding import PRECISIONS
+from ..clip import PRECISIONS
 from .evaluate import EvalConfig, evaluate
 from .generation import DTYPES, TUNED_KINDS, GenerationSettings
 

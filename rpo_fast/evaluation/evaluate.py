@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from PIL import Image
 
-from ..embedding import register_open_clip_configs
+from ..clip import register_open_clip_configs
 from .generation import (
     DTYPES,
     GenerationSettings,
@@ -110,7 +110,7 @@ def _build_scorers(config: EvalConfig, device: str, refs: Optional[List[Image.Im
                               style_prompt=config.style_prompt, neutral_prompts=config.neutral_prompts,
                               style_images=refs, allow_pickle=allow_pickle)
     if config.pickscore_model:
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        dtype = DTYPES[precision]
         yield PickScoreScorer(config.pickscore_model, config.pickscore_processor, device=device, dtype=dtype)
     if config.hps_checkpoint:
         yield HPSv2Scorer(config.hps_checkpoint, config.hps_model, device=device, precision=precision,

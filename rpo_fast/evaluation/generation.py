@@ -24,8 +24,10 @@ from typing import List, Optional, Tuple
 import torch
 from PIL import Image
 
+from .._types import DTYPE_NAMES
+
 TUNED_KINDS = ("auto", "pipeline", "unet", "lora")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = DTYPE_NAMES  # --dtype names
 _PROMPT_KEYS = ("prompt", "caption", "text")
 
 

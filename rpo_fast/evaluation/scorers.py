@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..embedding import encode_images, encode_texts, load_open_clip
+from ..clip import encode_images, encode_texts, load_open_clip
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-METHODS = ("rpo", "dpo", "sft")
-LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+from .._types import LOSS_TYPES, METHODS
+
 MODEL_TYPES = ("auto", "sd15", "sdxl")
 PRECISIONS = ("no", "bf16", "fp16")
 REF_DTYPES = ("fp32", "bf16", "fp16")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..data import PreferenceDataset, _hash
+from ..data import PreferenceDataset, content_hash
 
 FORMAT_VERSION = 1
 CROP_POLICY = "resize-shorter-side-bilinear+center-crop"
@@ -37,7 +37,7 @@ def default_cache_root() -> Path:
 
 
 def cache_key(dataset_fingerprint: str, resolution: int, vae_identity: str) -> str:
-    return _hash(FORMAT_VERSION, dataset_fingerprint, resolution, CROP_POLICY, vae_identity)
+    return content_hash(FORMAT_VERSION, dataset_fingerprint, resolution, CROP_POLICY, vae_identity)
 
 
 def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:

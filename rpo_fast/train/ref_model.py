@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..data import _hash
+from ..data import content_hash
 from .batches import PairSchedule, assemble_batch
 from .forward import UNetInputs, per_sample_mse, predict, unet_inputs
 
@@ -82,7 +82,7 @@ def visited_rows(schedule: PairSchedule, num_micro_batches: int):
 
 def table_key(dataset_fingerprint: str, latent_key: str, model_key: str, schedule: PairSchedule,
               num_micro_batches: int, mixed_precision: str) -> str:
-    return _hash("ref-errors-v1", dataset_fingerprint, latent_key, model_key, schedule.seed,
+    return content_hash("ref-errors-v1", dataset_fingerprint, latent_key, model_key, schedule.seed,
                  schedule.global_pairs, num_micro_batches, mixed_precision)
 
 
