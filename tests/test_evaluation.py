@@ -379,6 +379,24 @@ def test_eval_command_errors_before_generating(assets, tmp_path, capsys):
     assert not out.exists()  # nothing was generated
 
 
+def test_eval_checks_the_default_clip_weights_before_generating(assets, tmp_path, capsys, monkeypatch):
+    # the default CLIP (ViT-L-14-quickgelu / openai) on a machine without the hub
+    import open_clip.pretrained
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'\nmore detail")
+
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained", offline)
+    out = tmp_path / "out"
+    args = _eval_args(assets, out, assets["full"])
+    for flag in ("--clip-model", "--clip-pretrained"):
+        del args[args.index(flag):args.index(flag) + 2]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--clip-pretrained" in err and "couldn't connect" in err, err
+    assert not out.exists()  # nothing was generated
+
+
 def test_embed_train_eval_workflow(assets, tmp_path):
     """The documented workflow, through the three commands, on tiny models: the trainer reads
     the embedding cache and eval reads the trainer's LoRA output."""
