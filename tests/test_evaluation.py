@@ -269,8 +269,13 @@ def test_summary_and_win_rate():
     assert win_rate(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 3.0])) == 0.5
     with pytest.raises(ValueError, match="differ"):
         summarize(base, {"other": tuned["m"]})
+    from rpo_fast.demo.stats import mean_ci
+
+    assert s["delta_ci95"] == pytest.approx(mean_ci([2.0, 0.0, -4.0])[1]) and s["delta_ci95"] > 0
     grid = image_grid({"base": [_image(1)] * 3, "tuned": [_image(2)] * 3}, cell=32, label_width=40)
     assert grid.size == (40 + 3 * 32, 2 * 32)
+    labelled = image_grid({"base": [_image(1)] * 3}, cell=32, label_width=40, column_labels=["a b", "c", "d"])
+    assert labelled.size[1] > 32 and labelled.crop((40, 32, 72, labelled.size[1])).getextrema() != ((255, 255),) * 3
 
 
 def _eval_args(assets, out, tuned, *extra):
@@ -311,7 +316,10 @@ def test_eval_command_full_unet_all_metrics(assets, tmp_path, capsys):
     assert want.tobytes() == base_image.tobytes()
     report = (out / "report.md").read_text()
     assert all(f"| {name} |" in report for name in metrics)
-    assert Image.open(out / "grid.png").size == (64 + 3 * 32, 2 * 32)
+    assert f"base: `{assets['base']}`" in report and f"tuned: `{assets['full']}`" in report
+    assert "3 prompts x 2 per prompt; 6 from base, 6 from tuned" in report and "95% CI" in report
+    grid = Image.open(out / "grid.png")
+    assert grid.size[0] == 64 + 3 * 32 and grid.size[1] > 2 * 32  # the prompts written under the columns
     assert "pickscore" in capsys.readouterr().out
 
 
