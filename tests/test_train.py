@@ -343,3 +343,13 @@ def test_cuda_training_compiled_bf16(tiny_sd15_dir, data_dir, latent_root, tmp_p
     assert lines[0]["model_mse"] == pytest.approx(lines[0]["ref_mse"], rel=2e-2)
     speed = train_loop.measure_throughput(config, num_steps=2, warmup_steps=1)
     assert speed["pairs_per_s"] > 0 and speed["peak_memory_gib"] > 0
+
+
+def test_epochs_sampled_rows_and_random_crops(run_training):
+    # one pass over 12 rows drawn at random (maybe the corrupt one among them), random crops
+    result = run_training(method="dpo", lora=True, max_steps=None, num_train_epochs=1, max_train_samples=12,
+                          random_crop=True)
+    readable = 12 - result.skipped_pairs
+    assert result.skipped_pairs in (0, 1) and result.steps == readable // 2
+    lines = _metrics_lines(result)
+    assert [x["step"] for x in lines] == list(range(1, result.steps + 1)) and all(x["epoch"] == 0 for x in lines)
