@@ -13,6 +13,37 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+# What each extra needs, by name; the versions come from requirements.txt (what `make` installs).
+# `pip install rpo-fast` is the loss alone (torch); rpo_fast/extras.py names the extra a
+# missing module belongs to, and must list the same modules.
+EXTRAS = {
+    "train": ["numpy", "pillow", "safetensors", "tqdm", "PyYAML", "pyarrow", "datasets", "diffusers",
+              "transformers", "peft", "accelerate", "matplotlib"],
+    "eval": ["numpy", "pillow", "safetensors", "tqdm", "pyarrow", "datasets", "diffusers", "transformers", "peft",
+             "accelerate", "open_clip_torch"],
+}
+
+
+def _pins():
+    """``{lower-case name: "name==version"}`` from requirements.txt."""
+    pins = {}
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if "==" in line:
+                pins[line.split("==")[0].strip().lower()] = line
+    return pins
+
+
+def _extras():
+    pins = _pins()
+    missing = sorted({n for names in EXTRAS.values() for n in names if n.lower() not in pins})
+    if missing:
+        raise SystemExit(f"setup.py: requirements.txt pins no version of {missing}")
+    extras = {name: [pins[n.lower()] for n in names] for name, names in EXTRAS.items()}
+    extras["all"] = sorted({r for reqs in extras.values() for r in reqs})
+    return extras
+
 
 def _real_cuda_home():
     """The toolkit folder. An ``nvcc`` on PATH may be a wrapper script elsewhere (as on the
@@ -82,7 +113,9 @@ setup(
     packages=["rpo_fast"] + [f"rpo_fast.{p}" for p in find_packages("rpo_fast")] + ["rpo_fast.kernels"],
     package_dir={"rpo_fast": "rpo_fast", "rpo_fast.kernels": "kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "safetensors", "tqdm", "pyyaml"],
+    install_requires=["torch>=2.6"],
+    extras_require=_extras(),
+    package_data={"rpo_fast.demo": ["base/*.json", "base/*/*"]},  # the demo's tiny pipeline
     entry_points={"console_scripts": ["rpo-fast = rpo_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -12,6 +12,8 @@ import importlib
 import sys
 from typing import List, Optional
 
+from .extras import missing_extra_message
+
 SUBCOMMANDS = {
     "check": ("rpo_fast.check", "compute every loss with every available backend on a random batch"),
     "train": ("rpo_fast.train.cli", "fine-tune SD1.5 / SDXL with rpo, dpo or sft (full or LoRA)"),
@@ -19,6 +21,13 @@ SUBCOMMANDS = {
     "eval": ("rpo_fast.evaluation.cli", "generate with a base and a tuned model and score both"),
     "demo": ("rpo_fast.demo.cli", "style alignment on a synthetic task, on a CPU in minutes"),
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line, naming the argument, and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -31,14 +40,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.parse_args(argv or ["--help"])  # prints help or the usage error
         return 2
     name = argv[0]
+    try:
+        return _run(name, argv[1:])
+    except ModuleNotFoundError as e:  # an optional dependency: say which extra brings it
+        message = missing_extra_message(name, e)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 2
+
+
+def _run(name: str, argv: List[str]) -> int:
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    cmd_parser = argparse.ArgumentParser(
+    cmd_parser = _Parser(
         prog=f"rpo-fast {name}",
         description=SUBCOMMANDS[name][1],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     module.add_arguments(cmd_parser)
-    args = cmd_parser.parse_args(argv[1:])
+    args = cmd_parser.parse_args(argv)
     return int(module.run(args) or 0)
 
 

@@ -101,8 +101,20 @@ def content_hash(*parts: Any) -> str:
     return h.hexdigest()[:20]
 
 
+def looks_local(source: str) -> bool:
+    """Whether a name that is not on disk was meant as a local path rather than a hub id
+    (``owner/name``): it starts with ``/``, ``.`` or ``~``, has no ``/`` or more than one, or
+    ends with a file suffix. Such a name is never looked up on the hub."""
+    source = str(source)
+    return (source.startswith(("/", ".", "~")) or source.count("/") != 1
+            or Path(source).suffix in (".parquet", ".jsonl", ".json", ".safetensors", ".arrow"))
+
+
 class PreferenceDataset:
-    """Rows of preference pairs in a stable order. Subclasses provide :meth:`_raw_row`."""
+    """Rows of preference pairs in a stable order. Subclasses provide :meth:`_raw_images`
+    and :meth:`location`."""
+
+    dropped_ties = 0  # rows labelled as ties and left out
 
     def __init__(self, prompts: List[str], fingerprint_parts: Tuple[Any, ...], description: str):
         self._prompts = prompts
@@ -131,6 +143,16 @@ class PreferenceDataset:
         if chosen is None or rejected is None:
             return None
         return PreferencePair(self._prompts[index], chosen, rejected)
+
+    def location(self, index: int) -> str:
+        """Where row ``index`` comes from, for messages: a file and row (or line)."""
+        return f"row {index}"
+
+    def unreadable_reason(self, index: int) -> Optional[str]:
+        """Why :meth:`get_pair` returns None for ``index`` (None when it does not)."""
+        bad = [name for name, raw in zip(("chosen", "rejected"), self._raw_images(self._check_index(index)))
+               if decode_image(raw) is None]
+        return f"{' and '.join(bad)} image cannot be read" if bad else None
 
     def _check_index(self, index: int) -> int:
         if not isinstance(index, int) and not hasattr(index, "__index__"):
@@ -178,6 +200,7 @@ class ParquetPreferenceDataset(PreferenceDataset):
                 for row, (caption, label) in enumerate(zip(captions, labels)):
                     first_preferred = _preference_from_label(label, drop_ties)
                     if first_preferred is None:
+                        self.dropped_ties += label is not None and float(label) == 0.5
                         continue
                     prompts.append("" if caption is None else str(caption))
                     self._locations.append((file_index, group, row, first_preferred))
@@ -216,6 +239,16 @@ class ParquetPreferenceDataset(PreferenceDataset):
             self._groups.popitem(last=False)
         return self._groups[key]
 
+    def location(self, index: int) -> str:
+        file_index, group, row, _ = self._locations[index]
+        parquet = self._open.get(file_index)
+        if parquet is None:
+            import pyarrow.parquet as pq
+
+            parquet = self._open[file_index] = pq.ParquetFile(self._files[file_index])
+        offset = sum(parquet.metadata.row_group(g).num_rows for g in range(group))
+        return f"{Path(self._files[file_index]).name} row {offset + row}"
+
     def _raw_images(self, index: int):
         file_index, group, row, first_preferred = self._locations[index]
         jpg_0, jpg_1 = self._row_group(file_index, group)
@@ -227,8 +260,9 @@ class JsonlPreferenceDataset(PreferenceDataset):
     """A folder with ``pairs.jsonl``: one ``{"prompt", "chosen", "rejected"}`` object a line."""
 
     def __init__(self, jsonl: Path, split: str, max_rows: Optional[int]):
-        self._root = jsonl.parent
+        self._root, self._file = jsonl.parent, jsonl
         prompts: List[str] = []
+        self._lines: List[int] = []
         self._paths: List[Tuple[str, str]] = []
         raw = jsonl.read_bytes()
         for line_number, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
@@ -242,6 +276,7 @@ class JsonlPreferenceDataset(PreferenceDataset):
             if missing:
                 raise ValueError(f"{jsonl}:{line_number}: missing key(s) {missing}; each line needs {list(PAIR_COLUMNS)}")
             prompts.append(str(record["prompt"]))
+            self._lines.append(line_number)
             self._paths.append((str(record["chosen"]), str(record["rejected"])))
             if max_rows is not None and len(prompts) >= max_rows:
                 break
@@ -258,6 +293,9 @@ class JsonlPreferenceDataset(PreferenceDataset):
                     stats.append(None)  # missing: the pair is skipped when read
         stats_id = hashlib.sha256(json.dumps(stats).encode()).hexdigest()
         super().__init__(prompts, ("jsonl", digest, stats_id, split, max_rows), f"jsonl: {jsonl}")
+
+    def location(self, index: int) -> str:
+        return f"{self._file.name} line {self._lines[index]} ({', '.join(self._paths[index])})"
 
     def _raw_images(self, index: int):
         chosen, rejected = self._paths[index]
@@ -284,6 +322,7 @@ class HFPreferenceDataset(PreferenceDataset):
         for row, (caption, label) in enumerate(zip(captions, labels)):
             first_preferred = _preference_from_label(label, drop_ties)
             if first_preferred is None:
+                self.dropped_ties += label is not None and float(label) == 0.5
                 continue
             prompts.append("" if caption is None else str(caption))
             self._rows.append((row, first_preferred))
@@ -296,14 +335,38 @@ class HFPreferenceDataset(PreferenceDataset):
             if isinstance(dataset.features[column], ImageFeature):
                 dataset = dataset.cast_column(column, ImageFeature(decode=False))
         self._dataset = dataset.select_columns(list(self._columns))
+        self._name = name
         fingerprint = getattr(dataset, "_fingerprint", None)
         super().__init__(prompts, ("datasets", name, fingerprint, split, drop_ties, max_rows), f"datasets: {name}")
+
+    def location(self, index: int) -> str:
+        return f"{self._name} row {self._rows[index][0]}"
 
     def _raw_images(self, index: int):
         row, first_preferred = self._rows[index]
         record = self._dataset[row]
         image_0, image_1 = record[self._columns[0]], record[self._columns[1]]
         return (image_0, image_1) if first_preferred else (image_1, image_0)
+
+
+class SampledPreferenceDataset(PreferenceDataset):
+    """``count`` rows of ``parent`` drawn at random with ``seed`` (in their original order), as
+    ``--max_train_samples`` of the diffusers examples (``shuffle(seed).select(range(count))``)."""
+
+    def __init__(self, parent: PreferenceDataset, count: int, seed: int):
+        import numpy as np
+
+        order = np.random.Generator(np.random.PCG64([seed, 0x5341])).permutation(len(parent))
+        self.parent, self.rows = parent, sorted(int(r) for r in order[:count])
+        self.dropped_ties = parent.dropped_ties
+        super().__init__([parent.prompt(r) for r in self.rows], ("sample", parent.fingerprint, count, seed),
+                         f"{parent.description}, {len(self.rows)} rows drawn with seed {seed}")
+
+    def location(self, index: int) -> str:
+        return self.parent.location(self.rows[self._check_index(index)])
+
+    def _raw_images(self, index: int):
+        return self.parent._raw_images(self.rows[index])
 
 
 def _parquet_files(source: Path, split: str) -> List[Path]:
@@ -335,11 +398,13 @@ def load_preference_dataset(
     split: str = "train",
     drop_ties: bool = True,
     max_rows: Optional[int] = None,
+    cache_dir: Optional[PathLike] = None,
 ) -> PreferenceDataset:
     """Open a preference dataset; see the module docstring for the accepted sources.
 
-    ``max_rows`` keeps the first rows (after dropping ties). A missing column raises a
-    ``ValueError`` here, before any training starts.
+    ``max_rows`` keeps the first rows (after dropping ties). A missing column, or a name
+    that is neither on disk nor a hub id (:func:`looks_local`), raises a ``ValueError`` here,
+    before any training starts. ``cache_dir``: the ``datasets`` download cache.
     """
     if not isinstance(source, (str, os.PathLike)) or not str(source):
         raise TypeError(f"source: expected a folder, file or dataset name, got {source!r}")
@@ -370,9 +435,13 @@ def load_preference_dataset(
             f"source {str(source)!r}: expected parquet files (Pick-a-Pic v2 schema), a {PAIRS_FILE}, "
             "or a datasets save_to_disk folder; found none of these"
         )
+    if looks_local(str(source)):
+        raise ValueError(f"data: no file or folder at {path} (expected Pick-a-Pic parquet files, a folder with "
+                         f"{PAIRS_FILE}, or a hub dataset id such as owner/name)")
     import datasets
 
-    return HFPreferenceDataset(datasets.load_dataset(str(source), split=split), str(source), split, drop_ties, max_rows)
+    loaded = datasets.load_dataset(str(source), split=split, cache_dir=None if cache_dir is None else str(cache_dir))
+    return HFPreferenceDataset(loaded, str(source), split, drop_ties, max_rows)
 
 
 def _encode_image(image: Union[Image.Image, bytes], image_format: str) -> bytes:

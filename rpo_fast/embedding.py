@@ -201,6 +201,9 @@ def build_embedding_cache(
     chunk_files = [parts / f"chunk_{c:06d}.safetensors" for c in range(num_chunks)]
     todo = [c for c in range(num_chunks) if not chunk_files[c].exists()]
     done_rows = num_rows - sum(len(range(c * chunk_rows, min(num_rows, (c + 1) * chunk_rows))) for c in todo)
+    if done_rows and progress:
+        print(f"embedding: resuming {parts}: {num_chunks - len(todo)} of {num_chunks} chunk(s) done "
+              f"({done_rows} of {num_rows} rows)")
     with tqdm(total=num_rows, initial=done_rows, unit="pair", desc="embedding", disable=not progress) as bar:
         for c in todo:
             rows = range(c * chunk_rows, min(num_rows, (c + 1) * chunk_rows))

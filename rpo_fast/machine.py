@@ -1,4 +1,4 @@
-"""What machine this is, in the words a results table needs (benchmarks and bench-quality)."""
+"""What machine this is, in the words a results table needs (the benchmarks)."""
 
 from __future__ import annotations
 

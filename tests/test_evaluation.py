@@ -269,8 +269,13 @@ def test_summary_and_win_rate():
     assert win_rate(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 3.0])) == 0.5
     with pytest.raises(ValueError, match="differ"):
         summarize(base, {"other": tuned["m"]})
+    from rpo_fast.demo.stats import mean_ci
+
+    assert s["delta_ci95"] == pytest.approx(mean_ci([2.0, 0.0, -4.0])[1]) and s["delta_ci95"] > 0
     grid = image_grid({"base": [_image(1)] * 3, "tuned": [_image(2)] * 3}, cell=32, label_width=40)
     assert grid.size == (40 + 3 * 32, 2 * 32)
+    labelled = image_grid({"base": [_image(1)] * 3}, cell=32, label_width=40, column_labels=["a b", "c", "d"])
+    assert labelled.size[1] > 32 and labelled.crop((40, 32, 72, labelled.size[1])).getextrema() != ((255, 255),) * 3
 
 
 def _eval_args(assets, out, tuned, *extra):
@@ -311,7 +316,10 @@ def test_eval_command_full_unet_all_metrics(assets, tmp_path, capsys):
     assert want.tobytes() == base_image.tobytes()
     report = (out / "report.md").read_text()
     assert all(f"| {name} |" in report for name in metrics)
-    assert Image.open(out / "grid.png").size == (64 + 3 * 32, 2 * 32)
+    assert f"base: `{assets['base']}`" in report and f"tuned: `{assets['full']}`" in report
+    assert "3 prompts x 2 per prompt; 6 from base, 6 from tuned" in report and "95% CI" in report
+    grid = Image.open(out / "grid.png")
+    assert grid.size[0] == 64 + 3 * 32 and grid.size[1] > 2 * 32  # the prompts written under the columns
     assert "pickscore" in capsys.readouterr().out
 
 
@@ -376,6 +384,24 @@ def test_eval_command_errors_before_generating(assets, tmp_path, capsys):
     bad_prompts[bad_prompts.index("--prompts") + 1] = str(tmp_path / "none.txt")
     assert cli_main(bad_prompts) == 2
     assert "--prompts: no file" in capsys.readouterr().err
+    assert not out.exists()  # nothing was generated
+
+
+def test_eval_checks_the_default_clip_weights_before_generating(assets, tmp_path, capsys, monkeypatch):
+    # the default CLIP (ViT-L-14-quickgelu / openai) on a machine without the hub
+    import open_clip.pretrained
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'\nmore detail")
+
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained", offline)
+    out = tmp_path / "out"
+    args = _eval_args(assets, out, assets["full"])
+    for flag in ("--clip-model", "--clip-pretrained"):
+        del args[args.index(flag):args.index(flag) + 2]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--clip-pretrained" in err and "couldn't connect" in err, err
     assert not out.exists()  # nothing was generated
 
 

@@ -255,9 +255,10 @@ def test_batches_are_pure_functions_of_seed_epoch_row(tiny_sd15_dir, data_dir, t
 
     class FakeCache:
         latent_shape = (4, 2, 2)
+        has_flips = True
 
-        def get(self, row):
-            base = torch.full((4, 2, 2), float(row), dtype=torch.float16)
+        def get(self, row, flip=False):  # the flipped encodings stand 100 apart
+            base = torch.full((4, 2, 2), float(row) + 100 * flip, dtype=torch.float16)
             return base, torch.full_like(base, 0.5), -base, torch.full_like(base, 2.0)
 
     batch = assemble_batch(1, np.array([4, 7, 1]), FakeCache(), lambda r: f"p{r}", 0, 1000)
@@ -267,8 +268,11 @@ def test_batches_are_pure_functions_of_seed_epoch_row(tiny_sd15_dir, data_dir, t
     for i, row in enumerate([4, 7, 1]):  # the same draws as draw_sample
         d = draw_sample(0, 1, row, (4, 2, 2), 1000)
         assert int(batch.timesteps[i]) == d.timestep and torch.equal(batch.noise[i], d.noise)
-        torch.testing.assert_close(batch.latents[i], row + 0.5 * d.eps_w)
-        torch.testing.assert_close(batch.latents[3 + i], -row + 2.0 * d.eps_l)
+        shift = 100 * d.flip  # both images of a pair flipped together, as drawn
+        torch.testing.assert_close(batch.latents[i], row + shift + 0.5 * d.eps_w)
+        torch.testing.assert_close(batch.latents[3 + i], -(row + shift) + 2.0 * d.eps_l)
+    flips = [draw_sample(0, e, r, (1,), 1000).flip for e in range(4) for r in range(16)]
+    assert 16 < sum(flips) < 48  # about half, redrawn each epoch
 
 
 def test_cli_documents_every_option_and_merges_yaml(tmp_path):
@@ -339,3 +343,13 @@ def test_cuda_training_compiled_bf16(tiny_sd15_dir, data_dir, latent_root, tmp_p
     assert lines[0]["model_mse"] == pytest.approx(lines[0]["ref_mse"], rel=2e-2)
     speed = train_loop.measure_throughput(config, num_steps=2, warmup_steps=1)
     assert speed["pairs_per_s"] > 0 and speed["peak_memory_gib"] > 0
+
+
+def test_epochs_sampled_rows_and_random_crops(run_training):
+    # one pass over 12 rows drawn at random (maybe the corrupt one among them), random crops
+    result = run_training(method="dpo", lora=True, max_steps=None, num_train_epochs=1, max_train_samples=12,
+                          random_crop=True)
+    readable = 12 - result.skipped_pairs
+    assert result.skipped_pairs in (0, 1) and result.steps == readable // 2
+    lines = _metrics_lines(result)
+    assert [x["step"] for x in lines] == list(range(1, result.steps + 1)) and all(x["epoch"] == 0 for x in lines)

@@ -175,6 +175,7 @@ def pretrain(out_dir: PathLike = BASE_DIR, work_dir: Optional[PathLike] = None, 
         max_steps=config.steps, batch_pairs=config.batch_size, resolution=IMAGE_SIZE, seed=config.seed,
         checkpoint_every=250, checkpoints_total_limit=1, resume="latest", latent_cache=str(work_dir / "latents"),
         vae_encode_batch_size=256, progress=progress, tensorboard=False, adam_weight_decay=0.0,
+        hflip=False,  # captions say "on the left": a flipped image would contradict its caption
     ))
     export_pipeline(init_dir, result.output_dir / "unet", out_dir)
     return out_dir

@@ -48,6 +48,7 @@ def finetune(model_dir: PathLike, data_dir: PathLike, out_dir: PathLike, setting
         max_steps=settings.steps, batch_pairs=settings.batch_pairs, resolution=IMAGE_SIZE, seed=settings.seed,
         checkpoint_every=checkpoint_every, checkpoints_total_limit=None if checkpoint_every else 1, latent_cache=str(latent_cache) if latent_cache else None,
         vae_encode_batch_size=256, progress=progress, tensorboard=False, log_every=10,
+        hflip=False,  # captions say "on the left": a flipped image would contradict its caption
     ))
     checkpoints = list_checkpoints(result.output_dir)
     # the end-of-run checkpoint repeats the weights in unet/: drop it to keep the folder small

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from PIL import Image
 
-from ..clip import register_open_clip_configs
+from ..clip import check_open_clip_source, register_open_clip_configs
 from .generation import (
     DTYPES,
     GenerationSettings,
@@ -34,6 +34,7 @@ from .scorers import (
     HPSv2Scorer,
     OpenClipMetrics,
     PickScoreScorer,
+    check_open_clip_weights,
     check_scorer_paths,
     load_style_images,
 )
@@ -160,6 +161,13 @@ def evaluate(config: EvalConfig) -> EvalResult:
     check_scorer_paths(pickscore_model=config.pickscore_model, pickscore_processor=config.pickscore_processor,
                        hps_checkpoint=config.hps_checkpoint, aesthetic_head=config.aesthetic_head,
                        style_images=config.style_images)
+    if config.clip:  # every scorer's weights, before generating
+        check_open_clip_weights("--clip-pretrained (or --no-clip)", config.clip_model, config.clip_pretrained)
+    if config.aesthetic_head:
+        check_open_clip_weights("--aesthetic-clip-pretrained", config.aesthetic_clip_model,
+                                config.aesthetic_clip_pretrained)
+    if config.hps_checkpoint:
+        check_open_clip_source(config.hps_model, config.hps_checkpoint, "--hps-model")
     style_refs = load_style_images(config.style_images) if config.style_images else None
     tuned_kind, tuned_path = resolve_tuned(config.tuned, config.tuned_type)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")

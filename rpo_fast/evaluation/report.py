@@ -7,8 +7,12 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import textwrap
+
 import torch
 from PIL import Image, ImageDraw
+
+from ..demo.stats import mean_ci
 
 
 def per_prompt(scores: torch.Tensor) -> torch.Tensor:
@@ -27,8 +31,9 @@ def win_rate(tuned: torch.Tensor, base: torch.Tensor) -> float:
 
 
 def summarize(base: Dict[str, torch.Tensor], tuned: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float]]:
-    """For each metric: base and tuned means over all images, their difference and the
-    per-prompt win rate of tuned over base."""
+    """For each metric: base and tuned means over all images, their difference with the
+    half-width of its 95% t-interval (over the per-prompt paired differences; nan for one
+    prompt) and the per-prompt win rate of tuned over base."""
     if set(base) != set(tuned):
         raise ValueError(f"summarize: base metrics {sorted(base)} differ from tuned metrics {sorted(tuned)}")
     summary = {}
@@ -38,6 +43,7 @@ def summarize(base: Dict[str, torch.Tensor], tuned: Dict[str, torch.Tensor]) -> 
             "base": float(b.mean()),
             "tuned": float(t.mean()),
             "delta": float(t.mean() - b.mean()),
+            "delta_ci95": mean_ci((t - b).double().numpy())[1],
             "win_rate": win_rate(t, b),
         }
     return summary
@@ -45,27 +51,36 @@ def summarize(base: Dict[str, torch.Tensor], tuned: Dict[str, torch.Tensor]) -> 
 
 def markdown_table(summary: Dict[str, Dict[str, float]], num_prompts: int) -> str:
     lines = [
-        "| metric | base | tuned | tuned - base | tuned win rate |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| metric | base | tuned | tuned - base | 95% CI of the difference | tuned win rate |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, s in summary.items():
-        lines.append(f"| {name} | {s['base']:.4f} | {s['tuned']:.4f} | {s['delta']:+.4f} | {100 * s['win_rate']:.1f}% |")
+        lines.append(f"| {name} | {s['base']:.4f} | {s['tuned']:.4f} | {s['delta']:+.4f} | ± {s['delta_ci95']:.4f} "
+                     f"| {100 * s['win_rate']:.1f}% |")
     lines.append("")
-    lines.append(f"Means over all images; win rate over {num_prompts} prompts (per-prompt means, ties count half).")
+    lines.append(f"Means over all images; the confidence interval is Student's t over the {num_prompts} per-prompt "
+                 "paired differences; win rate over the prompts (per-prompt means, ties count half).")
     return "\n".join(lines) + "\n"
 
 
-def image_grid(rows: Dict[str, List[Image.Image]], *, cell: int = 256, label_width: int = 64) -> Image.Image:
-    """One row per model (labelled at the left), one column per prompt; cells are resized to ``cell`` px."""
+def image_grid(rows: Dict[str, List[Image.Image]], *, cell: int = 256, label_width: int = 64,
+               column_labels: Optional[List[str]] = None, line_height: int = 12) -> Image.Image:
+    """One row per model (labelled at the left), one column per prompt; cells are resized to
+    ``cell`` px; ``column_labels`` (the prompts) are written under their columns, wrapped."""
     if not rows or not all(rows.values()):
         raise ValueError("image_grid: expected at least one row with at least one image")
     columns = max(len(images) for images in rows.values())
-    grid = Image.new("RGB", (label_width + columns * cell, len(rows) * cell), "white")
+    wrapped = [textwrap.wrap(text, max(4, cell // 6)) or [""] for text in (column_labels or [])[:columns]]
+    caption_height = (max(len(w) for w in wrapped) * line_height + 4) if wrapped else 0
+    grid = Image.new("RGB", (label_width + columns * cell, len(rows) * cell + caption_height), "white")
     draw = ImageDraw.Draw(grid)
     for r, (label, images) in enumerate(rows.items()):
         draw.text((4, r * cell + cell // 2), label, fill="black")
         for c, image in enumerate(images):
             grid.paste(image.convert("RGB").resize((cell, cell)), (label_width + c * cell, r * cell))
+    for c, lines in enumerate(wrapped):
+        for k, line in enumerate(lines):
+            draw.text((label_width + c * cell + 2, len(rows) * cell + 2 + k * line_height), line, fill="black")
     return grid
 
 
@@ -93,9 +108,16 @@ def write_report(output_dir: Path, *, prompts: List[str], summary: Dict[str, Dic
     record = {"summary": summary, "num_prompts": len(prompts), "settings": settings, "per_prompt": per_prompt_rows}
     files = {"json": output_dir / "metrics.json", "markdown": output_dir / "report.md", "grid": output_dir / "grid.png"}
     _atomic_write_text(files["json"], json.dumps(record, indent=2))
-    _atomic_write_text(files["markdown"], "# Evaluation: base vs tuned\n\n" + markdown_table(summary, len(prompts)))
+    counts = {model: sum(len(p) for p in paths) for model, paths in image_paths.items()}
+    header = [f"- base: `{settings.get('base')}`",
+              f"- tuned: `{settings.get('tuned')}` (read as {settings.get('tuned_kind', 'auto')}: "
+              f"`{settings.get('tuned_path', settings.get('tuned'))}`)",
+              f"- images: {len(prompts)} prompts x {counts and max(counts.values()) // max(1, len(prompts))} per prompt; "
+              + ", ".join(f"{n} from {model}" for model, n in counts.items()), ""]
+    _atomic_write_text(files["markdown"], "# Evaluation: base vs tuned\n\n" + "\n".join(header) + "\n"
+                       + markdown_table(summary, len(prompts)))
     if grid_rows:
-        image_grid(grid_rows, cell=grid_cell).save(files["grid"])
+        image_grid(grid_rows, cell=grid_cell, column_labels=prompts).save(files["grid"])
     else:
         del files["grid"]
     return files

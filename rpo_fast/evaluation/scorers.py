@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..clip import encode_images, encode_texts, load_open_clip
+from ..clip import check_open_clip_source, encode_images, encode_texts, load_open_clip
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -236,3 +236,20 @@ def check_scorer_paths(*, pickscore_model=None, pickscore_processor=None, hps_ch
         ok = os.path.isdir(value) if want_dir else os.path.isfile(value)
         if not ok:
             raise FileNotFoundError(f"{what}: no {'folder' if want_dir else 'file'} at {value}")
+
+
+def check_open_clip_weights(what: str, model_name: str, pretrained: Optional[str]) -> None:
+    """Gets (or finds in the download cache) the weights of an open_clip pretrained tag now,
+    so that an offline machine fails here, in one line, and not after generating every image."""
+    check_open_clip_source(model_name, pretrained, what)
+    if pretrained is None or os.path.isfile(pretrained) or model_name.startswith(("hf-hub:", "local-dir:")):
+        return
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+
+    try:
+        if not download_pretrained(get_pretrained_cfg(model_name.replace("/", "-"), pretrained)):
+            raise RuntimeError("open_clip knows no download for it")
+    except Exception as e:  # the hub client's many offline errors: all mean the same here
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{what}: cannot get the open_clip weights {pretrained!r} of {model_name} ({reason}); "
+                         "give a local checkpoint file instead") from None

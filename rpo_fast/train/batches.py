@@ -2,7 +2,8 @@
 
 Nothing here depends on hidden RNG state: the rows of micro-batch ``u`` come from a
 permutation seeded by (seed, epoch), and the VAE posterior draw, the noise and the timestep of
-a row come from a generator seeded by (seed, epoch, row). So a resumed run sees exactly the
+a row come from a generator seeded by (seed, epoch, row), and so does its horizontal flip
+(when the latent cache holds flipped images). So a resumed run sees exactly the
 batches an uninterrupted one would, a precomputed reference pass sees the same noise and
 timestep as the training step that uses it, and the batches do not depend on how many
 DataLoader workers assemble them.
@@ -21,6 +22,13 @@ from .latent_cache import LatentCache
 
 def sample_seed(seed: int, epoch: int, row: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, row, 0x5250]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def draw_flip(seed: int, epoch: int, row: int) -> bool:
+    """Whether both images of ``row`` are flipped horizontally in ``epoch`` (probability 1/2,
+    a pair flipped together as in the diffusers SDXL DPO example); a stream of its own, so
+    the other draws are the same with and without flipping."""
+    return bool(np.random.SeedSequence([seed, epoch, row, 0x464C]).generate_state(1)[0] & 1)
 
 
 class PairSchedule:
@@ -63,6 +71,7 @@ class SampleDraw:
     noise: torch.Tensor  # (C, h, w)
     eps_w: torch.Tensor  # posterior draws of the two cached latents
     eps_l: torch.Tensor
+    flip: bool = False  # only meaningful when the cache holds flipped images
 
 
 def _generator(seed: int, epoch: int, row: int) -> torch.Generator:
@@ -76,7 +85,7 @@ def draw_sample(seed: int, epoch: int, row: int, shape: Tuple[int, ...], num_tra
     g = _generator(seed, epoch, row)
     timestep = int(torch.randint(0, num_train_timesteps, (1,), generator=g))
     noise, eps_w, eps_l = (torch.empty(shape).normal_(generator=g) for _ in range(3))
-    return SampleDraw(timestep, noise, eps_w, eps_l)
+    return SampleDraw(timestep, noise, eps_w, eps_l, draw_flip(seed, epoch, row))
 
 
 @dataclass
@@ -105,7 +114,7 @@ def assemble_batch(epoch: int, rows: np.ndarray, cache: LatentCache, prompt_of: 
     timesteps = torch.empty(2 * m, dtype=torch.long)
     eps = torch.empty(shape)
     for i, row in enumerate(rows_list):
-        mean_w, std_w, mean_l, std_l = cache.get(row)
+        mean_w, std_w, mean_l, std_l = cache.get(row, flip=cache.has_flips and draw_flip(seed, epoch, row))
         g = _generator(seed, epoch, row)
         timesteps[i] = timesteps[m + i] = torch.randint(0, num_train_timesteps, (1,), generator=g)[0]
         noise[i].normal_(generator=g)

@@ -39,11 +39,67 @@ def _parser_for(type_hint: Any):
     return parse, False, False
 
 
+# Flags of the diffusers DPO examples (train_diffusion_dpo.py and train_diffusion_dpo_sdxl.py
+# in diffusers' examples/research_projects/diffusion_dpo, as of diffusers 0.36) that have no
+# meaning here: refused, with the rpo-fast way to get what they do.
+REFUSED_FLAGS = {
+    "--push_to_hub": "not supported: upload --output-dir yourself (e.g. `hf upload`)",
+    "--hub_token": "not supported: rpo-fast does not upload",
+    "--hub_model_id": "not supported: rpo-fast does not upload",
+    "--run_validation": "no images are generated during training: run `rpo-fast eval` on the output",
+    "--validation_steps": "no images are generated during training: run `rpo-fast eval` on a checkpoint",
+    "--logging_dir": "TensorBoard logs always go to <output_dir>/tensorboard",
+    "--tracker_name": "not supported: metrics go to <output_dir>/metrics.jsonl and TensorBoard",
+    "--scale_lr": "not supported: give the scaled value as --learning-rate",
+    "--lr_num_cycles": "not supported: the schedules use diffusers' defaults",
+    "--lr_power": "not supported: the schedules use diffusers' defaults",
+    "--enable_xformers_memory_efficient_attention": "not needed: the UNet uses PyTorch's scaled_dot_product_attention",
+    "--prior_generation_precision": "not used by DPO training",
+    "--local_rank": "launch with `torchrun --nproc_per_node N -m rpo_fast.cli train ...` (it sets LOCAL_RANK)",
+    "--is_turbo": "SDXL-Turbo's timestep schedule is not supported",
+}
+RANK_FLAG = "--rank"  # diffusers' LoRA rank: the DPO examples are LoRA-only, so it implies --lora
+
+
+def _refuse(namespace: argparse.Namespace, why: str) -> None:
+    """Records a refused flag; :func:`config_from_args` reports all of them in one line."""
+    setattr(namespace, "_refused", [*getattr(namespace, "_refused", []), why])
+
+
+class _Refused(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest="_refused", nargs="?", default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        _refuse(namespace, f"{option_string} ({REFUSED_FLAGS[option_string]})")
+
+
+class _Convert(argparse.Action):
+    """A flag whose value is converted to the field's meaning (a value without one is refused)."""
+
+    def __init__(self, option_strings, dest, convert=None, **kwargs):
+        self.convert = convert
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            setattr(namespace, self.dest, self.convert(values))
+        except ValueError as e:
+            _refuse(namespace, str(e))
+
+
+class _Rank(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, "lora_rank", values)
+        setattr(namespace, "_rank_implies_lora", True)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Fine-tune Stable Diffusion 1.5 / XL with Diffusion-RPO, Diffusion-DPO or SFT, full or LoRA, on one "
         "process or under `torchrun --nproc_per_node N`. Options come from --config (YAML, same names) and the "
-        "command line, which wins."
+        "command line, which wins. The diffusers DPO examples' flags keep their meaning there (--beta_dpo is "
+        "converted, --rank implies --lora); those without one here are refused, naming what to use."
     )
     parser.add_argument("--config", default=None, metavar="YAML", help="YAML file of options (keys as below)")
     hints = typing.get_type_hints(TrainConfig)
@@ -67,10 +123,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             if f.metadata.get("choices"):
                 kwargs["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
         parser.add_argument(*names, **kwargs)
+        if is_bool and "_" in f.name:  # the diffusers spelling of a switch: --gradient_checkpointing
+            parser.add_argument(f"--{f.name}", dest=f.name, action="store_true", default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS)
+        for flag, value in f.metadata.get("flag_aliases", {}).items():
+            parser.add_argument(flag, dest=f.name, action="store_const", const=value, default=argparse.SUPPRESS,
+                                help=f"= --{f.name.replace('_', '-')} {value} (diffusers' name)")
+        for flag, (convert, alias_help) in f.metadata.get("convert_aliases", {}).items():
+            parser.add_argument(flag, dest=f.name, action=_Convert, convert=convert, default=argparse.SUPPRESS,
+                                metavar=flag.lstrip("-").upper(), help=alias_help)
+        if f.name == "lora_rank":
+            parser.add_argument(RANK_FLAG, dest="lora_rank", action=_Rank, type=int, default=argparse.SUPPRESS,
+                                help="the LoRA rank, and --lora with it, as in the diffusers DPO examples (LoRA-only)")
+    for flag in REFUSED_FLAGS:
+        parser.add_argument(flag, action=_Refused, help=argparse.SUPPRESS)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "command")}
+    """The TrainConfig of parsed arguments; ValueError (one line) for refused flags."""
+    values = vars(args)
+    if values.get("_refused"):
+        raise ValueError("not supported here: " + "; ".join(values["_refused"]))  # every one at once
+    overrides = {k: v for k, v in values.items() if k not in ("config", "command") and not k.startswith("_")}
+    if values.get("_rank_implies_lora"):
+        if overrides.get("lora") is False:
+            raise ValueError(f"{RANK_FLAG}: the LoRA rank of the diffusers examples, which implies --lora; got --no-lora "
+                             "too (for a full fine-tune drop --rank)")
+        overrides["lora"] = True
     return load_yaml_config(args.config, overrides)
 
 

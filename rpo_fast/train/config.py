@@ -17,14 +17,35 @@ MODEL_TYPES = ("auto", "sd15", "sdxl")
 PRECISIONS = ("no", "bf16", "fp16")
 REF_DTYPES = ("fp32", "bf16", "fp16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+OPTIMIZERS = ("adamw", "adamw8bit")
 # The attention projections, as in the diffusers LoRA and Diffusion-DPO LoRA examples.
 DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 
 
 def _opt(default: Any, help: str, **extra: Any):
-    """A dataclass field carrying its command-line help text."""
+    """A dataclass field carrying its command-line help text.
+
+    ``aliases``: other spellings of the option (the diffusers example names); ``flag_aliases``:
+    ``{flag: value}``, flags without a value that set the field to ``value`` (``--no_hflip``,
+    ``--use_8bit_adam``); ``convert_aliases``: ``{flag: (function, help)}``, flags whose value
+    is converted to this field's meaning (``--beta_dpo``)."""
     kwargs = {"default_factory": default} if callable(default) else {"default": default}
     return field(metadata={"help": help, **extra}, **kwargs)
+
+
+def _beta_from_beta_dpo(value: str) -> float:
+    """diffusers' DPO examples scale the logit by -0.5 * beta_dpo; here by beta (DESIGN.md)."""
+    try:
+        return float(value) / 2
+    except ValueError:
+        raise ValueError(f"--beta_dpo: expected a number, got {value!r}") from None
+
+
+def _tensorboard_from_report_to(value: str) -> bool:
+    if value in ("tensorboard", "none"):
+        return value == "tensorboard"
+    raise ValueError(f"--report_to: rpo-fast logs to metrics.jsonl and TensorBoard only; expected tensorboard or "
+                     f"none, got {value!r}")
 
 
 @dataclass
@@ -40,15 +61,29 @@ class TrainConfig:
     model_type: str = _opt("auto", "sd15 | sdxl | auto (read from model_index.json)", choices=MODEL_TYPES)
     revision: Optional[str] = _opt(None, "model revision on the hub")
     variant: Optional[str] = _opt(None, "weights variant of the pretrained model, e.g. fp16")
-    split: str = _opt("train", "dataset split")
+    pretrained_vae: Optional[str] = _opt(None, "a separate VAE (hub id or folder of an AutoencoderKL), e.g. "
+                                         "madebyollin/sdxl-vae-fp16-fix (unset: the pipeline's vae/)",
+                                         aliases=("--pretrained_vae_model_name_or_path",))
+    cache_dir: Optional[str] = _opt(None, "where models and datasets downloaded from the hub are stored "
+                                    "(unset: the hub's default cache)")
+    split: str = _opt("train", "dataset split", aliases=("--dataset_split_name",))
     drop_ties: bool = _opt(True, "drop Pick-a-Pic rows labelled as ties (label_0 = 0.5)")
     max_rows: Optional[int] = _opt(None, "use only the first N rows of the dataset (after dropping ties)")
+    max_train_samples: Optional[int] = _opt(None, "train on N rows drawn at random (seeded by --seed) from the "
+                                            "dataset, as the diffusers examples do (unset: every row)")
+    hflip: bool = _opt(True, "flip each pair horizontally at random (both images together, drawn per seed, epoch "
+                       "and row), as the diffusers examples do; the latent cache holds both flips",
+                       flag_aliases={"--no_hflip": False})
+    random_crop: bool = _opt(False, "crop at a random position (drawn per seed and row, so the latent cache keeps "
+                             "one crop per image) instead of the centre")
 
     # -- objective --------------------------------------------------------------------------
     method: str = _opt("rpo", "rpo | dpo | sft", choices=METHODS)
     loss_type: str = _opt("sigmoid", "per-pair loss: sigmoid | hinge | ipo", choices=LOSS_TYPES)
     beta: float = _opt(2500.0, "beta of the pair logit (2500 here = 5000 in the original Diffusion-DPO code)",
-                       aliases=("--beta_dpo",))
+                       convert_aliases={"--beta_dpo": (_beta_from_beta_dpo,
+                                                       "diffusers' beta_dpo, converted: beta = beta_dpo / 2 (the "
+                                                       "diffusers examples scale the logit by -0.5 * beta_dpo)")})
     tau: float = _opt(0.5, "RPO temperature of the similarity weights")
     embeddings: Optional[str] = _opt(None, "embedding cache (rpo-fast embed) for the RPO weights; "
                                      "unset: uniform weights 1/M")
@@ -56,7 +91,7 @@ class TrainConfig:
 
     # -- model and reference ----------------------------------------------------------------
     lora: bool = _opt(False, "train LoRA adapters on the UNet instead of all its weights")
-    lora_rank: int = _opt(8, "LoRA rank", aliases=("--rank",))
+    lora_rank: int = _opt(8, "LoRA rank")
     lora_alpha: Optional[float] = _opt(None, "LoRA alpha (unset: equal to the rank)")
     lora_target_modules: List[str] = _opt(lambda: list(DEFAULT_LORA_TARGETS),
                                           "UNet modules that get LoRA adapters", nargs="+")
@@ -70,9 +105,14 @@ class TrainConfig:
     lr_scheduler: str = _opt("constant_with_warmup", "learning-rate schedule (diffusers.optimization)",
                              choices=LR_SCHEDULERS)
     lr_warmup_steps: int = _opt(0, "linear warm-up steps of the learning rate")
-    max_steps: int = _opt(1000, "optimizer steps to train", aliases=("--max_train_steps",))
+    max_steps: Optional[int] = _opt(None, "optimizer steps to train (unset: from --num-train-epochs, else 1000)",
+                                    aliases=("--max_train_steps",))
+    num_train_epochs: Optional[int] = _opt(None, "passes over the data, when --max-steps is unset (the last "
+                                           "incomplete batch of an epoch is dropped)")
     batch_pairs: int = _opt(4, "preference pairs per process per micro-batch", aliases=("--train_batch_size",))
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
+    optimizer: str = _opt("adamw", "adamw | adamw8bit (bitsandbytes' AdamW8bit; needs bitsandbytes installed)",
+                          choices=OPTIMIZERS, flag_aliases={"--use_8bit_adam": "adamw8bit"})
     adam_beta1: float = _opt(0.9, "AdamW beta1")
     adam_beta2: float = _opt(0.999, "AdamW beta2")
     adam_weight_decay: float = _opt(1e-2, "AdamW weight decay")
@@ -81,7 +121,8 @@ class TrainConfig:
     max_nonfinite_steps: int = _opt(10, "stop when this many steps in a row have a non-finite loss or gradient")
 
     # -- speed and memory ---------------------------------------------------------------------
-    resolution: int = _opt(512, "training resolution in pixels (images are resized and centre-cropped)")
+    resolution: Optional[int] = _opt(None, "training resolution in pixels (images are resized, then cropped; unset: "
+                                     "1024 for SDXL, 512 for SD1.5, as the diffusers examples)")
     mixed_precision: str = _opt("no", "autocast dtype: no | bf16 | fp16; frozen models are stored in it",
                                 choices=PRECISIONS)
     compile: Optional[bool] = _opt(None, "torch.compile the UNet (unset: on for CUDA)")
@@ -101,7 +142,12 @@ class TrainConfig:
     resume: Optional[str] = _opt(None, "'latest' or a checkpoint folder to resume from (with 'latest', "
                                  "a run without checkpoints starts fresh)", aliases=("--resume_from_checkpoint",))
     log_every: int = _opt(10, "append metrics to metrics.jsonl every N steps")
-    tensorboard: Optional[bool] = _opt(None, "also log to TensorBoard (unset: when tensorboard is installed)")
+    tensorboard: Optional[bool] = _opt(None, "also log to TensorBoard (unset: when tensorboard is installed)",
+                                       convert_aliases={"--report_to": (_tensorboard_from_report_to,
+                                                                        "tensorboard | none (diffusers' name)")})
+    overwrite_output_dir: bool = _opt(False, "start over in an output_dir that holds a run: delete its checkpoints, "
+                                      "metrics and trained weights first (without it, such a folder is refused "
+                                      "unless --resume is given)")
     progress: bool = _opt(True, "show a tqdm progress bar")
     device: Optional[str] = _opt(None, "cpu, cuda, cuda:1, ... (unset: cuda:LOCAL_RANK when available, else cpu)")
     ddp_timeout_minutes: float = _opt(120.0, "timeout of collective operations, e.g. while rank 0 fills caches")
@@ -118,16 +164,21 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise ValueError(f"{f.name}: expected one of {list(choices)}, got {value!r}")
-        for name in ("max_steps", "batch_pairs", "gradient_accumulation_steps", "lora_rank", "resolution",
-                     "vae_encode_batch_size", "log_every", "max_nonfinite_steps"):
+        if self.max_steps is None and self.num_train_epochs is None:
+            self.max_steps = 1000
+        for name in ("batch_pairs", "gradient_accumulation_steps", "lora_rank", "vae_encode_batch_size", "log_every",
+                     "max_nonfinite_steps"):
             _check_int(name, getattr(self, name), minimum=1)
+        for name in ("max_steps", "num_train_epochs", "resolution", "max_train_samples"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1)
         for name in ("lr_warmup_steps", "checkpoint_every", "dataloader_num_workers", "seed"):
             _check_int(name, getattr(self, name), minimum=0)
         if self.checkpoints_total_limit is not None:
             _check_int("checkpoints_total_limit", self.checkpoints_total_limit, minimum=1)
         if self.max_rows is not None:
             _check_int("max_rows", self.max_rows, minimum=1)
-        if self.resolution % 8:
+        if self.resolution is not None and self.resolution % 8:
             raise ValueError(f"resolution: expected a multiple of 8 (the VAE downsamples by 8), got {self.resolution}")
         for name in ("beta", "tau", "learning_rate", "adam_epsilon", "ddp_timeout_minutes"):
             _check_float(name, getattr(self, name), positive=True)

@@ -8,6 +8,11 @@ factor) of both images of a row, and ``valid`` (0 where an image was unreadable)
 draws ``latent = mean + std * eps`` like ``latent_dist.sample()`` of the diffusers
 examples, with ``eps`` fixed per (seed, epoch, row).
 
+With ``hflip`` the cache also holds the encodings of both images flipped horizontally
+(``*_flip``), so that a batch can flip a pair (drawn per seed, epoch and row) without a VAE.
+The crop is the centre, or with ``crop_seed`` a random position per image drawn from
+(crop_seed, row): one crop per image, the same in every epoch.
+
 Shards are written to a temporary name and renamed, so an interrupted fill resumes where
 it stopped; with several processes each fills its own shards.
 """
@@ -27,6 +32,8 @@ from ..data import PreferenceDataset, content_hash
 
 FORMAT_VERSION = 1
 CROP_POLICY = "resize-shorter-side-bilinear+center-crop"
+_NAMES = ("mean_w", "std_w", "mean_l", "std_l")
+_FLIP_NAMES = tuple(n + "_flip" for n in _NAMES)
 
 
 def default_cache_root() -> Path:
@@ -36,13 +43,29 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rpo_fast" / "latents"
 
 
-def cache_key(dataset_fingerprint: str, resolution: int, vae_identity: str) -> str:
-    return content_hash(FORMAT_VERSION, dataset_fingerprint, resolution, CROP_POLICY, vae_identity)
+def crop_policy(hflip: bool = False, crop_seed: Optional[int] = None) -> str:
+    policy = CROP_POLICY if crop_seed is None else f"resize-shorter-side-bilinear+random-crop(seed={crop_seed})"
+    return policy + ("+hflip" if hflip else "")
 
 
-def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
-    """RGB image -> (3, resolution, resolution) in [-1, 1]: shorter side resized, centre crop."""
-    image = ImageOps.fit(image, (resolution, resolution), method=Image.BILINEAR, centering=(0.5, 0.5))
+def cache_key(dataset_fingerprint: str, resolution: int, vae_identity: str, hflip: bool = False,
+              crop_seed: Optional[int] = None) -> str:
+    extra = () if not hflip and crop_seed is None else (crop_policy(hflip, crop_seed),)
+    return content_hash(FORMAT_VERSION, dataset_fingerprint, resolution, CROP_POLICY, vae_identity, *extra)
+
+
+def crop_centering(crop_seed: Optional[int], row: int, image: int) -> Tuple[float, float]:
+    """Where image ``image`` (0: chosen, 1: rejected) of ``row`` is cropped, as ImageOps.fit's
+    ``centering`` (0: left/top edge, 1: right/bottom): the centre, or drawn from (crop_seed, row)."""
+    if crop_seed is None:
+        return 0.5, 0.5
+    x, y = np.random.Generator(np.random.PCG64([crop_seed, row, image, 0x4352])).random(2)
+    return float(x), float(y)
+
+
+def image_to_tensor(image: Image.Image, resolution: int, centering: Tuple[float, float] = (0.5, 0.5)) -> torch.Tensor:
+    """RGB image -> (3, resolution, resolution) in [-1, 1]: shorter side resized, cropped at ``centering``."""
+    image = ImageOps.fit(image, (resolution, resolution), method=Image.BILINEAR, centering=centering)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
@@ -50,8 +73,8 @@ def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
 class _PixelRows(torch.utils.data.Dataset):
     """Row -> (row, pixels of chosen, pixels of rejected, readable) for the encoding pass."""
 
-    def __init__(self, dataset: PreferenceDataset, rows: range, resolution: int):
-        self.dataset, self.rows, self.resolution = dataset, rows, resolution
+    def __init__(self, dataset: PreferenceDataset, rows: range, resolution: int, crop_seed: Optional[int] = None):
+        self.dataset, self.rows, self.resolution, self.crop_seed = dataset, rows, resolution, crop_seed
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -62,7 +85,9 @@ class _PixelRows(torch.utils.data.Dataset):
         if pair is None:
             blank = torch.zeros(3, self.resolution, self.resolution)
             return row, blank, blank, False
-        return row, image_to_tensor(pair.chosen, self.resolution), image_to_tensor(pair.rejected, self.resolution), True
+        chosen, rejected = ((image_to_tensor(im, self.resolution, crop_centering(self.crop_seed, row, k)))
+                            for k, im in enumerate((pair.chosen, pair.rejected)))
+        return row, chosen, rejected, True
 
 
 class LatentCache:
@@ -86,6 +111,10 @@ class LatentCache:
     def latent_shape(self) -> Tuple[int, ...]:
         return tuple(self.meta["latent_shape"])
 
+    @property
+    def has_flips(self) -> bool:
+        return bool(self.meta.get("hflip", False))
+
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_handles"] = {}
@@ -98,12 +127,15 @@ class LatentCache:
             self._handles[shard] = safe_open(str(self.folder / shard_name(shard)), framework="pt")
         return self._handles[shard]
 
-    def get(self, row: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mean_w, std_w, mean_l, std_l), each (C, h, w) in the storage dtype (fp16)."""
+    def get(self, row: int, flip: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean_w, std_w, mean_l, std_l), each (C, h, w) in the storage dtype (fp16); with
+        ``flip``, those of the horizontally flipped images."""
+        if flip and not self.has_flips:
+            raise ValueError(f"latent cache {self.folder} holds no flipped images")
         shard, offset = divmod(int(row), self.shard_size)
         handle = self._open(shard)
         return tuple(handle.get_slice(name)[offset : offset + 1][0]  # type: ignore[return-value]
-                     for name in ("mean_w", "std_w", "mean_l", "std_l"))
+                     for name in (_FLIP_NAMES if flip else _NAMES))
 
 
 def shard_name(shard: int) -> str:
@@ -132,18 +164,21 @@ def build_latent_cache(
     rank: int = 0,
     world: int = 1,
     barrier=None,
+    hflip: bool = False,
+    crop_seed: Optional[int] = None,
 ) -> LatentCache:
     """Fills (or reuses) the cache folder for ``dataset`` and returns it opened.
 
     ``vae`` may be None when the cache is known complete. With ``world`` > 1 each rank
     encodes shards ``rank, rank + world, ...`` and ``barrier()`` waits for all of them.
+    ``hflip``: also encode both images flipped; ``crop_seed``: random crops (module docstring).
     """
-    folder = Path(root) / cache_key(dataset.fingerprint, resolution, vae_identity)
+    folder = Path(root) / cache_key(dataset.fingerprint, resolution, vae_identity, hflip, crop_seed)
     if not _complete(folder, len(dataset), _existing_shard_size(folder, shard_size)):
         if vae is None:
             raise ValueError(f"latent cache {folder} is incomplete and no VAE was given to fill it")
         _fill(folder, dataset, vae, resolution, vae_identity, device, batch_size, num_workers, shard_size,
-              storage_dtype, progress, rank, world)
+              storage_dtype, progress, rank, world, hflip, crop_seed)
     if barrier is not None:  # every rank, whether it had work or not: collectives must pair up
         barrier()
     if not _complete(folder, len(dataset), _existing_shard_size(folder, shard_size)):
@@ -153,7 +188,7 @@ def build_latent_cache(
 
 def _fill(folder: Path, dataset: PreferenceDataset, vae, resolution: int, vae_identity: str, device,
           batch_size: int, num_workers: int, shard_size: int, storage_dtype: torch.dtype, progress: bool,
-          rank: int, world: int) -> None:
+          rank: int, world: int, hflip: bool = False, crop_seed: Optional[int] = None) -> None:
     num_rows = len(dataset)
     shard_size = _existing_shard_size(folder, shard_size)
     scaling = float(vae.config.scaling_factor)
@@ -161,7 +196,8 @@ def _fill(folder: Path, dataset: PreferenceDataset, vae, resolution: int, vae_id
     latent_hw = resolution // (2 ** (len(vae.config.block_out_channels) - 1))
     meta = {
         "format_version": FORMAT_VERSION, "dataset_fingerprint": dataset.fingerprint,
-        "resolution": resolution, "crop_policy": CROP_POLICY, "vae_identity": vae_identity,
+        "resolution": resolution, "crop_policy": crop_policy(hflip, crop_seed), "hflip": hflip,
+        "vae_identity": vae_identity,
         "num_rows": num_rows, "shard_size": shard_size, "scaling_factor": scaling, "shift_factor": shift,
         "latent_shape": [int(vae.config.latent_channels), latent_hw, latent_hw],
         "storage_dtype": str(storage_dtype),
@@ -180,20 +216,19 @@ def _fill(folder: Path, dataset: PreferenceDataset, vae, resolution: int, vae_id
                unit="img pair", disable=not progress or todo == 0, dynamic_ncols=True)
     for shard in shards:
         rows = range(shard * shard_size, min(num_rows, (shard + 1) * shard_size))
-        loader = torch.utils.data.DataLoader(_PixelRows(dataset, rows, resolution), batch_size=batch_size,
+        loader = torch.utils.data.DataLoader(_PixelRows(dataset, rows, resolution, crop_seed), batch_size=batch_size,
                                              num_workers=num_workers, shuffle=False)
-        parts: Dict[str, list] = {k: [] for k in ("mean_w", "std_w", "mean_l", "std_l", "valid")}
+        parts: Dict[str, list] = {k: [] for k in (*_NAMES, *(_FLIP_NAMES if hflip else ()), "valid")}
         for _, pixels_w, pixels_l, readable in loader:
             n = pixels_w.shape[0]
-            pixels = torch.cat([pixels_w, pixels_l]).to(device, vae_dtype)
-            dist = vae.encode(pixels).latent_dist
-            mean = ((dist.mean.float() - shift) * scaling).to(storage_dtype).cpu()
-            std = (dist.std.float() * scaling).to(storage_dtype).cpu()
             keep = readable.view(-1, 1, 1, 1)
-            parts["mean_w"].append(mean[:n] * keep)
-            parts["mean_l"].append(mean[n:] * keep)
-            parts["std_w"].append(std[:n] * keep)
-            parts["std_l"].append(std[n:] * keep)
+            for names, flip in ((_NAMES, False), (_FLIP_NAMES, True))[: 2 if hflip else 1]:
+                pixels = torch.cat([pixels_w, pixels_l]).to(device, vae_dtype)
+                dist = vae.encode(pixels.flip(-1) if flip else pixels).latent_dist
+                mean = ((dist.mean.float() - shift) * scaling).to(storage_dtype).cpu()
+                std = (dist.std.float() * scaling).to(storage_dtype).cpu()
+                for name, value in zip(names, (mean[:n], std[:n], mean[n:], std[n:])):
+                    parts[name].append(value * keep)
             parts["valid"].append(readable.to(torch.uint8))
             bar.update(n)
         tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}

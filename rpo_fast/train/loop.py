@@ -28,21 +28,24 @@ import torch
 import torch.distributed as dist
 
 from .. import diffusion_dpo_loss, diffusion_rpo_loss, sft_loss
-from ..data import load_preference_dataset
+from ..data import SampledPreferenceDataset, load_preference_dataset
 from . import checkpoint as ckpt
 from .batches import MicroBatches, PairBatch, PairSchedule, micro_batch_loader
 from .config import TrainConfig, config_to_dict
 from .forward import predict, unet_inputs
 from .latent_cache import build_latent_cache, cache_key, default_cache_root
 from .metrics_log import MetricsLog
-from .models import Models, add_lora, load_models, load_trainable_state_dict, module_identity, save_trained, trainable_state_dict
+from .models import (Models, add_lora, detect_model_type, load_models, load_trainable_state_dict, module_identity,
+                     save_trained, trainable_state_dict)
+from .optim import make_optimizer
+from .preflight import check_inputs, check_output_dir, clear_run
 from .ref_model import REF_ERRORS_FILE, Reference, frozen_copy, precompute_reference_errors, table_key
 
 _DTYPES = {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Options a resumed run must share with the checkpoint (others, e.g. max_steps, may change).
 _RESUME_MUST_MATCH = ("pretrained_model", "method", "loss_type", "beta", "tau", "lora", "lora_rank", "lora_alpha",
                       "lora_target_modules", "batch_pairs", "gradient_accumulation_steps", "resolution", "seed",
-                      "embeddings", "precompute_ref", "mixed_precision")
+                      "embeddings", "precompute_ref", "mixed_precision", "pretrained_vae", "hflip", "random_crop")
 METRIC_KEYS = ("loss", "implicit_acc", "reward_margin", "model_mse", "ref_mse", "weight_diag")
 
 
@@ -51,7 +54,7 @@ class TrainResult:
     output_dir: Path
     final_metrics: Dict[str, Any]
     steps: int
-    skipped_pairs: int = 0  # rows with an unreadable image, left out of training
+    skipped_pairs: int = 0  # rows with an unreadable image (or no embedding), left out of training
     nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient
     saved: List[Path] = field(default_factory=list)  # diffusers-format outputs
     checkpoints: List[Path] = field(default_factory=list)
@@ -88,6 +91,8 @@ class Run:
     nonfinite_steps: int = 0
     nonfinite_in_a_row: int = 0
     resumed_from: Optional[Path] = None
+    skipped: List[Dict[str, Any]] = field(default_factory=list)  # {"row", "where", "why"} of each skipped row
+    dropped_ties: int = 0
 
     def autocast(self):
         enabled = self.config.mixed_precision != "no"
@@ -134,6 +139,12 @@ def _seed_everything(seed: int) -> None:
 
 
 def prepare(config: TrainConfig) -> Run:
+    check_inputs(config)  # every path and optional package, before anything loads
+    if config.resolution is None:  # as the diffusers examples: 1024 for SDXL, 512 for SD1.5
+        model_type = config.model_type
+        if model_type == "auto":
+            model_type = detect_model_type(config.pretrained_model, config.revision, config.cache_dir)
+        config = dataclasses.replace(config, resolution=1024 if model_type == "sdxl" else 512)
     device, rank, world, group, owns_group = _setup_process(config)
     _seed_everything(config.seed + rank)
     output_dir = Path(config.output_dir).expanduser().resolve()
@@ -142,8 +153,10 @@ def prepare(config: TrainConfig) -> Run:
     barrier = (lambda: dist.barrier(group=group)) if world > 1 else None
 
     # Data: rows, then each image VAE-encoded once into the latent cache (or read from it).
-    dataset = load_preference_dataset(config.data, split=config.split, drop_ties=config.drop_ties,
-                                      max_rows=config.max_rows)
+    dataset = full_dataset = load_preference_dataset(config.data, split=config.split, drop_ties=config.drop_ties,
+                                                     max_rows=config.max_rows, cache_dir=config.cache_dir)
+    if config.max_train_samples is not None and config.max_train_samples < len(dataset):
+        dataset = SampledPreferenceDataset(dataset, config.max_train_samples, config.seed)
     if len(dataset) == 0:
         raise ValueError(f"data: {config.data!r} (split {config.split!r}) has no usable rows")
     models = load_models(config)
@@ -154,6 +167,7 @@ def prepare(config: TrainConfig) -> Run:
         dataset, models.vae, config.resolution, cache_root, vae_identity=vae_identity, device=device,
         batch_size=config.vae_encode_batch_size, num_workers=config.dataloader_num_workers,
         progress=config.progress and rank == 0, rank=rank, world=world, barrier=barrier,
+        hflip=config.hflip, crop_seed=config.seed if config.random_crop else None,
     )
     models.vae = None  # not needed any more: free its memory
     latent_key = cache.folder.name
@@ -164,11 +178,18 @@ def prepare(config: TrainConfig) -> Run:
     if config.embeddings:
         from ..embedding import load_embedding_cache
 
-        emb_w, emb_l = load_embedding_cache(config.embeddings, dataset)
-        readable &= (emb_w.abs().sum(1) > 0).numpy() & (emb_l.abs().sum(1) > 0).numpy()
+        emb_w, emb_l = load_embedding_cache(config.embeddings, full_dataset)  # built for every row
+        if dataset is not full_dataset:
+            emb_w, emb_l = emb_w[dataset.rows], emb_l[dataset.rows]
+        has_emb = (emb_w.abs().sum(1) > 0).numpy() & (emb_l.abs().sum(1) > 0).numpy()
+        readable &= has_emb
         emb_w, emb_l = emb_w.to(device), emb_l.to(device)
+    skipped = _skipped_rows(dataset, cache.valid, readable, config.embeddings) if rank == 0 else []
     skipped_pairs = int(len(dataset) - readable.sum())
     schedule = PairSchedule(np.flatnonzero(readable), config.batch_pairs, world, config.seed)
+    if config.max_steps is None:  # --num-train-epochs
+        steps = math.ceil(config.num_train_epochs * schedule.micro_batches_per_epoch / config.gradient_accumulation_steps)
+        config = dataclasses.replace(config, max_steps=steps)
     total_micro_batches = config.max_steps * config.gradient_accumulation_steps
 
     for encoder in models.text_encoders:
@@ -204,10 +225,7 @@ def prepare(config: TrainConfig) -> Run:
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
 
-    optimizer = torch.optim.AdamW(
-        params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, fused=device.type == "cuda",
-    )
+    optimizer = make_optimizer(config, params, device)
     from diffusers.optimization import get_scheduler
 
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
@@ -216,7 +234,7 @@ def prepare(config: TrainConfig) -> Run:
 
     run = Run(config, output_dir, device, rank, world, group, models, unet, unet, None, reference, params,
               optimizer, lr_scheduler, grad_scaler, schedule, cache, prompts, emb_w, emb_l, skipped_pairs, owns_group,
-              dataset.fingerprint)
+              dataset.fingerprint, skipped=skipped, dropped_ties=dataset.dropped_ties)
 
     # Resume: weights, optimizer, LR schedule, RNG states, data position, counters.
     path = ckpt.find_checkpoint(output_dir, config.resume)
@@ -236,6 +254,20 @@ def prepare(config: TrainConfig) -> Run:
             reference.forward = torch.compile(reference.model, mode=config.compile_mode)
     run.forward_model = forward_model
     return run
+
+
+def _skipped_rows(dataset, valid: np.ndarray, readable: np.ndarray, embeddings: Optional[str],
+                  explained: int = 20) -> List[Dict[str, Any]]:
+    """Each row left out, where it comes from and why (the first ``explained`` unreadable
+    rows are decoded again to say which image failed)."""
+    out = []
+    for row in np.flatnonzero(~readable).tolist():
+        if not valid[row]:
+            why = (dataset.unreadable_reason(row) if len(out) < explained else None) or "an image cannot be read"
+        else:
+            why = f"no embedding in {embeddings} (an image could not be read when embedding)"
+        out.append({"row": row, "where": dataset.location(row), "why": why})
+    return out
 
 
 def _compat(config: TrainConfig, world: int, fingerprint: str) -> Dict[str, Any]:
@@ -401,17 +433,23 @@ def train(config: TrainConfig) -> TrainResult:
     """Train as configured; returns where the outputs went and the last metrics."""
     from tqdm.auto import tqdm
 
+    check_output_dir(config)  # a folder holding a run is resumed or started over, never overwritten
+    output_dir = Path(config.output_dir).expanduser().resolve()
+    if config.overwrite_output_dir and int(os.environ.get("RANK", "0")) == 0:
+        cleared = clear_run(output_dir)
+        if cleared:
+            print(f"rpo-fast train: --overwrite-output-dir: deleted {', '.join(cleared)} in {output_dir}")
     run = prepare(config)
+    config = run.config  # with the values prepare resolved (resolution, max_steps from epochs)
     try:
         main = run.rank == 0
         if main:
             import yaml
 
             (run.output_dir / "train_config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+            _report_start(run)
         log = MetricsLog(run.output_dir, enabled=main, tensorboard=config.tensorboard,
-                         resume_step=run.step if run.resumed_from is not None else None)
-        if main and run.skipped_pairs:
-            print(f"rpo-fast train: skipping {run.skipped_pairs} pair(s) with an unreadable image")
+                         resume_step=run.step if config.resume is not None else None)
         bar = tqdm(total=config.max_steps, initial=run.step, desc=f"{config.method}{' lora' if config.lora else ''}",
                    unit="step", disable=not (config.progress and main), dynamic_ncols=True)
         batches = step_batches(run, run.step, config.max_steps)
@@ -443,13 +481,33 @@ def train(config: TrainConfig) -> TrainResult:
         _close(run)
 
 
+def _report_start(run: Run) -> None:
+    """Says where the run starts and which rows it leaves out (all of them in skipped_pairs.jsonl)."""
+    import json
+
+    config = run.config
+    if run.resumed_from is not None:
+        print(f"rpo-fast train: resuming from {run.resumed_from} (step {run.step} of {config.max_steps})")
+    elif config.resume == "latest":
+        print(f"rpo-fast train: --resume latest: no checkpoint in {run.output_dir} yet, starting at step 0")
+    if run.dropped_ties:
+        print(f"rpo-fast train: dropped {run.dropped_ties} row(s) labelled as ties (label_0 = 0.5; --no-drop-ties "
+              "keeps them)")
+    if run.skipped:
+        path = run.output_dir / "skipped_pairs.jsonl"
+        path.write_text("".join(json.dumps(s) + "\n" for s in run.skipped))
+        shown = "; ".join(f"{s['where']}: {s['why']}" for s in run.skipped[:5])
+        more = f"; and {len(run.skipped) - 5} more" if len(run.skipped) > 5 else ""
+        print(f"rpo-fast train: skipping {len(run.skipped)} pair(s): {shown}{more} (all in {path})")
+
+
 def measure_throughput(config: TrainConfig, num_steps: int = 10, warmup_steps: int = 2) -> Dict[str, float]:
     """Times ``num_steps`` optimizer steps after ``warmup_steps`` (compilation, caches) with the
     real set-up and step; writes nothing but caches. Returns pairs/s (global), seconds per
     step and, on CUDA, peak memory in GiB."""
     if num_steps < 1 or warmup_steps < 0:
         raise ValueError(f"num_steps >= 1 and warmup_steps >= 0 expected, got {num_steps}, {warmup_steps}")
-    config = dataclasses.replace(config, max_steps=max(config.max_steps, num_steps + warmup_steps), resume=None,
+    config = dataclasses.replace(config, max_steps=max(config.max_steps or 0, num_steps + warmup_steps), resume=None,
                                  progress=False, save_final=False)
     run = prepare(config)
     try:

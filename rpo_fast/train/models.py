@@ -37,26 +37,35 @@ class Models:
         return int(self.noise_scheduler.config.num_train_timesteps)
 
 
-def _check_source(pretrained_model: str) -> Path:
-    """A path that looks local must exist (else the hub client reports a confusing repo-id error)."""
-    local = Path(pretrained_model).expanduser()
-    looks_local = pretrained_model.startswith(("/", ".", "~")) or pretrained_model.count("/") > 1
-    if looks_local and not local.exists():
-        raise ValueError(f"pretrained_model: no folder at {local} (expected a diffusers pipeline folder or a hub id)")
+def check_source(what: str, source: str, marker: str) -> Path:
+    """A name that looks local (:func:`rpo_fast.data.looks_local`) must be a folder holding
+    ``marker``, and is never looked up on the hub (whose client would report a confusing
+    repo-id error, after its retries)."""
+    from ..data import looks_local
+
+    local = Path(source).expanduser()
+    if local.exists() or looks_local(source):
+        kind = "a diffusers pipeline folder" if marker == "model_index.json" else "a diffusers model folder"
+        if not local.is_dir():
+            raise ValueError(f"{what}: no folder at {local} (expected {kind} or a hub id such as owner/name)")
+        if not (local / marker).is_file():
+            raise ValueError(f"{what}: {local} has no {marker}; expected {kind}")
     return local
 
 
-def detect_model_type(pretrained_model: str, revision: Optional[str] = None) -> str:
+def _check_source(pretrained_model: str) -> Path:
+    return check_source("pretrained_model", pretrained_model, "model_index.json")
+
+
+def detect_model_type(pretrained_model: str, revision: Optional[str] = None, cache_dir: Optional[str] = None) -> str:
     """sd15 or sdxl, from the pipeline class named in ``model_index.json``."""
     local = _check_source(pretrained_model)
     if local.is_dir():
         index_path = local / "model_index.json"
-        if not index_path.exists():
-            raise ValueError(f"pretrained_model: {local} has no model_index.json; expected a diffusers pipeline folder")
     else:
         from huggingface_hub import hf_hub_download
 
-        index_path = Path(hf_hub_download(pretrained_model, "model_index.json", revision=revision))
+        index_path = Path(hf_hub_download(pretrained_model, "model_index.json", revision=revision, cache_dir=cache_dir))
     class_name = json.loads(index_path.read_text()).get("_class_name", "")
     if class_name in _SDXL_PIPELINES or "text_encoder_2" in json.loads(index_path.read_text()):
         return "sdxl"
@@ -71,8 +80,8 @@ def load_models(config: TrainConfig) -> Models:
     _check_source(config.pretrained_model)
     model_type = config.model_type
     if model_type == "auto":
-        model_type = detect_model_type(config.pretrained_model, config.revision)
-    source = dict(revision=config.revision)
+        model_type = detect_model_type(config.pretrained_model, config.revision, config.cache_dir)
+    source = dict(revision=config.revision, cache_dir=config.cache_dir)
     weights = dict(source, variant=config.variant)
     path = config.pretrained_model
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **source)
@@ -84,7 +93,10 @@ def load_models(config: TrainConfig) -> Models:
     if model_type == "sdxl":
         tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", use_fast=False, **source))
         text_encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **weights))
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
+    if config.pretrained_vae:  # e.g. the fp16-fix SDXL VAE: a model folder or repo of its own, as in diffusers
+        vae = AutoencoderKL.from_pretrained(config.pretrained_vae, cache_dir=config.cache_dir)
+    else:
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **weights)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights)
     for frozen in [vae, *text_encoders]:
         frozen.requires_grad_(False).eval()

@@ -1,0 +1,22 @@
+"""The optimizer named by ``--optimizer``: torch's AdamW (fused on CUDA) or bitsandbytes'
+AdamW8bit (``--use_8bit_adam`` of the diffusers examples), with the same hyper-parameters."""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from .config import TrainConfig
+
+
+def make_optimizer(config: TrainConfig, params: List[torch.nn.Parameter], device: torch.device):
+    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError("optimizer: adamw8bit (--use_8bit_adam) needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, fused=device.type == "cuda", **kwargs)
