@@ -17,7 +17,7 @@ PathLike = Union[str, os.PathLike]
 class FinetuneSettings:
     method: str = "rpo"  # rpo | dpo | sft
     beta: float = 2500.0
-    learning_rate: float = 1e-6
+    learning_rate: float = 3e-6
     steps: int = 300
     batch_pairs: int = 8
     tau: float = 0.5
