@@ -1,12 +1,16 @@
 """Shared test set-up.
 
 Triton kernels run on the CPU through Triton's interpreter in CI: the variable must be set
-before triton is first imported.
+before triton is first imported. torch.compile's on-disk cache goes to a fresh folder per test
+session: its keys ignore the schemas of custom ops, so graphs cached by an older checkout on
+the same machine would call this checkout's ops with the old arguments.
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="rpo-fast-inductor-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
