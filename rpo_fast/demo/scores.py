@@ -82,12 +82,17 @@ def _as_array(image) -> np.ndarray:
     return array
 
 
+def _neighbourhood(array: np.ndarray, mode: str = "constant") -> List[np.ndarray]:
+    """The 9 views of ``array`` shifted by (dy, dx) in {-1, 0, 1}^2 over its first two axes,
+    padded by ``mode`` (np.pad's: zeros, or "edge" to replicate); the centre is index 4."""
+    h, w = array.shape[:2]
+    padded = np.pad(array, ((1, 1), (1, 1)) + ((0, 0),) * (array.ndim - 2), mode=mode)
+    return [padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)]
+
+
 def median_filter(pixels: np.ndarray) -> np.ndarray:
     """3x3 median of every channel (edges replicated)."""
-    h, w = pixels.shape[:2]
-    padded = np.pad(pixels, ((1, 1), (1, 1), (0, 0)), mode="edge")
-    shifted = [padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)]
-    return np.median(np.stack(shifted), axis=0)
+    return np.median(np.stack(_neighbourhood(pixels, "edge")), axis=0)
 
 
 def background_colour(pixels: np.ndarray) -> np.ndarray:
@@ -98,12 +103,8 @@ def background_colour(pixels: np.ndarray) -> np.ndarray:
 def foreground_mask(pixels: np.ndarray) -> np.ndarray:
     """Pixels unlike the background, without isolated ones (fewer than 2 of 8 neighbours)."""
     mask = np.abs(pixels - background_colour(pixels)).max(axis=2) > FOREGROUND_THRESHOLD
-    padded = np.pad(mask, 1)
-    h, w = mask.shape
-    neighbours = sum(
-        padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w].astype(np.int32)
-        for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)
-    )
+    views = _neighbourhood(mask)
+    neighbours = sum(v.astype(np.int32) for i, v in enumerate(views) if i != 4)
     return mask & (neighbours >= 2)
 
 
@@ -166,11 +167,7 @@ def classify_shape(hull: np.ndarray) -> str:
     if not len(xs):
         return "none"
     box = (xs.min(), ys.min(), xs.max(), ys.max())
-    ious = {}
-    for shape in SHAPES:
-        template = _shape_template(shape, box, hull.shape)
-        union = (template | hull).sum()
-        ious[shape] = (template & hull).sum() / union if union else 0.0
+    ious = {shape: _iou(_shape_template(shape, box, hull.shape), hull) for shape in SHAPES}
     return max(ious, key=ious.get)
 
 
@@ -194,10 +191,7 @@ def classify_colour(pixels: np.ndarray, mask: np.ndarray) -> str:
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:
-    padded = np.pad(mask, 1)
-    h, w = mask.shape
-    return np.logical_or.reduce([padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
-                                 for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+    return np.logical_or.reduce(_neighbourhood(mask))
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
