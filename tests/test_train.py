@@ -9,6 +9,7 @@ import torch
 
 from rpo_fast.train import TrainConfig, train
 from rpo_fast.train import loop as train_loop
+from benchmarks.e2e.throughput import measure_throughput
 from rpo_fast.train.batches import PairSchedule, assemble_batch, draw_sample
 from rpo_fast.train.cli import add_arguments, config_from_args
 from rpo_fast.train.latent_cache import build_latent_cache
@@ -313,7 +314,7 @@ def test_speed_and_memory_options(run_training, tiny_sd15_dir, data_dir, latent_
     v_run = train(tiny_config(v_model, data_dir, tmp_path_factory.mktemp("v-run"), latent_root, method="dpo", lora=True))
     assert v_run.steps == 2 and np.isfinite(v_run.final_metrics["loss"])
     # the benchmark entry point
-    speed = train_loop.measure_throughput(
+    speed = measure_throughput(
         tiny_config(tiny_sd15_dir, data_dir, tmp_path_factory.mktemp("speed"), latent_root, method="rpo", lora=True),
         num_steps=2, warmup_steps=1)
     assert speed["pairs_per_s"] > 0 and speed["seconds_per_step"] > 0
@@ -341,7 +342,7 @@ def test_cuda_training_compiled_bf16(tiny_sd15_dir, data_dir, latent_root, tmp_p
     lines = _metrics_lines(result)
     assert result.steps == 3 and all(np.isfinite(x["loss"]) for x in lines)
     assert lines[0]["model_mse"] == pytest.approx(lines[0]["ref_mse"], rel=2e-2)
-    speed = train_loop.measure_throughput(config, num_steps=2, warmup_steps=1)
+    speed = measure_throughput(config, num_steps=2, warmup_steps=1)
     assert speed["pairs_per_s"] > 0 and speed["peak_memory_gib"] > 0
 
 

@@ -45,7 +45,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .shapes import COLOURS, SHAPES, SUPERSAMPLE, parse_caption, shape_polygon
+from .shapes import COLOURS, SHAPES, SUPERSAMPLE, parse_caption
 from .styles import draw_styled
 
 # The fidelity budget of the demo's success test and of the quality benchmark's selection:

@@ -3,10 +3,10 @@
 ``train(TrainConfig(...))`` from Python, ``rpo-fast train`` from the shell. Modules, in the
 order a run uses them: config (options), models (loading, LoRA, export), latent_cache,
 batches (rows, noise and timesteps as pure functions of seed/epoch/row), forward, ref_model,
-checkpoint, metrics_log, loop (prepare / train_step / train / measure_throughput), cli.
+checkpoint, metrics_log, loop (prepare / train_step / train), cli.
 """
 
 from .config import TrainConfig, load_yaml_config
-from .loop import TrainResult, measure_throughput, train
+from .loop import TrainResult, train
 
-__all__ = ["TrainConfig", "TrainResult", "load_yaml_config", "measure_throughput", "train"]
+__all__ = ["TrainConfig", "TrainResult", "load_yaml_config", "train"]

@@ -1,6 +1,5 @@
 """The training loop, top to bottom: set-up in :func:`prepare`, one optimizer step in
-:func:`train_step`, the run in :func:`train`. :func:`measure_throughput` times steps for
-benchmarks.
+:func:`train_step`, the run in :func:`train`.
 
 Runs on one process, or data-parallel under ``torchrun --nproc_per_node N`` (DDP; NCCL on
 GPUs, gloo on CPUs). With ``rpo`` the contrast matrix spans the global batch: the loss
@@ -28,12 +27,13 @@ import torch
 import torch.distributed as dist
 
 from .. import diffusion_dpo_loss, diffusion_rpo_loss, sft_loss
+from .._types import DTYPE_NAMES
 from ..data import SampledPreferenceDataset, load_preference_dataset
 from . import checkpoint as ckpt
 from .batches import MicroBatches, PairBatch, PairSchedule, micro_batch_loader
 from .config import TrainConfig, config_to_dict
 from .forward import predict, unet_inputs
-from .latent_cache import build_latent_cache, cache_key, default_cache_root
+from .latent_cache import build_latent_cache, default_cache_root
 from .metrics_log import MetricsLog
 from .models import (Models, add_lora, detect_model_type, load_models, load_trainable_state_dict, module_identity,
                      save_trained, trainable_state_dict)
@@ -41,12 +41,10 @@ from .optim import make_optimizer
 from .preflight import check_inputs, check_output_dir, clear_run
 from .ref_model import REF_ERRORS_FILE, Reference, frozen_copy, precompute_reference_errors, table_key
 
-_DTYPES = {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Options a resumed run must share with the checkpoint (others, e.g. max_steps, may change).
 _RESUME_MUST_MATCH = ("pretrained_model", "method", "loss_type", "beta", "tau", "lora", "lora_rank", "lora_alpha",
                       "lora_target_modules", "batch_pairs", "gradient_accumulation_steps", "resolution", "seed",
                       "embeddings", "precompute_ref", "mixed_precision", "pretrained_vae", "hflip", "random_crop")
-METRIC_KEYS = ("loss", "implicit_acc", "reward_margin", "model_mse", "ref_mse", "weight_diag")
 
 
 @dataclass
@@ -95,8 +93,12 @@ class Run:
     dropped_ties: int = 0
 
     def autocast(self):
-        enabled = self.config.mixed_precision != "no"
-        return torch.autocast(self.device.type, dtype=_DTYPES[self.config.mixed_precision], enabled=enabled)
+        return _autocast(self.device, self.config.mixed_precision)
+
+    def close(self) -> None:
+        """Ends the process group this run started (none otherwise)."""
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -138,7 +140,17 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _autocast(device: torch.device, mixed_precision: str):
+    return torch.autocast(device.type, dtype=_weight_dtype(mixed_precision), enabled=mixed_precision != "no")
+
+
+def _weight_dtype(mixed_precision: str) -> torch.dtype:
+    return DTYPE_NAMES.get(mixed_precision, torch.float32)  # "no": fp32
+
+
 def prepare(config: TrainConfig) -> Run:
+    """Builds the run in order: process, data and latents, embeddings, schedule, models on the
+    device, reference, adapters, optimizer, resume, then DDP and compilation."""
     check_inputs(config)  # every path and optional package, before anything loads
     if config.resolution is None:  # as the diffusers examples: 1024 for SDXL, 512 for SD1.5
         model_type = config.model_type
@@ -149,7 +161,6 @@ def prepare(config: TrainConfig) -> Run:
     _seed_everything(config.seed + rank)
     output_dir = Path(config.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    weight_dtype = _DTYPES[config.mixed_precision]
     barrier = (lambda: dist.barrier(group=group)) if world > 1 else None
 
     # Data: rows, then each image VAE-encoded once into the latent cache (or read from it).
@@ -160,19 +171,18 @@ def prepare(config: TrainConfig) -> Run:
     if len(dataset) == 0:
         raise ValueError(f"data: {config.data!r} (split {config.split!r}) has no usable rows")
     models = load_models(config)
-    vae_identity = module_identity(models.vae)
     cache_root = Path(config.latent_cache).expanduser() if config.latent_cache else default_cache_root()
     models.vae.to(device)  # fp32: the SDXL VAE overflows in fp16, and encoding happens once
     cache = build_latent_cache(
-        dataset, models.vae, config.resolution, cache_root, vae_identity=vae_identity, device=device,
+        dataset, models.vae, config.resolution, cache_root, vae_identity=module_identity(models.vae), device=device,
         batch_size=config.vae_encode_batch_size, num_workers=config.dataloader_num_workers,
         progress=config.progress and rank == 0, rank=rank, world=world, barrier=barrier,
         hflip=config.hflip, crop_seed=config.seed if config.random_crop else None,
     )
     models.vae = None  # not needed any more: free its memory
-    latent_key = cache.folder.name
     prompts = [dataset.prompt(i) for i in range(len(dataset))]
 
+    # Embeddings (rpo's similarity weights): rows without one are left out like unreadable ones.
     emb_w = emb_l = None
     readable = cache.valid.copy()
     if config.embeddings:
@@ -181,60 +191,43 @@ def prepare(config: TrainConfig) -> Run:
         emb_w, emb_l = load_embedding_cache(config.embeddings, full_dataset)  # built for every row
         if dataset is not full_dataset:
             emb_w, emb_l = emb_w[dataset.rows], emb_l[dataset.rows]
-        has_emb = (emb_w.abs().sum(1) > 0).numpy() & (emb_l.abs().sum(1) > 0).numpy()
-        readable &= has_emb
+        readable &= (emb_w.abs().sum(1) > 0).numpy() & (emb_l.abs().sum(1) > 0).numpy()
         emb_w, emb_l = emb_w.to(device), emb_l.to(device)
-    skipped = _skipped_rows(dataset, cache.valid, readable, config.embeddings) if rank == 0 else []
-    skipped_pairs = int(len(dataset) - readable.sum())
+
+    # The schedule: which rows each rank reads at each micro-batch (batches.py).
     schedule = PairSchedule(np.flatnonzero(readable), config.batch_pairs, world, config.seed)
     if config.max_steps is None:  # --num-train-epochs
         steps = math.ceil(config.num_train_epochs * schedule.micro_batches_per_epoch / config.gradient_accumulation_steps)
         config = dataclasses.replace(config, max_steps=steps)
-    total_micro_batches = config.max_steps * config.gradient_accumulation_steps
 
+    weight_dtype = _weight_dtype(config.mixed_precision)
     for encoder in models.text_encoders:
         encoder.to(device, dtype=weight_dtype if device.type == "cuda" else torch.float32)
     unet = models.unet.to(device)
-
-    # The reference: precomputed errors, the LoRA-disabled UNet, or a frozen copy. Both the
-    # precomputed pass and the copy see the pretrained weights: no checkpoint is loaded yet.
-    reference: Optional[Reference] = None
-    autocast = lambda: torch.autocast(device.type, dtype=weight_dtype, enabled=config.mixed_precision != "no")  # noqa: E731
-    if config.uses_reference and config.precompute_ref:
-        model_key = f"{config.pretrained_model}@{config.revision}/{config.variant}"
-        key = table_key(dataset.fingerprint, latent_key, model_key, schedule, total_micro_batches, config.mixed_precision)
-        table = precompute_reference_errors(
-            unet, models, cache, prompts, schedule, total_micro_batches, seed=config.seed,
-            resolution=config.resolution, device=device, autocast=autocast, batch_pairs=2 * config.batch_pairs,
-            path=output_dir / REF_ERRORS_FILE, key=key, rank=rank, world=world, process_group=group,
-            progress=config.progress and rank == 0,
-        )
-        reference = Reference("precomputed", table=table)
-    elif config.uses_reference and not config.lora:
-        ref_dtype = _DTYPES[config.ref_dtype] if config.ref_dtype else (weight_dtype if device.type == "cuda" else None)
-        reference = Reference("copy", model=frozen_copy(unet, ref_dtype))
-
+    reference = _reference(config, unet, models, cache, prompts, schedule, dataset.fingerprint, cache.folder.name,
+                           device, output_dir, rank, world, group)
     if config.lora:
         if config.mixed_precision != "no" and device.type == "cuda":
             unet.to(weight_dtype)  # frozen base weights in the low precision, adapters stay fp32
-        add_lora(unet, config)
-        if config.uses_reference and not config.precompute_ref:
-            reference = Reference("lora", model=unet)
+        add_lora(unet, config)  # in place: a "lora" reference now sees the adapters, and disables them
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
-
     optimizer = make_optimizer(config, params, device)
     from diffusers.optimization import get_scheduler
 
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                 num_training_steps=config.max_steps)
-    grad_scaler = torch.amp.GradScaler(device.type) if config.mixed_precision == "fp16" else None
-
-    run = Run(config, output_dir, device, rank, world, group, models, unet, unet, None, reference, params,
-              optimizer, lr_scheduler, grad_scaler, schedule, cache, prompts, emb_w, emb_l, skipped_pairs, owns_group,
-              dataset.fingerprint, skipped=skipped, dropped_ties=dataset.dropped_ties)
+    run = Run(
+        config=config, output_dir=output_dir, device=device, rank=rank, world=world, group=group, models=models,
+        unet=unet, forward_model=unet, ddp=None, reference=reference, params=params, optimizer=optimizer,
+        lr_scheduler=get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                   num_training_steps=config.max_steps),
+        grad_scaler=torch.amp.GradScaler(device.type) if config.mixed_precision == "fp16" else None,
+        schedule=schedule, cache=cache, prompts=prompts, emb_w=emb_w, emb_l=emb_l,
+        skipped_pairs=int(len(dataset) - readable.sum()), owns_process_group=owns_group,
+        dataset_fingerprint=dataset.fingerprint, dropped_ties=dataset.dropped_ties,
+        skipped=_skipped_rows(dataset, cache.valid, readable, config.embeddings) if rank == 0 else [],
+    )
 
     # Resume: weights, optimizer, LR schedule, RNG states, data position, counters.
     path = ckpt.find_checkpoint(output_dir, config.resume)
@@ -242,18 +235,41 @@ def prepare(config: TrainConfig) -> Run:
         _restore(run, path, dataset.fingerprint)
 
     # Wrap for data parallelism, then compile (DDP first lets dynamo split graphs at buckets).
-    forward_model: Any = unet
     if world > 1:
         run.ddp = torch.nn.parallel.DistributedDataParallel(
             unet, device_ids=[device.index] if device.type == "cuda" else None)
-        forward_model = run.ddp
-    use_compile = config.compile if config.compile is not None else device.type == "cuda"
-    if use_compile:
-        forward_model = torch.compile(forward_model, mode=config.compile_mode)
+        run.forward_model = run.ddp
+    if config.compile if config.compile is not None else device.type == "cuda":
+        run.forward_model = torch.compile(run.forward_model, mode=config.compile_mode)
         if reference is not None and reference.model is not None:
             reference.forward = torch.compile(reference.model, mode=config.compile_mode)
-    run.forward_model = forward_model
     return run
+
+
+def _reference(config: TrainConfig, unet, models, cache, prompts, schedule: PairSchedule, fingerprint: str,
+               latent_key: str, device, output_dir: Path, rank: int, world: int, group) -> Optional[Reference]:
+    """The reference of dpo / rpo, chosen here only (none for sft): errors precomputed in one
+    pass before training (``precompute_ref``), the trained UNet with its LoRA adapters disabled,
+    or a frozen copy. Called before adapters are added and any checkpoint is loaded: the
+    precomputed pass and the copy see the pretrained weights."""
+    if not config.uses_reference:
+        return None
+    if config.precompute_ref:
+        micro_batches = config.max_steps * config.gradient_accumulation_steps
+        model_key = f"{config.pretrained_model}@{config.revision}/{config.variant}"
+        table = precompute_reference_errors(
+            unet, models, cache, prompts, schedule, micro_batches, seed=config.seed,
+            resolution=config.resolution, device=device, autocast=lambda: _autocast(device, config.mixed_precision),
+            batch_pairs=2 * config.batch_pairs, path=output_dir / REF_ERRORS_FILE,
+            key=table_key(fingerprint, latent_key, model_key, schedule, micro_batches, config.mixed_precision),
+            rank=rank, world=world, process_group=group, progress=config.progress and rank == 0,
+        )
+        return Reference("precomputed", table=table)
+    if config.lora:
+        return Reference("lora", model=unet)
+    ref_dtype = (DTYPE_NAMES[config.ref_dtype] if config.ref_dtype
+                 else _weight_dtype(config.mixed_precision) if device.type == "cuda" else None)
+    return Reference("copy", model=frozen_copy(unet, ref_dtype))
 
 
 def _skipped_rows(dataset, valid: np.ndarray, readable: np.ndarray, embeddings: Optional[str],
@@ -421,14 +437,6 @@ def step_batches(run: Run, start_step: int, stop_step: int) -> Iterator[PairBatc
     return iter(micro_batch_loader(dataset, run.config.dataloader_num_workers, pin_memory=run.device.type == "cuda"))
 
 
-_batches = step_batches  # the earlier name, used by benchmarks/e2e
-
-
-def _close(run: Run) -> None:
-    if run.owns_process_group and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def train(config: TrainConfig) -> TrainResult:
     """Train as configured; returns where the outputs went and the last metrics."""
     from tqdm.auto import tqdm
@@ -478,7 +486,7 @@ def train(config: TrainConfig) -> TrainResult:
         run.barrier()
         return TrainResult(run.output_dir, metrics, run.step, run.skipped_pairs, run.nonfinite_steps, saved, checkpoints)
     finally:
-        _close(run)
+        run.close()
 
 
 def _report_start(run: Run) -> None:
@@ -499,33 +507,3 @@ def _report_start(run: Run) -> None:
         shown = "; ".join(f"{s['where']}: {s['why']}" for s in run.skipped[:5])
         more = f"; and {len(run.skipped) - 5} more" if len(run.skipped) > 5 else ""
         print(f"rpo-fast train: skipping {len(run.skipped)} pair(s): {shown}{more} (all in {path})")
-
-
-def measure_throughput(config: TrainConfig, num_steps: int = 10, warmup_steps: int = 2) -> Dict[str, float]:
-    """Times ``num_steps`` optimizer steps after ``warmup_steps`` (compilation, caches) with the
-    real set-up and step; writes nothing but caches. Returns pairs/s (global), seconds per
-    step and, on CUDA, peak memory in GiB."""
-    if num_steps < 1 or warmup_steps < 0:
-        raise ValueError(f"num_steps >= 1 and warmup_steps >= 0 expected, got {num_steps}, {warmup_steps}")
-    config = dataclasses.replace(config, max_steps=max(config.max_steps or 0, num_steps + warmup_steps), resume=None,
-                                 progress=False, save_final=False)
-    run = prepare(config)
-    try:
-        batches = step_batches(run, 0, num_steps + warmup_steps)
-        for _ in range(warmup_steps):
-            train_step(run, batches)
-        if run.device.type == "cuda":
-            torch.cuda.synchronize(run.device)
-            torch.cuda.reset_peak_memory_stats(run.device)
-        start = time.perf_counter()
-        for _ in range(num_steps):
-            train_step(run, batches)  # ends with a host sync (the finite-loss check)
-        if run.device.type == "cuda":
-            torch.cuda.synchronize(run.device)
-        seconds = time.perf_counter() - start
-        result = {"pairs_per_s": num_steps * run.global_pairs_per_step / seconds, "seconds_per_step": seconds / num_steps}
-        if run.device.type == "cuda":
-            result["peak_memory_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
-        return result
-    finally:
-        _close(run)
