@@ -205,6 +205,32 @@ def test_bad_input_is_a_clear_error_at_start(tiny_sd15_dir, data_dir, latent_roo
         tiny_config(tiny_sd15_dir, data_dir, tmp_path, latent_root, method="sft", precompute_ref=True)
 
 
+def test_sft_weight_adds_the_sft_loss_of_the_preferred_images(tiny_sd15_dir, data_dir, latent_root, tmp_path):
+    import dataclasses
+
+    from rpo_fast import sft_loss
+
+    run = train_loop.prepare(tiny_config(tiny_sd15_dir, data_dir, tmp_path / "run", latent_root, method="rpo",
+                                         lora=True))
+    batch = next(train_loop.step_batches(run, 0, 1))
+    with torch.no_grad():
+        plain, metrics = train_loop.compute_loss(run, batch)
+        run.config = dataclasses.replace(run.config, sft_weight=3.0)
+        weighted, weighted_metrics = train_loop.compute_loss(run, batch)
+    assert "sft_loss" not in metrics and float(weighted_metrics["sft_loss"]) > 0
+    assert float(weighted) == pytest.approx(float(plain) + 3.0 * float(weighted_metrics["sft_loss"]), rel=1e-6)
+    # the SFT loss is that of the preferred half, the same number sft_loss gives for this batch
+    inputs = train_loop.unet_inputs(run.models, batch, run.device, run.config.resolution)
+    with torch.no_grad():
+        pred = train_loop.predict(run.forward_model, inputs)
+    assert float(weighted_metrics["sft_loss"]) == pytest.approx(float(sft_loss(pred, inputs.target)), rel=1e-6)
+    run.close()
+    with pytest.raises(ValueError, match="sft_weight: only used by methods 'dpo' and 'rpo'"):
+        tiny_config(tiny_sd15_dir, data_dir, tmp_path, latent_root, method="sft", sft_weight=1.0)
+    with pytest.raises(ValueError, match="sft_weight"):
+        tiny_config(tiny_sd15_dir, data_dir, tmp_path, latent_root, sft_weight=-1.0)
+
+
 def test_resume_refuses_other_settings(run_training, tiny_sd15_dir, data_dir, latent_root):
     result = run_training(method="dpo", lora=True)
     with pytest.raises(ValueError, match="beta: checkpoint 2500.0 vs now 100.0"):

@@ -85,6 +85,8 @@ class TrainConfig:
                                                        "diffusers' beta_dpo, converted: beta = beta_dpo / 2 (the "
                                                        "diffusers examples scale the logit by -0.5 * beta_dpo)")})
     tau: float = _opt(0.5, "RPO temperature of the similarity weights")
+    sft_weight: float = _opt(0.0, "dpo / rpo: add this times the SFT loss of the preferred images (keeps the "
+                             "model denoising them well once the preference loss saturates; 0: off)")
     embeddings: Optional[str] = _opt(None, "embedding cache (rpo-fast embed) for the RPO weights; "
                                      "unset: uniform weights 1/M")
     backend: str = _opt("auto", "loss backend: auto | torch | cpu | cuda | triton")
@@ -182,7 +184,7 @@ class TrainConfig:
             raise ValueError(f"resolution: expected a multiple of 8 (the VAE downsamples by 8), got {self.resolution}")
         for name in ("beta", "tau", "learning_rate", "adam_epsilon", "ddp_timeout_minutes"):
             _check_float(name, getattr(self, name), positive=True)
-        for name in ("adam_weight_decay", "max_grad_norm"):
+        for name in ("adam_weight_decay", "max_grad_norm", "sft_weight"):
             _check_float(name, getattr(self, name), positive=False)
         if self.lora_alpha is not None:
             _check_float("lora_alpha", self.lora_alpha, positive=True)
@@ -193,6 +195,8 @@ class TrainConfig:
                              f"got {self.lora_target_modules!r}")
         if self.embeddings is not None and self.method != "rpo":
             raise ValueError(f"embeddings: only used by method 'rpo', got method {self.method!r}")
+        if self.sft_weight and self.method == "sft":
+            raise ValueError("sft_weight: only used by methods 'dpo' and 'rpo' (method 'sft' is the SFT loss alone)")
         if self.precompute_ref and self.method == "sft":
             raise ValueError("precompute_ref: method 'sft' has no reference")
 

@@ -42,8 +42,8 @@ from .preflight import check_inputs, check_output_dir, clear_run
 from .ref_model import REF_ERRORS_FILE, Reference, frozen_copy, precompute_reference_errors, table_key
 
 # Options a resumed run must share with the checkpoint (others, e.g. max_steps, may change).
-_RESUME_MUST_MATCH = ("pretrained_model", "method", "loss_type", "beta", "tau", "lora", "lora_rank", "lora_alpha",
-                      "lora_target_modules", "batch_pairs", "gradient_accumulation_steps", "resolution", "seed",
+_RESUME_MUST_MATCH = ("pretrained_model", "method", "loss_type", "beta", "tau", "sft_weight", "lora", "lora_rank",
+                      "lora_alpha", "lora_target_modules", "batch_pairs", "gradient_accumulation_steps", "resolution", "seed",
                       "embeddings", "precompute_ref", "mixed_precision", "pretrained_vae", "hflip", "random_crop")
 
 
@@ -360,6 +360,10 @@ def compute_loss(run: Run, batch: PairBatch):
             emb = {"emb_w": run.emb_w[rows], "emb_l": run.emb_l[rows]}
         loss, metrics = diffusion_rpo_loss(model_pred, inputs.target, **ref_kwargs, **emb, tau=config.tau,
                                            process_group=run.group, **common)
+    if config.sft_weight and config.method != "sft":
+        sft = sft_loss(model_pred, inputs.target, backend=config.backend)
+        loss = loss + config.sft_weight * sft
+        metrics = {**metrics, "sft_loss": sft.detach()}
     return loss, metrics
 
 
