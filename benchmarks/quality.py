@@ -6,7 +6,9 @@ The protocol, fixed before any run (and printed with the results):
   through the stock ``rpo_fast.train`` trainer and the public losses;
 * per method, a small grid (learning rate; beta for DPO and RPO) trains with seed 0 and is
   scored on the **validation** captions. Setting rule: the highest ``style_rate`` among the
-  settings whose fidelity is at least 90% of the base's; if none is, the most faithful;
+  settings whose fidelity is at least 90% of the base's; if none is, the most faithful.
+  ``rpo-uniform`` (the ablation) takes RPO's chosen setting, so that the two differ only in
+  the weights;
 * the chosen setting trains with every seed and is scored on the **test** captions (the
   same sampling seeds for every run, so seeds vary only the training); mean and 95%
   t-interval over seeds. Winner rule: the highest mean test ``style_rate`` among the methods
@@ -56,7 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=FinetuneSettings.steps)
     parser.add_argument("--batch-pairs", type=int, default=FinetuneSettings.batch_pairs)
     parser.add_argument("--betas", nargs="+", type=float, default=[500.0, 2500.0], help="grid for DPO and RPO")
-    parser.add_argument("--learning-rates", nargs="+", type=float, default=[1e-6, 3e-6], help="grid for all")
+    parser.add_argument("--learning-rates", nargs="+", type=float, default=[1e-4, 3e-4], help="grid for all")
+    parser.add_argument("--lora-rank", type=int, default=FinetuneSettings.lora_rank,
+                        help="LoRA rank of every fine-tune (0: full fine-tuning)")
+    parser.add_argument("--sft-weight", type=float, default=0.0,
+                        help="dpo / rpo: plus this times the SFT loss of the preferred images (default 0: the "
+                             "methods' own losses, unlike the demo's default)")
     parser.add_argument("--validation-samples", type=int, default=2, help="images per validation caption")
     parser.add_argument("--test-samples", type=int, default=4, help="images per test caption")
     parser.add_argument("--inference-steps", type=int, default=INFERENCE_STEPS)
@@ -115,8 +122,11 @@ class Bench:
         """One fine-tune scored on ``split``; with ``curve``, also every intermediate
         checkpoint (``--curve-points`` in all), as ``record["curve"]``."""
         settings = FinetuneSettings(method="rpo" if method == "rpo-uniform" else method, beta=beta, learning_rate=lr,
-                                    steps=self.args.steps, batch_pairs=self.args.batch_pairs, seed=seed)
-        name = f"{method}-beta{beta:g}-lr{lr:g}-steps{settings.steps}-bp{settings.batch_pairs}-seed{seed}-{split}"
+                                    steps=self.args.steps, batch_pairs=self.args.batch_pairs,
+                                    lora_rank=self.args.lora_rank,
+                                    sft_weight=0.0 if method == "sft" else self.args.sft_weight, seed=seed)
+        name = (f"{method}-beta{beta:g}-lr{lr:g}-rank{settings.lora_rank}-sft{settings.sft_weight:g}-steps{settings.steps}"
+                f"-bp{settings.batch_pairs}-seed{seed}-{split}")
         every = max(1, settings.steps // self.args.curve_points) if curve else 0
         if curve:
             name += f"-curve{self.args.curve_points}"
@@ -154,6 +164,10 @@ def _select(records: List[Dict], base_fidelity: float) -> Dict:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    if not args.sft_weight >= 0:
+        raise ValueError(f"--sft-weight: expected a non-negative number, got {args.sft_weight}")
+    if args.lora_rank < 0:
+        raise ValueError(f"--lora-rank: expected 0 (full fine-tuning) or a positive int, got {args.lora_rank}")
     for name in ("steps", "batch_pairs", "validation_samples", "test_samples", "inference_steps", "pairs_per_caption",
                  "curve_points"):
         if getattr(args, name) < 1:
@@ -169,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
     base_val, base_test = bench.base("validation"), bench.base("test")
 
     selection: Dict[str, Dict] = {}
-    for method in args.methods:
+    tuned = [m for m in args.methods if not (m == "rpo-uniform" and "rpo" in args.methods)]
+    for method in tuned:
         betas = [0.0] if method == "sft" else args.betas
         grid = [bench.run(method, b, lr, args.seeds[0], "validation")
                 for b, lr in itertools.product(betas, args.learning_rates)]
@@ -179,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
                                       {m: r[m]["mean"] for m in METRICS} for r in grid]}
         print(f"[bench-quality] {method}: chose beta={chosen['beta']:g} lr={chosen['learning_rate']:g} "
               f"(validation style rate {chosen['style_rate']['mean']:.3f}, fidelity {chosen['fidelity']['mean']:.3f})")
+    if "rpo-uniform" not in tuned and "rpo-uniform" in args.methods:
+        selection["rpo-uniform"] = {**selection["rpo"], "grid": [], "as": "rpo"}  # the ablation: RPO's setting
 
     results: Dict[str, Dict] = {}
     for method in args.methods:
@@ -195,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = {
         "task": "shapes style alignment (sketch preferred over plain), 32x32, rpo-fast demo base model",
-        "protocol": {k: getattr(args, k) for k in ("steps", "batch_pairs", "betas", "learning_rates", "seeds",
+        "protocol": {k: getattr(args, k) for k in ("steps", "batch_pairs", "betas", "learning_rates", "lora_rank", "sft_weight", "seeds",
                                                      "validation_samples", "test_samples", "inference_steps",
                                                      "guidance_scale", "pairs_per_caption", "curve_points")},
         "machine": f"{cpu_model()}, {cpu_cores()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
@@ -240,8 +257,9 @@ def format_table(report: Dict) -> str:
         "# Quality: SFT vs DPO vs RPO on the shapes style task",
         "",
         f"Fine-tuning the demo base model toward the sketch style: {p['steps']} steps x {p['batch_pairs']} pairs, "
-        f"the setting of each method chosen on the validation captions (grid: lr {p['learning_rates']}, "
-        f"beta {p['betas']}); scored on 24 held-out test captions x {p['test_samples']} samples (DDIM "
+        + (f"LoRA rank {p['lora_rank']}, " if p.get("lora_rank") else "full fine-tuning, ")
+        + f"the setting of each method chosen on the validation captions (grid: lr {p['learning_rates']}, "
+        f"beta {p['betas']}; rpo-uniform, the ablation, takes rpo's setting); scored on 24 held-out test captions x {p['test_samples']} samples (DDIM "
         f"{p['inference_steps']} steps, guidance {p['guidance_scale']:g}). Mean and 95% t-interval over "
         f"{len(p['seeds'])} training seeds {p['seeds']}. Machine: {report['machine']}.",
         "",

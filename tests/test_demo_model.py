@@ -118,6 +118,7 @@ def test_short_demo_run_writes_grid_plot_and_results(tmp_path, capsys, short_pre
         assert (tmp_path / name).stat().st_size > 0
     result = json.loads((tmp_path / "demo_results.json").read_text())
     assert result["captions"] == 3 and result["weights"] == "similarity"
+    assert result["settings"]["lora_rank"] > 0  # the demo's LoRA path (the quality test runs full fine-tunes)
     assert set(result["results"]) == {"base", "tuned", "difference"}
     for row in result["results"].values():
         assert set(row) == {"style_rate", "fidelity"} and set(row["style_rate"]) == {"mean", "ci95"}
@@ -132,3 +133,37 @@ def test_demo_rejects_bad_arguments(tmp_path):
         cli.run(_namespace(cli, ["--out", str(tmp_path), "--steps", "0"]))
     with pytest.raises(ValueError, match="--max-prompts"):
         cli.run(_namespace(cli, ["--out", str(tmp_path), "--max-prompts", "1"]))
+    with pytest.raises(ValueError, match="--lora-rank"):
+        cli.run(_namespace(cli, ["--out", str(tmp_path), "--lora-rank", "-1"]))
+    with pytest.raises(ValueError, match="--sft-weight"):
+        cli.run(_namespace(cli, ["--out", str(tmp_path), "--sft-weight", "-1"]))
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_finetune_outputs_and_checkpoints_load_into_the_pipeline(tmp_path, short_pretrained_base, lora_rank):
+    # full and LoRA fine-tunes: the final output and a mid-run checkpoint each load onto the base,
+    # and each is the UNet it was at that step (the checkpoint differs from the end and the base)
+    import torch
+
+    from rpo_fast.demo.base_model import load_pipeline
+    from rpo_fast.demo.finetune import FinetuneSettings, finetune
+
+    data = datasets.write_style_data(tmp_path / "data", per_scene=1)
+    settings = FinetuneSettings(steps=3, batch_pairs=4, learning_rate=1e-3, lora_rank=lora_rank)
+    tuned, checkpoints = finetune(short_pretrained_base, data, tmp_path / "run", settings, progress=False,
+                                  checkpoint_every=1, latent_cache=tmp_path / "latents")
+    assert sorted(checkpoints) == [1, 2]  # the end-of-run checkpoint is the final output, not kept twice
+
+    def unet_out(pipe):
+        config = pipe.unet.config
+        x = torch.randn(1, config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+        cond = torch.randn(1, 8, config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+        t = torch.tensor([500])
+        with torch.no_grad():
+            return pipe.unet(x, t, cond).sample
+
+    base = unet_out(load_pipeline(short_pretrained_base))
+    final = unet_out(load_pipeline(short_pretrained_base, tuned))
+    # (step 1 ran at the warm-up's learning rate 0, as in diffusers' schedules)
+    middle = unet_out(load_pipeline(short_pretrained_base, checkpoint=checkpoints[2]))
+    assert not torch.equal(final, base) and not torch.equal(middle, base) and not torch.equal(middle, final)

@@ -23,23 +23,26 @@ def _namespace(argv):
 
 def test_bench_quality_selects_runs_seeds_and_writes_the_table(tmp_path, short_pretrained_base):
     args = _namespace([
-        "--out", str(tmp_path / "out"), "--model-dir", str(short_pretrained_base), "--work", str(tmp_path / "work"), "--methods", "sft", "rpo",
+        "--out", str(tmp_path / "out"), "--model-dir", str(short_pretrained_base), "--work", str(tmp_path / "work"), "--methods", "sft", "rpo", "rpo-uniform", "--lora-rank", "0",
         "--seeds", "0", "1", "--steps", "2", "--curve-points", "2", "--batch-pairs", "4", "--betas", "100", "1000", "--learning-rates", "1e-5",
         "--validation-samples", "1", "--test-samples", "1", "--inference-steps", "1", "--pairs-per-caption", "1",
         "--no-progress"])
     assert quality.run(args) == 0
     report = json.loads((tmp_path / "out" / "quality.json").read_text())
-    assert set(report["results"]) == {"sft", "rpo"}
+    assert set(report["results"]) == {"sft", "rpo", "rpo-uniform"}
     assert len(report["selection"]["rpo"]["grid"]) == 2 and len(report["selection"]["sft"]["grid"]) == 1
+    # the ablation trains at RPO's chosen setting, with uniform weights: no grid of its own
+    uniform, rpo = report["selection"]["rpo-uniform"], report["selection"]["rpo"]
+    assert uniform["grid"] == [] and (uniform["beta"], uniform["learning_rate"]) == (rpo["beta"], rpo["learning_rate"])
     for r in report["results"].values():
         assert len(r["style_rate"]["per_seed"]) == 2 and r["style_rate"]["ci95"] >= 0
         assert [c["step"] for c in r["curve"]] == [0, 1, 2]  # base, the mid-run checkpoint, the end
-    assert report["winner"]["method"] in ("sft", "rpo")
+    assert report["winner"]["method"] in ("sft", "rpo", "rpo-uniform")
     table = (tmp_path / "out" / "quality.md").read_text()
     assert "| rpo |" in table and "Winner" in table and "Rules fixed before the run" in table
     assert (tmp_path / "out" / "quality.png").stat().st_size > 0
     runs = sorted((tmp_path / "work" / "runs").glob("*.json"))
-    assert len(runs) == 2 + 3 + 4  # base (validation, test), 3 grid runs, 2 methods x 2 seeds
+    assert len(runs) == 2 + 3 + 6  # base (validation, test), 3 grid runs, 3 methods x 2 seeds
     mtimes = [p.stat().st_mtime for p in runs]
     assert quality.run(args) == 0  # a second run reuses every record
     assert [p.stat().st_mtime for p in runs] == mtimes

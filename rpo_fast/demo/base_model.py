@@ -200,26 +200,42 @@ def export_pipeline(init_dir: PathLike, unet_dir: PathLike, out_dir: PathLike) -
     return out_dir
 
 
-def load_pipeline(model_dir: PathLike = BASE_DIR, unet_dir: Optional[PathLike] = None, device: str = "cpu",
+def load_pipeline(model_dir: PathLike = BASE_DIR, tuned: Optional[PathLike] = None, device: str = "cpu",
                   checkpoint: Optional[PathLike] = None):
-    """``StableDiffusionPipeline`` in fp32 with a DDIM scheduler, optionally with a fine-tuned
-    UNet: the ``unet/`` folder a full fine-tune writes, or the weights of a full fine-tune's
-    ``checkpoint-<step>/`` folder."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    """``StableDiffusionPipeline`` in fp32 with a DDIM scheduler, optionally tuned: ``tuned`` is
+    what a fine-tune writes (a ``unet/`` folder, or a folder with LoRA weights, as
+    ``rpo-fast eval --tuned`` reads them), ``checkpoint`` a ``checkpoint-<step>/`` folder of a
+    run (full or LoRA)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from ..evaluation.generation import apply_tuned, resolve_tuned
 
     if not (Path(model_dir) / "model_index.json").exists():
         raise ValueError(f"model_dir: {model_dir} holds no diffusers pipeline (model_index.json); "
                          "run `rpo-fast demo --pretrain` to build the base model")
     pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), dtype=torch.float32)
-    if unet_dir is not None:
-        pipe.unet = UNet2DConditionModel.from_pretrained(str(unet_dir), dtype=torch.float32)
+    if tuned is not None:
+        apply_tuned(pipe, *resolve_tuned(tuned))
+        if getattr(pipe.unet, "peft_config", None):
+            pipe.fuse_lora()  # one UNet, as fast to sample as the base
     if checkpoint is not None:
-        from safetensors.torch import load_file
-
-        from ..train.checkpoint import MODEL_FILE
-
-        pipe.unet.load_state_dict(load_file(str(Path(checkpoint) / MODEL_FILE)), strict=True)
+        _load_checkpoint(pipe.unet, Path(checkpoint))
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", clip_sample=True,
                                                clip_sample_range=1.0, set_alpha_to_one=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _load_checkpoint(unet, checkpoint: Path) -> None:
+    """The trained weights of a run's checkpoint into ``unet``: the whole UNet, or LoRA
+    adapters added as the run added them (its ``train_config.yaml``)."""
+    from safetensors.torch import load_file
+
+    from ..train import load_yaml_config
+    from ..train.checkpoint import MODEL_FILE
+    from ..train.models import add_lora, load_trainable_state_dict
+
+    config = load_yaml_config(checkpoint.parent / "train_config.yaml")
+    if config.lora:
+        add_lora(unet, config)
+    load_trainable_state_dict(unet, load_file(str(checkpoint / MODEL_FILE)), config.lora)

@@ -46,9 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", type=float, default=DEFAULTS.learning_rate)
     parser.add_argument("--batch-pairs", type=int, default=DEFAULTS.batch_pairs)
     parser.add_argument("--tau", type=float, default=DEFAULTS.tau, help="RPO temperature of the similarity weights")
+    parser.add_argument("--lora-rank", type=int, default=DEFAULTS.lora_rank, help="LoRA rank (0: full fine-tuning)")
+    parser.add_argument("--sft-weight", type=float, default=DEFAULTS.sft_weight,
+                        help="dpo / rpo: plus this times the SFT loss of the preferred images (0: off)")
     parser.add_argument("--uniform-weights", action="store_true", help="RPO without embeddings (weights 1/M)")
     parser.add_argument("--pairs-per-caption", type=int, default=8, help="style pairs per training caption")
-    parser.add_argument("--samples-per-prompt", type=int, default=4, help="images per held-out caption")
+    parser.add_argument("--samples-per-prompt", type=int, default=8, help="images per held-out caption")
     parser.add_argument("--max-prompts", type=int, default=None, help="evaluate only the first N test captions")
     parser.add_argument("--inference-steps", type=int, default=INFERENCE_STEPS)
     parser.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE)
@@ -65,6 +68,10 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive int, got {value}")
     if args.max_prompts is not None and args.max_prompts < 2:
         raise ValueError(f"--max-prompts: expected at least 2 (for a confidence interval), got {args.max_prompts}")
+    if args.lora_rank < 0:
+        raise ValueError(f"--lora-rank: expected 0 (full fine-tuning) or a positive int, got {args.lora_rank}")
+    if not args.sft_weight >= 0:
+        raise ValueError(f"--sft-weight: expected a non-negative number, got {args.sft_weight}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads: expected a positive int, got {args.threads}")
 
@@ -94,9 +101,10 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "rpo" and not args.uniform_weights:
         embeddings = write_style_embeddings(data)
     settings = FinetuneSettings(method=args.method, beta=args.beta, learning_rate=args.learning_rate,
-                                steps=args.steps, batch_pairs=args.batch_pairs, tau=args.tau, seed=args.seed)
+                                steps=args.steps, batch_pairs=args.batch_pairs, tau=args.tau, lora_rank=args.lora_rank,
+                                sft_weight=args.sft_weight if args.method != "sft" else 0.0, seed=args.seed)
     print(f"[demo] fine-tuning: {settings.label()}, {'similarity' if embeddings else 'uniform'} weights")
-    unet_dir, _ = finetune(model_dir, data, work / "finetune", settings, embeddings=embeddings,
+    tuned_dir, _ = finetune(model_dir, data, work / "finetune", settings, embeddings=embeddings,
                         latent_cache=work / "latents", progress=progress)
     train_seconds = time.perf_counter() - start
 
@@ -104,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     common = dict(samples_per_prompt=args.samples_per_prompt, seed=args.seed, steps=args.inference_steps,
                   guidance_scale=args.guidance_scale, progress=progress)
     base = evaluate(load_pipeline(model_dir), scenes, desc="base model", **common)
-    tuned = evaluate(load_pipeline(model_dir, unet_dir), scenes, desc="tuned model", **common)
+    tuned = evaluate(load_pipeline(model_dir, tuned_dir), scenes, desc="tuned model", **common)
 
     # style_rate: the fraction of images that are the caption's shape and colour drawn as outlines
     results = {"base": {}, "tuned": {}, "difference": {}}

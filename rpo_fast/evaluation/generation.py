@@ -136,10 +136,17 @@ def apply_tuned(pipe, kind: str, path: Path, *, lora_scale: float = 1.0):
                                  f"pipeline's ({pipe.unet.config.get(key)})")
         pipe.unet = unet.to(pipe.device)
     elif kind == "lora":
-        if path.is_file():
-            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="tuned")
-        else:
-            pipe.load_lora_weights(str(path), adapter_name="tuned")
+        from diffusers.utils import logging as diffusers_logging
+
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # not "no LoRA keys for the text encoder": UNet-only is normal
+        try:
+            if path.is_file():
+                pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="tuned")
+            else:
+                pipe.load_lora_weights(str(path), adapter_name="tuned")
+        finally:
+            diffusers_logging.set_verbosity(level)
         if lora_scale != 1.0:
             pipe.set_adapters(["tuned"], adapter_weights=[lora_scale])
     else:
