@@ -2,7 +2,8 @@
 
 The C++ CPU part is always built. The CUDA part is built when a CUDA toolkit and a
 CUDA-enabled torch are present; RPO_FAST_CUDA=0|1 forces either way. Unless
-TORCH_CUDA_ARCH_LIST is set, CUDA code is built for compute capabilities 8.0, 8.6, 8.9, 9.0.
+TORCH_CUDA_ARCH_LIST is set, CUDA code is built for compute capabilities 8.0, 8.6, 8.9, 9.0, with
+PTX of 9.0 that newer GPUs compile when loading.
 """
 
 import glob
@@ -84,7 +85,7 @@ def _extensions():
             "RPO_FAST_CUDA=1 but the CUDA part cannot be built: needs a CUDA-enabled torch "
             f"(torch.version.cuda={torch.version.cuda}) and a CUDA toolkit (CUDA_HOME={cuda_home})"
         )
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0+PTX")  # PTX: newer GPUs JIT it
 
     # -fopenmp: at::parallel_for is inline and runs serially in code compiled without it
     # (the extension then links the libgomp that torch already loaded).

@@ -22,13 +22,16 @@
 namespace rpo_fast {
 namespace {
 
-// softmax_j(cos(emb_w[i], emb_l[j]) / tau) as rpo_fast/weights.py writes it.
+// softmax_j(cos(emb_w[i], emb_l[j]) / tau) as rpo_fast/weights.py writes it, in double: an
+// fp32 mm on a GPU would run in TF32 where the caller allows it (the trainer's default),
+// about 1e-3 off in the cosines; M x M x E in double is cheap next to the loss's passes.
 at::Tensor similarity_weights_aten(const at::Tensor& emb_w, const at::Tensor& emb_l, double tau) {
   const SimilarityArgs a = prepare_similarity_args(emb_w, emb_l, tau);
   const auto unit_rows = [](const at::Tensor& x) {
-    return x / at::linalg_vector_norm(x, 2, {1}, /*keepdim=*/true).clamp_min(1e-12);
+    const at::Tensor x64 = x.to(at::kDouble);
+    return x64 / at::linalg_vector_norm(x64, 2, {1}, /*keepdim=*/true).clamp_min(1e-12);
   };
-  return at::softmax(at::mm(unit_rows(a.w), unit_rows(a.l).t()) / tau, 1);
+  return at::softmax(at::mm(unit_rows(a.w), unit_rows(a.l).t()) / tau, 1).to(at::kFloat);
 }
 
 // The stages chained: errors, weights, pair stage. The arguments were checked by
