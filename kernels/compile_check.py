@@ -3,7 +3,8 @@
 Triton's interpreter (how the CPU tests run the kernels) accepts code the GPU compiler
 rejects, so CI also lowers each variant to PTX with Triton's bundled ptxas tool chain, and
 checks that the streaming kernels read their inputs with 128-bit vector loads when the
-launch sees aligned pointers and 16-divisible lengths (as at SD/SDXL latent sizes).
+launch sees aligned pointers and 16-divisible lengths (as at SD/SDXL latent sizes), and that
+no fp32 division is approximate.
 
     python -m rpo_fast.kernels.compile_check [--arch 90]
 
@@ -20,6 +21,9 @@ import sys
 from typing import Dict, Iterable, Tuple
 
 _VECTOR_LOAD = re.compile(r"ld\.global[\w:.]*\.v4")
+# fp32 divisions other than IEEE round-to-nearest (Triton's "/" lowers to div.full.f32, up to
+# 2 ulp off): the kernels divide with tl.div_rn, as the reference's torch division does.
+_INEXACT_DIVISION = re.compile(r"\bdiv\.(full|approx)\.[\w.]*f32")
 
 
 def _variants(kernels) -> Iterable[Tuple[object, Dict[str, str], Dict[str, object], int, Tuple[str, ...], int]]:
@@ -115,6 +119,10 @@ def compile_all(arch: int = 90, verbose: bool = True) -> int:
                 f"{kernel.__name__} {constexprs} {sig.get('pred_ptr', '')}: {vector_loads} 128-bit loads in the "
                 f"PTX, expected at least {min_vector_loads}"
             )
+        inexact = _INEXACT_DIVISION.findall(compiled.asm["ptx"])
+        if inexact:
+            raise AssertionError(f"{kernel.__name__} {constexprs}: {len(inexact)} approximate fp32 division(s) in the "
+                                 "PTX; divide with tl.div_rn")
         if verbose:
             print(f"sm_{arch} {kernel.__name__} {constexprs} {sig.get('pred_ptr', '')}: ok, {vector_loads} v4 loads")
         count += 1

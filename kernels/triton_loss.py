@@ -88,9 +88,9 @@ def _partial_sq_err_kernel(
             ref_acc += rdiff * rdiff
     # A division, not a product with a rounded 1/D: one rounding less, and beta amplifies
     # every rounding of e_model - e_ref.
-    tl.store(model_part_ptr + pid, tl.sum(model_acc, axis=0) / divisor)
+    tl.store(model_part_ptr + pid, tl.div_rn(tl.sum(model_acc, axis=0), divisor))
     if HAS_REF:
-        tl.store(ref_part_ptr + pid, tl.sum(ref_acc, axis=0) / divisor)
+        tl.store(ref_part_ptr + pid, tl.div_rn(tl.sum(ref_acc, axis=0), divisor))
 
 
 @triton.jit
@@ -110,9 +110,9 @@ def _sum_partials_kernel(
         model_acc += tl.load(model_part_ptr + base + offs, mask=mask, other=0.0)
         if HAS_REF:
             ref_acc += tl.load(ref_part_ptr + base + offs, mask=mask, other=0.0)
-    tl.store(model_err_ptr + k, tl.sum(model_acc, axis=0) / divisor)
+    tl.store(model_err_ptr + k, tl.div_rn(tl.sum(model_acc, axis=0), divisor))
     if HAS_REF:
-        tl.store(ref_err_ptr + k, tl.sum(ref_acc, axis=0) / divisor)
+        tl.store(ref_err_ptr + k, tl.div_rn(tl.sum(ref_acc, axis=0), divisor))
 
 
 @triton.jit
@@ -147,7 +147,7 @@ def _log1p(u):
     """log(1 + u) for u >= 0, accurate for tiny u (Goldberg's correction; no libdevice, so
     the interpreter runs it too)."""
     w = 1.0 + u
-    return tl.where(w == 1.0, u, tl.log(w) * u / tl.where(w == 1.0, 1.0, w - 1.0))
+    return tl.where(w == 1.0, u, tl.div_rn(tl.log(w) * u, tl.where(w == 1.0, 1.0, w - 1.0)))
 
 
 @triton.jit
@@ -156,14 +156,14 @@ def _loss_and_slope(x, beta, LOSS_TYPE: tl.constexpr):
     if LOSS_TYPE == SIGMOID:  # sigmoid: -log(sigmoid(x)) = softplus(-x), stable for any |x|
         e = tl.exp(-tl.abs(x))
         f = tl.maximum(-x, 0.0, propagate_nan=tl.PropagateNan.ALL) + _log1p(e)
-        slope = -tl.where(x >= 0, e / (1.0 + e), 1.0 / (1.0 + e))  # -sigmoid(-x)
+        slope = -tl.div_rn(tl.where(x >= 0, e, 1.0), 1.0 + e)  # -sigmoid(-x)
     elif LOSS_TYPE == HINGE:  # hinge: max(0, 1 - x); slope 0 at the kink, as torch.relu's
         f = tl.maximum(1.0 - x, 0.0, propagate_nan=tl.PropagateNan.ALL)
         slope = tl.where(1.0 - x > 0.0, -1.0, 0.0)
     else:  # ipo: (x / beta - 1 / (2 beta))^2
-        u = x / beta - 0.5 / beta
+        u = tl.div_rn(x, beta) - tl.div_rn(0.5, beta)
         f = u * u
-        slope = 2.0 * u / beta
+        slope = tl.div_rn(2.0 * u, beta)
     return f, slope
 
 
@@ -240,7 +240,7 @@ def _pair_finish_kernel(
     coefficients of dpo and sft, and the non-finite contract (NaN loss and coef)."""
     lanes = tl.arange(0, BLOCK)
     n = 2 * M
-    inv_m = 1.0 / M  # (M may arrive as the constant 1: Triton specializes it)
+    inv_m = tl.div_rn(1.0, M + 0.0)  # (M may arrive as the constant 1: Triton specializes it)
     model_sum = tl.zeros([BLOCK], dtype=tl.float32)
     ref_sum = tl.zeros([BLOCK], dtype=tl.float32)
     nonfinite = tl.zeros([BLOCK], dtype=tl.int32)
@@ -286,7 +286,7 @@ def _pair_finish_kernel(
             z = beta * (dl - dw)
             hit = tl.where(z > 0.0, 1.0, tl.where(z == 0.0, 0.5, 0.0))
             acc_sum += tl.where(mask, hit, 0.0)
-            margin_sum += tl.where(mask, z / beta, 0.0)
+            margin_sum += tl.where(mask, tl.div_rn(z, beta), 0.0)
             if METHOD == DPO:  # dpo: the loss and coef live on the diagonal
                 f, slope = _loss_and_slope(z, beta, LOSS_TYPE)
                 loss_sum += tl.where(mask, f, 0.0)
