@@ -316,6 +316,9 @@ def _pair_finish_kernel(
         tl.store(metrics_ptr + 3, tl.sum(ref_sum, axis=0) * (0.5 * inv_m))
         tl.store(metrics_ptr + 4, weight_diag)
         if num_nonfinite > 0:  # a NaN loss comes with NaN coefficients: no silently finite update
+            # dpo's coefficients above were stored by other threads of this program (lane i
+            # wrote slots i and M + i): they must land before the NaNs that replace them.
+            tl.debug_barrier()
             for s0 in range(0, n, BLOCK):
                 offs = s0 + lanes
                 tl.store(coef_ptr + offs, tl.full([BLOCK], 0.0, tl.float32) + nan, mask=offs < n)
