@@ -26,8 +26,15 @@ _VECTOR_LOAD = re.compile(r"ld\.global[\w:.]*\.v4")
 _INEXACT_DIVISION = re.compile(r"\bdiv\.(full|approx)\.[\w.]*f32")
 
 
+# Sizes whose launch choices (block sizes) the check covers: every power of two a launch
+# rounds to, up to M = 4096 pairs and 2^20 chunks a sample.
+_SIZES = [2**p for p in range(0, 21)]
+
+
 def _variants(kernels) -> Iterable[Tuple[object, Dict[str, str], Dict[str, object], int, Tuple[str, ...], int]]:
-    """(kernel, signature, constexprs, num_warps, 16-divisible args, min vector loads)."""
+    """(kernel, signature, constexprs, num_warps, 16-divisible args, min vector loads), as the
+    launches in triton_loss.py specialize them: integer arguments (strides too) below 2^31
+    arrive as i32, and the block sizes are those the launch helpers pick for any size."""
     k = kernels
     stream_ints = dict(chunks="i32", chunk_len="i32")
     for dtype in ("fp32", "bf16", "fp16"):
@@ -37,7 +44,7 @@ def _variants(kernels) -> Iterable[Tuple[object, Dict[str, str], Dict[str, objec
             sig = dict(
                 pred_ptr=f"*{dtype}", target_ptr=f"*{dtype}", ref_ptr=f"*{dtype}",
                 model_part_ptr="*fp32", ref_part_ptr="*fp32", D="i32",
-                pred_row_stride="i64", target_row_stride="i64", ref_row_stride="i64",
+                pred_row_stride="i32", target_row_stride="i32", ref_row_stride="i32",
                 divisor="fp32", **stream_ints,
             )
             aligned = tuple(n for n in sig if n.endswith(("_ptr", "_stride")) or n in ("D", "chunk_len"))
@@ -45,7 +52,7 @@ def _variants(kernels) -> Iterable[Tuple[object, Dict[str, str], Dict[str, objec
                    aligned, loads_per_input * (3 if has_ref else 2))
         sig = dict(
             coef_ptr="*fp32", pred_ptr=f"*{dtype}", target_ptr=f"*{dtype}", out_ptr=f"*{dtype}", D="i32",
-            pred_row_stride="i64", target_row_stride="i64", out_row_stride="i64", two_over_d="fp32", **stream_ints,
+            pred_row_stride="i32", target_row_stride="i32", out_row_stride="i32", two_over_d="fp32", **stream_ints,
         )
         aligned = tuple(n for n in sig if n.endswith(("_ptr", "_stride")) or n in ("D", "chunk_len"))
         yield k._error_grad_kernel, sig, dict(BLOCK=k.STREAM_BLOCK), k.STREAM_WARPS, aligned, loads_per_input * 2
@@ -53,37 +60,40 @@ def _variants(kernels) -> Iterable[Tuple[object, Dict[str, str], Dict[str, objec
     yield (k._partial_sq_err_kernel,
            dict(pred_ptr="*bf16", target_ptr="*fp32", ref_ptr="*fp16", model_part_ptr="*fp32", ref_part_ptr="*fp32",
                 D="i32", pred_row_stride="i64", target_row_stride="i64", ref_row_stride="i64", divisor="fp32",
-                **stream_ints),
+                **stream_ints),  # i64 strides: a sample of 2^31 elements or more
            dict(HAS_REF=True, BLOCK=k.STREAM_BLOCK), k.STREAM_WARPS, (), 0)
     for has_ref in (True, False):
-        yield (k._sum_partials_kernel,
-               dict(model_part_ptr="*fp32", ref_part_ptr="*fp32", model_err_ptr="*fp32", ref_err_ptr="*fp32",
-                    chunks="i32", divisor="fp32"),
-               dict(HAS_REF=has_ref, BLOCK=64), 1, (), 0)
+        for block in sorted({k._partials_block(c) for c in _SIZES if c > 1}):  # one chunk: not launched
+            yield (k._sum_partials_kernel,
+                   dict(model_part_ptr="*fp32", ref_part_ptr="*fp32", model_err_ptr="*fp32", ref_err_ptr="*fp32",
+                        chunks="i32", divisor="fp32"),
+                   dict(HAS_REF=has_ref, BLOCK=block), 1, (), 0)
     pair_ptrs = dict(model_err_ptr="*fp32", ref_err_ptr="*fp32", weights_ptr="*fp32", row_loss_ptr="*fp32",
                      coef_ptr="*fp32")
     for loss_type in range(3):
         for has_weights in (True, False):
-            for block in (16, 32, 64):
+            for block in sorted({k._tile_block(m) for m in _SIZES}):
                 yield (k._rpo_tile_kernel,
                        dict(pair_ptrs, M="i32", beta="fp32", uniform_weight="fp32", coef_scale="fp32", nan="fp32"),
                        dict(LOSS_TYPE=loss_type, HAS_WEIGHTS=has_weights, BLOCK=block), 4, (), 0)
         for method in range(3):
-            yield (k._pair_finish_kernel,
-                   dict(pair_ptrs, loss_ptr="*fp32", metrics_ptr="*fp32", M="i32", beta="fp32",
-                        uniform_weight="fp32", nan="fp32"),
-                   dict(METHOD=method, LOSS_TYPE=loss_type, HAS_WEIGHTS=method == 2, BLOCK=k.SMALL_BLOCK), 4, (), 0)
+            for block in sorted({k._finish_block(2 * m) for m in _SIZES}):
+                yield (k._pair_finish_kernel,
+                       dict(pair_ptrs, loss_ptr="*fp32", metrics_ptr="*fp32", M="i32", beta="fp32",
+                            uniform_weight="fp32", nan="fp32"),
+                       dict(METHOD=method, LOSS_TYPE=loss_type, HAS_WEIGHTS=method == 2, BLOCK=block), 4, (), 0)
 
 
-def _with_ones(variants):
+def _with_ones(variants, kernels):
     """Each variant, plus one per integer argument that a launch commonly passes as 1 (Triton
     then specializes it into a constant: M = 1 pair, one chunk a sample). Only launches
-    that happen: M = 1 uses the smallest tile; the partial sums are skipped for one chunk."""
+    that happen: M = 1 picks the blocks of one pair; the partial sums are skipped for one chunk."""
+    one_pair_block = {"_rpo_tile_kernel": kernels._tile_block(1), "_pair_finish_kernel": kernels._finish_block(2)}
     for kernel, sig, constexprs, num_warps, aligned, min_vector_loads in variants:
         yield kernel, sig, constexprs, num_warps, aligned, min_vector_loads
         if kernel.__name__ == "_sum_partials_kernel":  # not launched for one chunk
             continue
-        if kernel.__name__ == "_rpo_tile_kernel" and constexprs["BLOCK"] != 16:  # M = 1: the smallest tile
+        if constexprs.get("BLOCK") != one_pair_block.get(kernel.__name__, constexprs.get("BLOCK")):
             continue
         for name in ("M", "chunks"):
             if name in sig:
@@ -103,7 +113,7 @@ def compile_all(arch: int = 90, verbose: bool = True) -> int:
         raise RuntimeError("compile_check: run it without TRITON_INTERPRET=1 (the kernels are interpreted)")
     target = GPUTarget("cuda", arch, 32)
     count = 0
-    for kernel, sig, constexprs, num_warps, aligned, min_vector_loads in _with_ones(_variants(triton_loss)):
+    for kernel, sig, constexprs, num_warps, aligned, min_vector_loads in _with_ones(_variants(triton_loss), triton_loss):
         names = kernel.arg_names
         src = ASTSource(
             kernel,

@@ -424,7 +424,7 @@ def triton_sample_errors(
         ref_err = torch.empty((n if has_ref else 0,), dtype=torch.float32, device=device)
         _sum_partials_kernel[(n,)](
             model_part, ref_part if has_ref else model_part, model_err, ref_err if has_ref else model_err, chunks, float(d),
-            HAS_REF=has_ref, BLOCK=min(SMALL_BLOCK, triton.next_power_of_2(chunks)), num_warps=1,
+            HAS_REF=has_ref, BLOCK=_partials_block(chunks), num_warps=1,
         )
     return model_err, ref_err
 
@@ -432,6 +432,16 @@ def triton_sample_errors(
 def _tile_block(m: int) -> int:
     """Square tile edge of the M x M stage: 16 to 64, the smallest power of two >= M."""
     return max(16, min(64, triton.next_power_of_2(m)))
+
+
+def _partials_block(chunks: int) -> int:
+    """Lanes of _sum_partials_kernel for ``chunks`` partial sums a sample."""
+    return min(SMALL_BLOCK, triton.next_power_of_2(chunks))
+
+
+def _finish_block(n: int) -> int:
+    """Lanes of _pair_finish_kernel for ``n`` = 2M samples."""
+    return min(SMALL_BLOCK, max(16, triton.next_power_of_2(n)))
 
 
 @torch.library.custom_op("rpo_fast::triton_pair_loss", mutates_args=())
@@ -483,7 +493,7 @@ def triton_pair_loss(
             model_err, ref, w, row_loss, coef, loss, metrics,
             m, beta, uniform, nan,
             METHOD=method, LOSS_TYPE=loss_type, HAS_WEIGHTS=has_weights,
-            BLOCK=min(SMALL_BLOCK, max(16, triton.next_power_of_2(n))), num_warps=4,
+            BLOCK=_finish_block(n), num_warps=4,
         )
     return loss, metrics, coef
 
