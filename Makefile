@@ -8,8 +8,10 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.extension-built
 CSRC := $(shell find csrc -type f 2>/dev/null)
 PYTEST := $(BIN)/python -m pytest
+# diffusers and the test tools a bare GPU machine may lack, at the versions set-up installed
+GPU_WHEEL_NAMES := diffusers|importlib.metadata|zipp|pytest|iniconfig|pluggy|pygments|pytest-benchmark|py-cpuinfo2|pytest-timeout
 
-.PHONY: setup demo test test-all test-gpu bench bench-quality clean
+.PHONY: setup demo test test-all test-gpu gpu-check gpu-wheels bench bench-quality clean
 
 setup: $(BUILD_STAMP)
 
@@ -35,6 +37,19 @@ test-all: setup
 
 test-gpu: setup
 	$(PYTEST) -m gpu
+
+# On a GPU machine with its own torch (no set-up: nothing is downloaded there): builds the
+# extension for that GPU, runs the kernel tests, the loss benchmark and a few training steps,
+# writes gpu-check.{json,md} to $OUT. Without a GPU: a dry run of every stage that needs none.
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m benchmarks.gpu_check
+
+# Here, before a GPU run: the wheels the GPU machine lacks (pure Python), into gpu_wheels/.
+gpu-wheels: setup
+	rm -rf gpu_wheels
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 -d gpu_wheels \
+	  $$($(BIN)/python -m pip freeze | grep -iE '^($(GPU_WHEEL_NAMES))==')
+	@du -sh gpu_wheels && ls gpu_wheels
 
 bench: setup
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)  # e.g. BENCH_ARGS=--quick

@@ -18,15 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `benchmarks` is a folder of the repository, not an installed package
-    sys.path.insert(0, str(REPO_ROOT))
+from benchmarks.collect import e2e_rows, loss_rows, targets
+from benchmarks.loss_bench import impls_for, loss_fn, make_inputs, saved_for_backward
+from benchmarks.profiles import E2E_LOOPS, LossCase, get_profile
+from benchmarks.report import main as report_main
+from parity_utils import torch_threads
 
-from benchmarks.collect import e2e_rows, loss_rows, targets  # noqa: E402
-from benchmarks.loss_bench import impls_for, loss_fn, make_inputs, saved_for_backward  # noqa: E402
-from benchmarks.profiles import E2E_LOOPS, LossCase, get_profile  # noqa: E402
-from benchmarks.report import main as report_main  # noqa: E402
-from parity_utils import torch_threads  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -3,16 +3,10 @@ curve, resumable records, the table and the plot; and its two rules on made-up r
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `benchmarks` is a folder of the repository, not an installed package
-    sys.path.insert(0, str(REPO_ROOT))
-
-from benchmarks import quality  # noqa: E402
+from benchmarks import quality
 
 
 def _namespace(argv):

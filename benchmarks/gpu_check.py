@@ -1,0 +1,196 @@
+"""``make gpu-check``: proves and times the CUDA and Triton kernels on a GPU machine, in one
+prepared run of under 8 minutes, each stage time-boxed.
+
+    python -m benchmarks.gpu_check [--out DIR] [--wheels gpu_wheels]    # DIR: $OUT, else gpu_check_out
+
+Stages, on a machine with a CUDA device:
+
+1. **build**: ``rpo_fast._C`` against this machine's torch, for this GPU's architecture only,
+   with every core, into a virtual environment over the system packages (nothing is installed
+   system-wide); wheels from ``--wheels`` (``make gpu-wheels``: diffusers, pytest and its
+   plugins) go into it first;
+2. **tests**: the kernel suites (parity of ``cuda`` and ``triton`` with the reference for
+   every method, loss type and dtype, ``opcheck``, ``torch.compile(fullgraph=True)``, the
+   gpu-marked launches and streams), with the Triton interpreter off;
+3. **bench**: the loss benchmark on the GPU (``benchmarks.run --only loss``): SD1.5 and SDXL
+   latents, M in {1, 4, 16, 64}, fp32 and bf16, rpo and dpo; eager, compiled, triton, cuda,
+   and a device copy for the roofline;
+4. **train**: with diffusers present, the gpu-marked training tests (a tiny SD UNet compiled,
+   bf16, LoRA / full / precomputed reference, and its throughput).
+
+Without a GPU every stage that needs none still runs (a dry run: the script, the test
+collection, the benchmark's code path on CPU tensors, the report writer) and the command
+exits 0 saying so; CI runs it (tests/test_gpu_check.py). Writes ``gpu-check.json`` and
+``gpu-check.md`` (and the benchmark's files) to the output folder and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Seconds per stage: 110 + 150 + 140 + 60 = 460 s, under the 8 minutes the check must take.
+LIMITS = {"build": 110, "tests": 150, "bench": 140, "train": 60}
+KERNEL_TESTS = ["tests/test_parity.py", "tests/test_cuda_kernels.py", "tests/test_triton_kernels.py",
+                "tests/test_compile.py", "tests/test_checks.py"]
+WHEEL_PACKAGES = ["diffusers", "pytest", "pluggy", "iniconfig", "pytest-benchmark", "py-cpuinfo", "pytest-timeout"]
+TAIL = 4000  # characters of each stage's output kept in the report
+
+
+def _run(name: str, cmd: List[str], limit: int, env: Optional[Dict[str, str]] = None) -> Dict:
+    """One stage in its own process group, killed with everything it started at ``limit``."""
+    start = time.perf_counter()
+    print(f"[gpu-check] {name}: {' '.join(cmd)} (at most {limit} s)", flush=True)
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=limit)
+        status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        status = f"timed out after {limit} s"
+    seconds = time.perf_counter() - start
+    print(f"[gpu-check] {name}: {status} in {seconds:.0f} s", flush=True)
+    return {"stage": name, "status": status, "seconds": round(seconds, 1), "command": " ".join(cmd),
+            "output_tail": (out or "")[-TAIL:]}
+
+
+def _skipped(name: str, why: str) -> Dict:
+    print(f"[gpu-check] {name}: skipped ({why})", flush=True)
+    return {"stage": name, "status": f"skipped: {why}", "seconds": 0.0, "command": "", "output_tail": ""}
+
+
+def _machine() -> Dict:
+    import torch
+
+    info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cores": os.cpu_count(), "gpu": None}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        info.update(gpu=torch.cuda.get_device_name(), capability=f"{major}.{minor}",
+                    gpu_memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
+    return info
+
+
+def _build(work: Path, wheels: Path, capability: str) -> Tuple[Dict, str]:
+    """A venv over the system packages, the wheels, then ``pip install -e .`` for this GPU."""
+    venv = work / "venv"
+    python = str(venv / "bin" / "python")
+    steps = [[sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)]]
+    wheel_files = sorted(str(p) for p in wheels.glob("*.whl")) if wheels.is_dir() else []
+    if wheel_files:
+        steps.append([python, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", *wheel_files])
+    steps.append([python, "-m", "pip", "install", "--quiet", "--no-build-isolation", "--no-deps", "-e", "."])
+    env = {"TORCH_CUDA_ARCH_LIST": capability, "MAX_JOBS": str(os.cpu_count() or 1), "RPO_FAST_CUDA": "1"}
+    script = " && ".join(" ".join(f"'{a}'" for a in step) for step in steps)
+    result = _run("build", ["bash", "-c", script], LIMITS["build"], env)
+    result["wheels"] = [Path(w).name for w in wheel_files]
+    return result, python
+
+
+def run_check(out: Path, wheels: Path, work: Path) -> Dict:
+    machine = _machine()
+    gpu = machine["gpu"] is not None
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    stages: List[Dict] = []
+    python = sys.executable
+    if gpu:
+        build, python = _build(work, wheels, machine["capability"])
+        stages.append(build)
+        if not build["status"] == "ok":
+            python = None
+    else:
+        stages.append(_skipped("build", "no GPU: the dry run uses this interpreter's rpo_fast"))
+
+    # pytest without the project's addopts (they need pytest-benchmark and deselect gpu tests)
+    pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-W", "ignore::DeprecationWarning"]
+    env: Dict[str, str] = {}
+    if python is None:
+        stages.append(_skipped("tests", "the build failed"))
+    elif gpu:
+        env_gpu = {**env, "TRITON_INTERPRET": "0"}
+        stages.append(_run("tests", [*pytest, "-m", "not slow", *KERNEL_TESTS], LIMITS["tests"], env_gpu))
+    else:
+        stages.append(_run("tests", [*pytest, "--collect-only", "-m", "gpu", *KERNEL_TESTS], LIMITS["tests"], env))
+
+    bench_out = work / "bench"  # copied next to the report below
+    if python is None:
+        stages.append(_skipped("bench", "the build failed"))
+    else:
+        profile = [] if gpu else ["--smoke"]
+        stages.append(_run("bench", [python, "-m", "benchmarks.run", "--only", "loss", *profile, "--out", str(bench_out),
+                                     "--name", "gpu-check-loss"], LIMITS["bench"], env))
+
+    has_diffusers = python is not None and subprocess.run(
+        [python, "-c", "import diffusers"], capture_output=True).returncode == 0
+    if python is None or not has_diffusers:
+        stages.append(_skipped("train", "diffusers is not installed (make gpu-wheels)" if python else "the build failed"))
+    elif gpu:
+        stages.append(_run("train", [*pytest, "-m", "gpu", "tests/test_train.py"], LIMITS["train"], env))
+    else:
+        stages.append(_run("train", [*pytest, "--collect-only", "-m", "gpu", "tests/test_train.py"], LIMITS["train"], env))
+
+    # the benchmark's files next to the report, flat (the machine returns files from one folder)
+    for path in sorted(bench_out.glob("gpu-check-loss*")) if bench_out.is_dir() else []:
+        shutil.copy(path, out / path.name)
+    report = {"dry_run": not gpu, "machine": machine, "limits_s": LIMITS, "stages": stages,
+              "seconds": round(sum(s["seconds"] for s in stages), 1),
+              "ok": all(s["status"] == "ok" or s["status"].startswith("skipped") for s in stages)}
+    (out / "gpu-check.json").write_text(json.dumps(report, indent=1))
+    (out / "gpu-check.md").write_text(format_report(report))
+    return report
+
+
+def format_report(report: Dict) -> str:
+    m = report["machine"]
+    where = (f"{m['gpu']} (sm_{m['capability'].replace('.', '')}, {m['gpu_memory_gib']} GiB)" if m["gpu"]
+             else "no GPU: a dry run")
+    lines = [
+        "# rpo-fast GPU check", "",
+        f"{where}; {m['cores']} cores; Python {m['python']}, torch {m['torch']} (CUDA {m['cuda']}), "
+        f"triton {m['triton']}; {report['seconds']:.0f} s in all.", "",
+        "| stage | status | seconds | limit s |", "| --- | --- | --- | --- |",
+    ]
+    for s in report["stages"]:
+        lines.append(f"| {s['stage']} | {s['status']} | {s['seconds']:.0f} | {report['limits_s'][s['stage']]} |")
+    for s in report["stages"]:
+        if s["output_tail"]:
+            lines += ["", f"## {s['stage']}", "", f"`{s['command']}`", "", "```", s["output_tail"][-1500:].rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu_check_out"),
+                        help="report folder (default: $OUT, else gpu_check_out)")
+    parser.add_argument("--wheels", type=Path, default=REPO_ROOT / "gpu_wheels",
+                        help="wheels to install before building (make gpu-wheels)")
+    parser.add_argument("--work", type=Path, default=REPO_ROOT / "build" / "gpu-check", help="venv and scratch files")
+    args = parser.parse_args(argv)
+    report = run_check(args.out, args.wheels, args.work)
+    print(format_report(report))
+    if report["dry_run"]:
+        print("[gpu-check] dry run: no CUDA device here; every stage that needs none ran"
+              + ("" if report["ok"] else ", and one failed"))
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,34 @@
+"""`make gpu-check` without a GPU: the dry run that CI runs so that the GPU check cannot rot
+(every stage that needs no GPU runs; the report is written; exit 0 says it was a dry run)."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import gpu_check
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is what a machine without a GPU runs")
+def test_dry_run_runs_every_stage_that_needs_no_gpu_and_writes_the_report(tmp_path, capsys):
+    assert gpu_check.main(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+                           "--wheels", str(tmp_path / "no-wheels")]) == 0
+    report = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
+    assert report["dry_run"] and report["ok"] and report["machine"]["gpu"] is None
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert list(stages) == ["build", "tests", "bench", "train"]
+    assert stages["build"]["status"].startswith("skipped")
+    # the GPU tests are collected (they import and parametrize), the benchmark ran on CPU tensors
+    assert stages["tests"]["status"] == "ok" and "test_cuda_kernels.py" in stages["tests"]["output_tail"]
+    assert stages["bench"]["status"] == "ok"
+    assert (tmp_path / "out" / "gpu-check-loss.json").stat().st_size > 0
+    assert stages["train"]["status"] == "ok" and "test_cuda_training_compiled_bf16" in stages["train"]["output_tail"]
+    table = (tmp_path / "out" / "gpu-check.md").read_text()
+    assert "no GPU: a dry run" in table and "| bench | ok |" in table
+    assert sum(gpu_check.LIMITS.values()) < 8 * 60
+    assert "dry run" in capsys.readouterr().out
+
+
+def test_a_stage_that_overruns_its_limit_is_killed_and_reported(tmp_path):
+    result = gpu_check._run("sleep", ["bash", "-c", "sleep 30 & sleep 30"], limit=1)
+    assert result["status"] == "timed out after 1 s" and result["seconds"] < 10
