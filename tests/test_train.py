@@ -238,6 +238,31 @@ def test_resume_refuses_other_settings(run_training, tiny_sd15_dir, data_dir, la
                           beta=100.0, max_steps=3, resume="latest"))
 
 
+class _Carried:
+    """An object a foreign checkpoint could carry: unpickling it would call its code."""
+
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+def test_resume_refuses_a_checkpoint_that_carries_objects(run_training, tiny_sd15_dir, data_dir, latent_root,
+                                                          tmp_path):
+    import shutil
+
+    from rpo_fast.train.checkpoint import list_checkpoints
+
+    done = run_training(method="dpo", lora=True)
+    out = tmp_path / "copy"
+    shutil.copytree(done.output_dir, out)
+    checkpoint = list_checkpoints(out)[max(list_checkpoints(out))]
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)  # what a checkpoint holds: plain data
+    state["note"] = _Carried()
+    torch.save(state, checkpoint / "optimizer.pt")
+    with pytest.raises(ValueError, match="optimizer.pt holds more than tensors and plain values"):
+        train(tiny_config(tiny_sd15_dir, data_dir, out, latent_root, method="dpo", lora=True, max_steps=3,
+                          resume="latest"))
+
+
 def test_latent_cache_is_keyed_reused_and_resumable(tiny_sd15_dir, data_dir, tmp_path):
     from rpo_fast.data import load_preference_dataset
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -52,7 +53,11 @@ def find_checkpoint(output_dir: Path, resume: Optional[str]) -> Optional[Path]:
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors, ints and tuples: what ``torch.load(weights_only=True)``
+    reads back without unpickling objects (numpy's key array travels as a tensor)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -60,7 +65,8 @@ def rng_state() -> Dict[str, Any]:
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -140,9 +146,20 @@ def load_checkpoint(path: Path, rank: int = 0) -> Dict[str, Any]:
     scaler_file = path / "grad_scaler.pt"
     return {
         "model": load_file(str(path / MODEL_FILE)),
-        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False),
-        "lr_scheduler": torch.load(path / "lr_scheduler.pt", map_location="cpu", weights_only=False),
-        "grad_scaler": torch.load(scaler_file, map_location="cpu", weights_only=False) if scaler_file.exists() else None,
-        "rng": torch.load(rng_file, map_location="cpu", weights_only=False),
+        "optimizer": _load_data(path / "optimizer.pt"),
+        "lr_scheduler": _load_data(path / "lr_scheduler.pt"),
+        "grad_scaler": _load_data(scaler_file) if scaler_file.exists() else None,
+        "rng": _load_data(rng_file),
         "trainer_state": json.loads((path / STATE_FILE).read_text()),
     }
+
+
+def _load_data(file: Path) -> Any:
+    """Tensors, numbers, strings and containers only (``weights_only=True``): a checkpoint from
+    someone else cannot run code when it is resumed."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"resume: {file} holds more than tensors and plain values (refused: loading it would "
+                         f"run code it carries; a checkpoint from an older rpo-fast stored numpy objects): "
+                         f"{str(error).splitlines()[0]}") from None
