@@ -35,14 +35,16 @@ test: setup
 test-all: setup
 	$(PYTEST) -m "not gpu"
 
-test-gpu: setup
-	$(PYTEST) -m gpu
+# GPU tests on a machine with its own torch: no set-up (offline GPU machines cannot install the pins)
+GPU_PYTHON = $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+test-gpu:
+	$(GPU_PYTHON) -m pytest -o addopts= -m gpu
 
 # On a GPU machine with its own torch (no set-up: nothing is downloaded there): builds the
 # extension for that GPU, runs the kernel tests, the loss benchmark and a few training steps,
 # writes gpu-check.{json,md} to $OUT. Without a GPU: a dry run of every stage that needs none.
 gpu-check:
-	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m benchmarks.gpu_check
+	$(GPU_PYTHON) -m benchmarks.gpu_check
 
 # Here, before a GPU run: the wheels the GPU machine lacks (pure Python), into gpu_wheels/.
 gpu-wheels: setup

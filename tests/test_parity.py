@@ -80,6 +80,15 @@ def kernels(request) -> Kernels:
     return _kernels(request.param)
 
 
+# The backends whose tensors live on a GPU here (triton only where one is present).
+GPU_BACKENDS = [name for name in KERNEL_BACKENDS if name == "cuda" or (name == "triton" and torch.cuda.is_available())]
+
+
+@pytest.fixture(params=GPU_BACKENDS)
+def gpu_kernels(request) -> Kernels:
+    return _kernels(request.param)
+
+
 def test_this_machine_tests_the_cpu_and_triton_backends():
     """The parametrization is not empty: the C++ extension is built and Triton imports (in
     its interpreter on a CPU-only machine)."""
@@ -176,6 +185,34 @@ def test_parity_at_sdxl_shape(kernels, dtype, layout):
     the interpreter)."""
     inputs = make_inputs(16, (4, 128, 128), dtype, kernels.device, with_embeddings=True, layout=layout)
     check_parity(kernels, "rpo", inputs, beta=2500.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["rpo", "dpo"])
+def test_side_stream_gives_the_default_streams_results(gpu_kernels, method):
+    """Kernels launch on the caller's current stream: the loss and gradient computed on a side
+    stream (inputs made there, results read after it is synchronized) equal the default
+    stream's bit for bit."""
+    want = run_loss(method, gpu_kernels.name, make_inputs(8, SD_LIKE, torch.float32, gpu_kernels.device, seed=3,
+                                                      with_embeddings=method == "rpo"))
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        inputs = make_inputs(8, SD_LIKE, torch.float32, gpu_kernels.device, seed=3, with_embeddings=method == "rpo")
+        got = run_loss(method, gpu_kernels.name, inputs)
+    side.synchronize()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+    for name in want[1]:
+        assert torch.equal(got[1][name], want[1][name]), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+def test_second_device_gives_the_first_devices_results(gpu_kernels):
+    """Tensors on cuda:1 while cuda:0 is current: the kernels run on the tensors' device."""
+    want = run_loss("rpo", gpu_kernels.name, make_inputs(4, SMALL, torch.float32, "cuda:0", seed=5, with_embeddings=True))
+    got = run_loss("rpo", gpu_kernels.name, make_inputs(4, SMALL, torch.float32, "cuda:1", seed=5, with_embeddings=True))
+    assert got[0].device == torch.device("cuda:1") and got[2].device == torch.device("cuda:1")
+    assert torch.equal(got[0].cpu(), want[0].cpu()) and torch.equal(got[2].cpu(), want[2].cpu())
 
 
 def test_nan_prediction_gives_nan_loss(kernels):
