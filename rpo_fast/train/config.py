@@ -17,7 +17,7 @@ MODEL_TYPES = ("auto", "sd15", "sdxl")
 PRECISIONS = ("no", "bf16", "fp16")
 REF_DTYPES = ("fp32", "bf16", "fp16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 # The attention projections, as in the diffusers LoRA and Diffusion-DPO LoRA examples.
 DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 
@@ -113,7 +113,9 @@ class TrainConfig:
                                            "incomplete batch of an epoch is dropped)")
     batch_pairs: int = _opt(4, "preference pairs per process per micro-batch", aliases=("--train_batch_size",))
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
-    optimizer: str = _opt("adamw", "adamw | adamw8bit (bitsandbytes' AdamW8bit; needs bitsandbytes installed)",
+    optimizer: str = _opt("adamw", "adamw | adamw8bit (bitsandbytes' AdamW8bit; needs bitsandbytes installed) | "
+                          "adafactor (transformers' Adafactor, as the official trainer uses for SDXL; "
+                          "weight decay from --adam-weight-decay)",
                           choices=OPTIMIZERS, flag_aliases={"--use_8bit_adam": "adamw8bit"})
     adam_beta1: float = _opt(0.9, "AdamW beta1")
     adam_beta2: float = _opt(0.999, "AdamW beta2")

@@ -1,5 +1,8 @@
-"""The optimizer named by ``--optimizer``: torch's AdamW (fused on CUDA) or bitsandbytes'
-AdamW8bit (``--use_8bit_adam`` of the diffusers examples), with the same hyper-parameters."""
+"""The optimizer named by ``--optimizer``: torch's AdamW (fused on CUDA), bitsandbytes'
+AdamW8bit (``--use_8bit_adam`` of the diffusers examples) with the same hyper-parameters, or
+transformers' Adafactor as the official Diffusion-DPO trainer builds it for SDXL (a fixed
+learning rate, no parameter scaling, update clipping at 1; factored second moments, no first
+moment: a fraction of AdamW's state)."""
 
 from __future__ import annotations
 
@@ -19,4 +22,9 @@ def make_optimizer(config: TrainConfig, params: List[torch.nn.Parameter], device
         except ImportError:
             raise ValueError("optimizer: adamw8bit (--use_8bit_adam) needs bitsandbytes: pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(params, **kwargs)
+    if config.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay, clip_threshold=1.0,
+                         scale_parameter=False, relative_step=False, warmup_init=False)
     return torch.optim.AdamW(params, fused=device.type == "cuda", **kwargs)
