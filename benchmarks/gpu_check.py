@@ -114,7 +114,7 @@ def run_check(out: Path, wheels: Path, work: Path) -> Dict:
     if gpu:
         build, python = _build(work, wheels, machine["capability"])
         stages.append(build)
-        if not build["status"] == "ok":
+        if build["status"] != "ok":
             python = None
     else:
         stages.append(_skipped("build", "no GPU: the dry run uses this interpreter's rpo_fast"))

@@ -124,7 +124,7 @@ class Bench:
         settings = FinetuneSettings(method="rpo" if method == "rpo-uniform" else method, beta=beta, learning_rate=lr,
                                     steps=self.args.steps, batch_pairs=self.args.batch_pairs,
                                     lora_rank=self.args.lora_rank,
-                                    sft_weight=0.0 if method == "sft" else self.args.sft_weight, seed=seed)
+                                    sft_weight=self.args.sft_weight, seed=seed)
         name = (f"{method}-beta{beta:g}-lr{lr:g}-rank{settings.lora_rank}-sft{settings.sft_weight:g}-steps{settings.steps}"
                 f"-bp{settings.batch_pairs}-seed{seed}-{split}")
         every = max(1, settings.steps // self.args.curve_points) if curve else 0

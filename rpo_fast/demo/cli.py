@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         embeddings = write_style_embeddings(data)
     settings = FinetuneSettings(method=args.method, beta=args.beta, learning_rate=args.learning_rate,
                                 steps=args.steps, batch_pairs=args.batch_pairs, tau=args.tau, lora_rank=args.lora_rank,
-                                sft_weight=args.sft_weight if args.method != "sft" else 0.0, seed=args.seed)
+                                sft_weight=args.sft_weight, seed=args.seed)
     print(f"[demo] fine-tuning: {settings.label()}, {'similarity' if embeddings else 'uniform'} weights")
     tuned_dir, _ = finetune(model_dir, data, work / "finetune", settings, embeddings=embeddings,
                         latent_cache=work / "latents", progress=progress)

@@ -25,6 +25,10 @@ class FinetuneSettings:
     sft_weight: float = 300.0  # dpo / rpo: plus this times the SFT loss of the preferred images
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.method == "sft":  # the SFT loss alone: there is no preference loss to add it to
+            object.__setattr__(self, "sft_weight", 0.0)
+
     def label(self) -> str:
         beta = "" if self.method == "sft" else f" beta={self.beta:g}"
         lora = f" lora-rank={self.lora_rank}" if self.lora_rank else ""
@@ -48,11 +52,13 @@ def finetune(model_dir: PathLike, data_dir: PathLike, out_dir: PathLike, setting
     result = train(TrainConfig(
         pretrained_model=str(model_dir), data=str(data_dir), output_dir=str(out_dir), method=settings.method,
         beta=settings.beta if settings.method != "sft" else 1.0,  # sft has no beta; TrainConfig wants > 0
-        tau=settings.tau, sft_weight=settings.sft_weight if settings.method != "sft" else 0.0, embeddings=str(embeddings) if embeddings and settings.method == "rpo" else None,
+        tau=settings.tau, sft_weight=settings.sft_weight,
+        embeddings=str(embeddings) if embeddings and settings.method == "rpo" else None,
         lora=settings.lora_rank > 0, lora_rank=max(1, settings.lora_rank),
         learning_rate=settings.learning_rate, lr_scheduler="constant_with_warmup", lr_warmup_steps=min(10, settings.steps),
         max_steps=settings.steps, batch_pairs=settings.batch_pairs, resolution=IMAGE_SIZE, seed=settings.seed,
-        checkpoint_every=checkpoint_every, checkpoints_total_limit=None if checkpoint_every else 1, latent_cache=str(latent_cache) if latent_cache else None,
+        checkpoint_every=checkpoint_every, checkpoints_total_limit=None if checkpoint_every else 1,
+        latent_cache=str(latent_cache) if latent_cache else None,
         vae_encode_batch_size=256, progress=progress, tensorboard=False, log_every=10,
         hflip=False,  # captions say "on the left": a flipped image would contradict its caption
     ))

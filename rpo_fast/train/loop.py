@@ -360,7 +360,7 @@ def compute_loss(run: Run, batch: PairBatch):
             emb = {"emb_w": run.emb_w[rows], "emb_l": run.emb_l[rows]}
         loss, metrics = diffusion_rpo_loss(model_pred, inputs.target, **ref_kwargs, **emb, tau=config.tau,
                                            process_group=run.group, **common)
-    if config.sft_weight and config.method != "sft":
+    if config.sft_weight:  # dpo / rpo only (TrainConfig refuses it for sft)
         sft = sft_loss(model_pred, inputs.target, backend=config.backend)
         loss = loss + config.sft_weight * sft
         metrics = {**metrics, "sft_loss": sft.detach()}
