@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.loss_bench import impls_for
-from benchmarks.machine import bench_device
+from benchmarks.machine import bench_device, keep_freed_host_memory
 from benchmarks.profiles import PROFILE_NAMES, get_profile
 
 
@@ -14,6 +14,10 @@ def pytest_addoption(parser):
     group.addoption("--profile", default="full", choices=PROFILE_NAMES, help="which grid to measure")
     group.addoption("--only", default="all", choices=("all", "loss", "e2e"), help="one part of the suite")
     group.addoption("--e2e-workdir", default=None, help="folder for the tiny model and data (default: a tmp dir)")
+
+
+def pytest_configure(config):
+    keep_freed_host_memory()  # before anything is timed: see its docstring
 
 
 def _profile(config):

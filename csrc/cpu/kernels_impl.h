@@ -91,14 +91,14 @@ inline void stream2(T* p, const fVec& a, const fVec& b) {
 }
 #endif
 
-// Whether error_grad streams its output: when the bytes it reads and writes exceed half the
-// last-level cache. Measured on a 2-core EPYC (32 MiB L3), one thread, SDXL latents with
-// M = 16: fp32 (24 MiB touched) 2.4 -> 1.4..2.0 ms per loss fwd+bwd; bf16 (12 MiB) and
-// smaller cases unchanged or slightly slower with streaming (docs/kernels-cpp.md).
-inline bool streams_output(int64_t touched_bytes) {
-  static const int64_t threshold = last_level_cache_bytes() / 2;
-  return touched_bytes > threshold;
-}
+// Whether error_grad streams its output: when it reads and writes more than 16 MiB. Measured
+// with one thread on a 2-core EPYC (32 MiB L3), SDXL latents, M = 16: fp32 (24 MiB touched)
+// 2.4 -> 1.4..2.0 ms per loss fwd+bwd, bf16 (12 MiB) unchanged or slightly slower; on a
+// 2-vCPU Xeon (whose sysfs reports the host's 480 MiB L3), 2 threads, fp32 error_grad 0.69 ->
+// 0.57 ms into a gradient buffer not in cache, unchanged into one that is, bf16 unchanged
+// (docs/kernels-cpp.md). A fixed size, not a fraction of the reported cache, for that reason.
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+inline bool streams_output(int64_t touched_bytes) { return touched_bytes > kStreamBytes; }
 
 // kStep bfloat16 elements as two float vectors in an order of their own: the even-indexed
 // elements, then the odd-indexed ones. A bfloat16 is the top half of a float, so that is a

@@ -54,21 +54,6 @@
 namespace rpo_fast {
 namespace cpu {
 
-// Bytes of the L3 cache one core sees (Linux sysfs: cpu0's level-3 cache), 32 MiB when
-// unknown. Not sysconf(_SC_LEVEL3_CACHE_SIZE): in a VM it can report the host's total.
-inline int64_t last_level_cache_bytes() {
-  int64_t bytes = 0;
-  if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
-    long value = 0;
-    char unit = 0;
-    if (std::fscanf(f, "%ld%c", &value, &unit) >= 1) {
-      bytes = value * (unit == 'K' ? 1024L : unit == 'M' ? 1024L * 1024 : 1L);
-    }
-    std::fclose(f);
-  }
-  return bytes > 0 ? bytes : int64_t(32) << 20;
-}
-
 }  // namespace cpu
 }  // namespace rpo_fast
 
