@@ -396,7 +396,7 @@ def train_step(run: Run, batches: Iterator[PairBatch]) -> Dict[str, float]:
     if run.grad_scaler is not None:
         run.grad_scaler.unscale_(run.optimizer)
     if config.max_grad_norm > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm, foreach=True))
     else:
         grad_norm = float(torch.linalg.vector_norm(torch.stack(
             [p.grad.float().norm() for p in run.params if p.grad is not None])))

