@@ -294,11 +294,12 @@ def test_sample_errors_without_reference_and_deterministic(kernels):
 # ----------------------------------------------------------------- the pair stage
 
 
-@pytest.mark.parametrize("pairs", [1, 5, 64, 100])
+@pytest.mark.parametrize("pairs", [1, 5, 64, 100, 300])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("method,with_weights", PAIR_STAGE_CASES, ids=PAIR_STAGE_IDS)
 def test_pair_loss_stage_at_training_beta(kernels, method, with_weights, loss_type, pairs):
-    """M = 100 spans two of triton's 64-wide tiles; M = 64 fills exactly one."""
+    """M = 100 spans two of triton's 64-wide tiles, M = 64 fills exactly one; M = 300 is five of
+    the C++ backends' 128-index tiles (rpo_math.h), the last one partly filled."""
     check_pair_stage(kernels.pair_loss, method, with_weights, loss_type, pairs, device=kernels.device)
 
 
@@ -308,6 +309,18 @@ def test_hinge_slope_is_zero_at_the_kink(kernels):
 
 def test_sigmoid_loss_is_stable_for_large_logits(kernels):
     check_sigmoid_stable_for_large_logits(kernels.pair_loss, device=kernels.device)
+
+
+@pytest.mark.parametrize("where", ["model_err", "ref_err", "weights"])
+def test_a_non_finite_input_in_a_late_tile_makes_every_coefficient_nan(kernels, where):
+    """M = 300: the bad value sits in the last of five tiles, whose partial carries the flag."""
+    dev, m = kernels.device, 300
+    gen = torch.Generator().manual_seed(3)
+    model_err, ref_err = torch.rand(2, 2 * m, generator=gen)
+    weights = torch.rand(m, m, generator=gen)
+    {"model_err": model_err, "ref_err": ref_err}.get(where, weights[m - 1])[-1] = float("nan")
+    loss, _, coef = kernels.pair_loss(model_err.to(dev), ref_err.to(dev), weights.to(dev), 2, 0, 2500.0)
+    assert loss.isnan() and coef.isnan().all(), where
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter

@@ -99,33 +99,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_cpu(const at::Tensor& m
                       a.ref_err.defined() ? a.ref_err.const_data_ptr<float>() : nullptr,
                       a.weights.defined() ? a.weights.const_data_ptr<float>() : nullptr,
                       m, method, loss_type, beta};
-  bool finite = true;
-  for (int64_t k = 0; k < 2 * m; ++k) finite = math::inputs_finite_at(p, k) && finite;
-
-  // Rows and columns are independent: parallel for a large global batch; the row losses
-  // are summed afterwards in a fixed order, so the result does not depend on threads.
-  std::vector<double> row_loss(static_cast<size_t>(m));
+  // Tiles over threads (for a large global batch), indices in order within a tile, partials
+  // combined in tile order (rpo_math.h): the result does not depend on the threads.
+  const int64_t tiles = math::pair_tiles(m);
+  std::vector<math::TilePartial> partials(static_cast<size_t>(tiles));
   float* c = coef.mutable_data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, method == math::kRpo ? m : 1));
-  at::parallel_for(0, 2 * m, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      if (k < m) {
-        const math::RowTerms r = math::row_terms(p, k);
-        row_loss[k] = r.loss_sum;
-        c[k] = math::coefficient(p, r.grad_winner, finite);
-      } else {
-        c[k] = math::coefficient(p, math::column_grad(p, k - m), finite);
+  // Tiles per task: at least 4096 (row, column) terms, so that a small batch stays on one thread.
+  const int64_t grain = std::max<int64_t>(1, 4096 / (math::kPairTile * (method == math::kRpo ? m : 1)));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      math::TilePartial& part = partials[t];
+      part = math::TilePartial{0.0, {0.0, 0.0, 0.0, 0.0, 0.0}, true};
+      for (int64_t k = t * math::kPairTile; k < std::min(2 * m, (t + 1) * math::kPairTile); ++k) {
+        part.finite = math::index_terms(p, k, c, part.loss, part.metrics) && part.finite;
       }
     }
   });
-  double loss_sum = 0.0;
-  double sums[math::kNumMetrics] = {0.0, 0.0, 0.0, 0.0, 0.0};
-  for (int64_t i = 0; i < m; ++i) {
-    loss_sum += row_loss[i];
-    math::metric_terms(p, i, sums);
-  }
-  loss.fill_(math::finish_loss(p, loss_sum, finite));
-  math::finish_metrics(p, sums, metrics.mutable_data_ptr<float>());
+  const bool finite = math::finish_tiles(p, partials.data(), tiles, loss.mutable_data_ptr<float>(),
+                                         metrics.mutable_data_ptr<float>());
+  if (!finite) coef.fill_(std::numeric_limits<float>::quiet_NaN());
   return {loss, metrics, coef};
 }
 

@@ -6,9 +6,10 @@
 //                  terms), block reduction in double, one double per (sample, chunk)
 //                  -> errors_finish_kernel: one thread per sample adds its chunks in order.
 //                  No atomics: the result is the same on every run.
-//   pair_loss:     pair_loss_kernel, one block: threads over winner rows and loser columns
-//                  (rpo_math.h does the arithmetic), block reduction of the loss and
-//                  metric sums.
+//   pair_loss:     pair_tiles_kernel, one block of kPairTile threads a tile of the 2M winner
+//                  rows and loser columns (rpo_math.h does the arithmetic and the tiling),
+//                  block sums to one partial a tile -> pair_finish_kernel: one block
+//                  combines the partials in order, NaN coefficients for non-finite inputs.
 //   error_grad:    error_grad_kernel, grid (chunks, samples): 16-byte loads and stores.
 // Streams: the current stream; device: the inputs' (a guard makes it current).
 #include <ATen/ATen.h>
@@ -160,37 +161,38 @@ __global__ void errors_finish_kernel(const double* __restrict__ partial, int64_t
   if (has_ref) ref_err[k] = float(sum_r / double(d));
 }
 
-__global__ void __launch_bounds__(kPairThreads) pair_loss_kernel(math::PairProblem p, float* __restrict__ loss,
-                                                                 float* __restrict__ metrics, float* __restrict__ coef) {
-  __shared__ double scratch[kPairThreads / 32];
-  __shared__ double totals[1 + math::kNumMetrics];
-  const int64_t m = p.m;
-  bool ok = true;
-  for (int64_t k = threadIdx.x; k < 2 * m; k += blockDim.x) ok = math::inputs_finite_at(p, k) && ok;
-  const bool finite = __syncthreads_and(ok) != 0;
-
-  double loss_part = 0.0;
+// Tile t of the pair stage (rpo_math.h): one thread an index k, the block's sums to tiles[t].
+__global__ void __launch_bounds__(math::kPairTile) pair_tiles_kernel(math::PairProblem p, float* __restrict__ coef,
+                                                                     math::TilePartial* __restrict__ tiles) {
+  __shared__ double scratch[math::kPairTile / 32];
+  const int64_t k = int64_t(blockIdx.x) * math::kPairTile + threadIdx.x;
+  double loss = 0.0;
   double sums[math::kNumMetrics] = {0.0, 0.0, 0.0, 0.0, 0.0};
-  for (int64_t k = threadIdx.x; k < 2 * m; k += blockDim.x) {
-    if (k < m) {
-      const math::RowTerms r = math::row_terms(p, k);
-      loss_part += r.loss_sum;
-      coef[k] = math::coefficient(p, r.grad_winner, finite);
-      math::metric_terms(p, k, sums);
-    } else {
-      coef[k] = math::coefficient(p, math::column_grad(p, k - m), finite);
-    }
-  }
-  const double total_loss = block_sum(loss_part, scratch);
-  if (threadIdx.x == 0) totals[0] = total_loss;
-  for (int i = 0; i < math::kNumMetrics; ++i) {
-    const double total = block_sum(sums[i], scratch);
-    if (threadIdx.x == 0) totals[1 + i] = total;
-  }
+  const bool ok = k < 2 * p.m ? math::index_terms(p, k, coef, loss, sums) : true;
+  const bool finite = __syncthreads_and(ok) != 0;
+  const double total_loss = block_sum(loss, scratch);
+  double totals[math::kNumMetrics];
+  for (int i = 0; i < math::kNumMetrics; ++i) totals[i] = block_sum(sums[i], scratch);
   if (threadIdx.x == 0) {
-    *loss = math::finish_loss(p, totals[0], finite);
-    math::finish_metrics(p, totals + 1, metrics);
+    math::TilePartial& out = tiles[blockIdx.x];
+    out.loss = total_loss;
+    for (int i = 0; i < math::kNumMetrics; ++i) out.metrics[i] = totals[i];
+    out.finite = finite;
   }
+}
+
+// One block after pair_tiles_kernel on the same stream: the loss and metrics from the tiles
+// in order, then NaN over every coefficient when an input was not finite.
+__global__ void __launch_bounds__(kPairThreads) pair_finish_kernel(math::PairProblem p,
+                                                                   const math::TilePartial* __restrict__ tiles,
+                                                                   int64_t count, float* __restrict__ loss,
+                                                                   float* __restrict__ metrics,
+                                                                   float* __restrict__ coef) {
+  __shared__ bool finite;
+  if (threadIdx.x == 0) finite = math::finish_tiles(p, tiles, count, loss, metrics);
+  __syncthreads();
+  if (finite) return;
+  for (int64_t k = threadIdx.x; k < 2 * p.m; k += blockDim.x) coef[k] = float(math::quiet_nan());
 }
 
 template <typename TM, typename TT>
@@ -303,8 +305,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_cuda(const at::Tensor& 
                             a.ref_err.defined() ? a.ref_err.const_data_ptr<float>() : nullptr,
                             a.weights.defined() ? a.weights.const_data_ptr<float>() : nullptr,
                             a.m, method, loss_type, beta};
-  pair_loss_kernel<<<1, kPairThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      p, loss.mutable_data_ptr<float>(), metrics.mutable_data_ptr<float>(), coef.mutable_data_ptr<float>());
+  const int64_t tiles = math::pair_tiles(a.m);
+  at::Tensor partials = at::empty({tiles * int64_t(sizeof(math::TilePartial))}, model_err.options().dtype(at::kByte));
+  auto* tile_ptr = reinterpret_cast<math::TilePartial*>(partials.mutable_data_ptr());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  pair_tiles_kernel<<<tiles, math::kPairTile, 0, stream>>>(p, coef.mutable_data_ptr<float>(), tile_ptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  pair_finish_kernel<<<1, kPairThreads, 0, stream>>>(p, tile_ptr, tiles, loss.mutable_data_ptr<float>(),
+                                                     metrics.mutable_data_ptr<float>(), coef.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {loss, metrics, coef};
 }
