@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -108,6 +109,7 @@ def precompute_reference_errors(
     chunks = [(epoch, rows[i : i + batch_pairs]) for epoch, rows in visited.items()
               for i in range(0, len(rows), batch_pairs)]
     mine = chunks[rank::world]
+    start = time.perf_counter()
     was_training = unet.training
     unet.eval()
     for epoch, rows in tqdm(mine, desc="reference errors", unit="batch", disable=not progress, dynamic_ncols=True):
@@ -120,6 +122,10 @@ def precompute_reference_errors(
         table[epoch, rows, 1] = errors[m:]
         filled[epoch, rows] = 1.0
     unet.train(was_training)
+    if rank == 0:
+        pairs, seconds = sum(len(rows) for _, rows in mine), time.perf_counter() - start
+        print(f"rpo-fast train: reference errors of {pairs} pair(s) in {seconds:.2f} s "
+              f"({1e3 * seconds / max(pairs, 1):.1f} ms a pair{', rank 0' if world > 1 else ''})", flush=True)
     if world > 1:
         import torch.distributed as dist
 

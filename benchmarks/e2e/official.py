@@ -1,0 +1,201 @@
+"""``rpo-fast train`` beside the official Diffusion-DPO trainer, run as published.
+
+    python -m benchmarks.e2e.official --official /path/to/DiffusionDPO [--resolution 32 64]
+
+``--official`` is a checkout of SalesforceAIResearch/DiffusionDPO (its code stays out of this
+repository). Its ``train.py`` runs as published but for one line: the ``raise`` when xformers
+is missing (xformers has no CPU build), in a copy made in the work folder. Both trainers get
+the tiny SD1.5 pipeline and the Pick-a-Pic-format parquet of benchmarks/e2e/assets.py, the
+same pairs per step, resolution, fp32, dpo with ``beta_dpo`` 5000 (rpo-fast's beta 2500),
+constant learning rate, no checkpoints, one process.
+
+Time per optimizer step: the wall time of a run of ``--steps`` long minus one of ``--steps``
+short, over the difference in steps, so that start-up, data loading and the final save drop
+out. Each configuration runs ``--repeats`` times, the configurations interleaved. Peak memory:
+the child's maximum resident set (``wait4``). rpo-fast's latent cache is filled once before the
+timed runs (a feature the official trainer lacks; it VAE-encodes every step), and for
+``--compile`` inductor's cache too (the first compilation at a shape took 90 s here); with
+``--precompute-ref`` the reference pass runs in every timed run, and is timed on its own from
+rpo-fast's log. ``baseline`` is benchmarks/e2e/baseline.py (the e2e benchmark's stand-in for
+the official loop), run through benchmarks/e2e/worker.py and timed the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+from benchmarks.e2e.assets import preference_data, tiny_model
+
+ROWS = 64
+REF_PASS = re.compile(r"reference errors of (\d+) pair\(s\) in ([0-9.]+) s")
+XFORMERS_RAISE = 'raise ValueError("xformers is not available. Make sure it is installed correctly")'
+
+# rpo-fast configurations: name -> extra flags (dpo with a frozen reference is the base).
+RPO_FAST = {"rpo-fast": [], "rpo-fast --compile": ["--compile"], "rpo-fast --lora": ["--lora"],
+            "rpo-fast --precompute-ref": ["--precompute-ref"]}
+TRAINERS = ("official", "baseline", *RPO_FAST)
+
+
+def official_script(checkout: Path, workdir: Path) -> Path:
+    source = (checkout / "train.py").read_text()
+    if XFORMERS_RAISE not in source:
+        raise SystemExit(f"--official: {checkout / 'train.py'} is not the expected version (no xformers check found)")
+    script = workdir / "official_train.py"
+    script.write_text(source.replace(XFORMERS_RAISE, "pass  # xformers check lifted (benchmarks/e2e/official.py)"))
+    return script
+
+
+def official_command(script: Path, model: Path, data: Path, out: Path, steps: int, pairs: int, resolution: int) -> List[str]:
+    return [sys.executable, str(script), f"--pretrained_model_name_or_path={model}", f"--dataset_name={data}",
+            f"--train_batch_size={pairs}", f"--max_train_steps={steps}", f"--resolution={resolution}",
+            "--mixed_precision=no", "--learning_rate=1e-5", "--lr_scheduler=constant", "--lr_warmup_steps=0",
+            "--beta_dpo=5000", "--seed=0", "--dataloader_num_workers=0", "--checkpointing_steps=1000000",
+            "--report_to=all", f"--output_dir={out}"]
+
+
+def rpo_fast_command(flags: List[str], model: Path, data: Path, out: Path, cache: Path, steps: int, pairs: int,
+                     resolution: int) -> List[str]:
+    return [sys.executable, "-m", "rpo_fast.cli", "train", "--pretrained-model", str(model), "--data", str(data),
+            "--output-dir", str(out), "--latent-cache", str(cache), "--batch-pairs", str(pairs),
+            "--max-steps", str(steps), "--resolution", str(resolution), "--method", "dpo", "--beta", "2500",
+            "--mixed-precision", "no", "--learning-rate", "1e-5", "--lr-scheduler", "constant",
+            "--checkpoint-every", "0", "--no-progress", "--seed", "0", *flags]
+
+
+def baseline_command(model: Path, data: Path, out: Path, steps: int, pairs: int, resolution: int) -> List[str]:
+    """benchmarks/e2e/baseline.py, the stand-in the e2e benchmark times, run as a process the same way."""
+    return [sys.executable, "-m", "benchmarks.e2e.worker", "--loop", "baseline", "--model", str(model),
+            "--data", str(data), "--workdir", str(out), "--pairs", str(pairs), "--resolution", str(resolution),
+            "--warmup", "0", "--steps", str(steps), "--method", "dpo", "--mixed-precision", "no", "--device", "cpu"]
+
+
+def run(command: List[str], cwd: Path, log: Path) -> Dict[str, float]:
+    """Wall seconds and peak resident MiB of one run; its output goes to ``log``."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+    with open(log, "w") as f:
+        start = time.perf_counter()
+        child = subprocess.Popen(command, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - start
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise SystemExit(f"{command[1]} failed (exit {child.returncode}); see {log}")
+    measured = {"seconds": seconds, "peak_mib": usage.ru_maxrss / 1024}
+    ref_pass = REF_PASS.search(log.read_text())  # rpo-fast --precompute-ref prints its pass
+    if ref_pass:
+        measured.update(ref_pairs=int(ref_pass.group(1)), ref_pass_s=float(ref_pass.group(2)))
+    return measured
+
+
+def measure(args) -> Dict[str, object]:
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="rpo-fast-official-"))
+    work.mkdir(parents=True, exist_ok=True)
+    script = official_script(args.official, work)
+    model = tiny_model(work)
+    cache = work / "latent-cache"
+    results: Dict[str, object] = {"pairs": args.pairs, "steps": args.steps, "repeats": args.repeats, "runs": []}
+    for resolution in args.resolution:
+        data = preference_data(work, resolution, ROWS)
+        link = work / f"pickapic-{resolution}px"  # the official trainer's Pick-a-Pic branch keys on the name
+        if not link.exists():
+            link.symlink_to(data.resolve())
+        commands = {"official": lambda out, n: official_command(script, model, link, out, n, args.pairs, resolution)}
+        for name, flags in RPO_FAST.items():
+            commands[name] = (lambda flags: lambda out, n: rpo_fast_command(flags, model, data, out, cache, n,
+                                                                            args.pairs, resolution))(flags)
+        commands["baseline"] = lambda out, n: baseline_command(model, data, out, n, args.pairs, resolution)
+        commands = {name: commands[name] for name in args.trainers}
+        warm = rpo_fast_command([], model, data, work / f"warm-{resolution}px", cache, 1, args.pairs, resolution)
+        run(warm, work, work / f"warm-{resolution}px.log")  # fills the latent cache
+        for name in (n for n in commands if "--compile" in n):  # fills inductor's cache for this shape
+            run(commands[name](work / f"warm-{resolution}px-compile", 1), work, work / f"warm-{resolution}px-compile.log")
+        for repeat in range(args.repeats):
+            for name, command in commands.items():
+                for steps in args.steps:
+                    tag = f"{name.replace(' --', '-')}-{resolution}px-{steps}-{repeat}"
+                    out = work / "out" / tag
+                    measured = run(command(out, steps), work, work / f"{tag}.log")
+                    results["runs"].append({"trainer": name, "resolution": resolution, "steps": steps,
+                                            "repeat": repeat, **measured})
+                    print(f"{tag}: {measured['seconds']:.1f} s, {measured['peak_mib']:.0f} MiB", flush=True)
+    return results
+
+
+def summarize(results: Dict[str, object]) -> List[Dict[str, object]]:
+    """Per (trainer, resolution): milliseconds per step of each repeat (without the reference
+    pass of --precompute-ref, reported as ms per pair), and the peak memory."""
+    short, long_ = min(results["steps"]), max(results["steps"])
+    rows = []
+    keys = sorted({(r["trainer"], r["resolution"]) for r in results["runs"]}, key=lambda k: (k[1], k[0] != "official", k[0] != "baseline", k[0]))
+    for trainer, resolution in keys:
+        runs = [r for r in results["runs"] if r["trainer"] == trainer and r["resolution"] == resolution]
+        per_step, pass_ms = [], []
+        for repeat in range(results["repeats"]):
+            by_steps = {r["steps"]: r for r in runs if r["repeat"] == repeat}
+            seconds = {n: r["seconds"] - r.get("ref_pass_s", 0.0) for n, r in by_steps.items()}
+            per_step.append((seconds[long_] - seconds[short]) / (long_ - short))
+            if "ref_pass_s" in by_steps[long_]:
+                pass_ms.append(1e3 * by_steps[long_]["ref_pass_s"] / by_steps[long_]["ref_pairs"])
+        row = {"trainer": trainer, "resolution": resolution, "ms_per_step": [1e3 * s for s in per_step],
+               "peak_mib": max(r["peak_mib"] for r in runs if r["steps"] == long_)}
+        if pass_ms:
+            row["ref_pass_ms_per_pair"] = pass_ms
+        rows.append(row)
+    for row in rows:
+        official = next(o for o in rows if o["trainer"] == "official" and o["resolution"] == row["resolution"])
+        row["speedup"] = statistics.median(official["ms_per_step"]) / statistics.median(row["ms_per_step"])
+        row["memory_ratio"] = row["peak_mib"] / official["peak_mib"]
+    return rows
+
+
+def markdown(rows: List[Dict[str, object]]) -> str:
+    lines = ["| trainer | px | ms per step (each repeat) | median | × official | peak MiB | memory / official |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        each = " / ".join(f"{v:.0f}" for v in r["ms_per_step"])
+        if "ref_pass_ms_per_pair" in r:
+            each += f" (+ pass {statistics.median(r['ref_pass_ms_per_pair']):.1f} ms a pair)"
+        lines.append(f"| {r['trainer']} | {r['resolution']} | {each} | {statistics.median(r['ms_per_step']):.0f} | "
+                     f"{r['speedup']:.2f} | {r['peak_mib']:.0f} | {r['memory_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--official", type=Path, required=True, help="a checkout of SalesforceAIResearch/DiffusionDPO")
+    p.add_argument("--resolution", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--pairs", type=int, default=4, help="preference pairs per step")
+    p.add_argument("--steps", type=int, nargs=2, default=[3, 63], help="the short and the long run's steps")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS),
+                   help="which to run (default: all; official is needed for the ratios)")
+    p.add_argument("--workdir", type=Path, default=None, help="keep the model, data, logs and outputs here")
+    p.add_argument("--json", type=Path, default=None, help="write the runs and the summary here")
+    args = p.parse_args(argv)
+    if not (args.official / "train.py").is_file():
+        p.error(f"--official: expected a DiffusionDPO checkout with train.py, got {args.official}")
+    if "official" not in args.trainers:
+        p.error("--trainers: include official (every ratio is against it)")
+    if args.steps[0] >= args.steps[1] or args.steps[0] < 1:
+        p.error(f"--steps: expected SHORT LONG with 1 <= SHORT < LONG, got {args.steps}")
+    results = measure(args)
+    rows = summarize(results)
+    print(markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps({**results, "summary": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
