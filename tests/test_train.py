@@ -328,7 +328,7 @@ def test_batches_are_pure_functions_of_seed_epoch_row(tiny_sd15_dir, data_dir, t
             base = torch.full((4, 2, 2), float(row) + 100 * flip, dtype=torch.float16)
             return base, torch.full_like(base, 0.5), -base, torch.full_like(base, 2.0)
 
-    batch = assemble_batch(1, np.array([4, 7, 1]), FakeCache(), lambda r: f"p{r}", 0, 1000)
+    batch = assemble_batch(1, np.array([4, 7, 1]), FakeCache(), lambda epoch, r: f"p{r}", 0, 1000)
     assert batch.latents.shape == (6, 4, 2, 2) and batch.prompts == ["p4", "p7", "p1"]
     assert torch.equal(batch.noise[:3], batch.noise[3:])  # one noise per pair
     assert torch.equal(batch.timesteps[:3], batch.timesteps[3:])  # one timestep per pair
@@ -420,3 +420,77 @@ def test_epochs_sampled_rows_and_random_crops(run_training):
     assert result.skipped_pairs in (0, 1) and result.steps == readable // 2
     lines = _metrics_lines(result)
     assert [x["step"] for x in lines] == list(range(1, result.steps + 1)) and all(x["epoch"] == 0 for x in lines)
+
+
+# ----------------------------------------------------------------- the text-embedding cache
+
+
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_text_cache_gives_the_encoders_embeddings_and_resumes(tiny_sd15_dir, tiny_sdxl_dir, tmp_path, model):
+    from rpo_fast.train import text_cache as tc
+    from rpo_fast.train.models import encode_prompts, prompt_embeddings, tokenize
+
+    folder = {"sd15": tiny_sd15_dir, "sdxl": tiny_sdxl_dir}[model]
+    models = load_models(TrainConfig(pretrained_model=str(folder), data=".", output_dir=str(tmp_path)))
+    prompts = [f"prompt {i % 300}" for i in range(700)]  # 300 distinct + "": two shards of 256, a partial third
+    build = lambda: tc.build_text_cache(models, prompts, tmp_path, "data-fp", 64, torch.device("cpu"),  # noqa: E731
+                                        batch_size=64, progress=False)
+    cache = build()
+    assert sorted(p.name for p in cache.folder.glob("shard-*")) == [f"shard-0000{i}.safetensors" for i in range(2)]
+    asked = ["prompt 299", "", "prompt 7", "prompt 7"]
+    want = encode_prompts(models, tokenize(models.tokenizers, asked), 64, torch.device("cpu"))
+    models.text_cache = cache
+    got = prompt_embeddings(models, asked, 64, torch.device("cpu"))
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)  # batches of 64 vs 4: rounding only
+    assert (got[1] is None) == (model == "sd15")
+    if got[1] is not None:
+        torch.testing.assert_close(got[1]["text_embeds"], want[1]["text_embeds"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(got[1]["time_ids"], want[1]["time_ids"])
+    with pytest.raises(RuntimeError, match="no embedding for prompt 'not in the data'"):
+        cache.lookup(["not in the data"], 64, torch.device("cpu"))
+    # resumable: a lost shard is encoded again, the other kept as it is
+    models.text_cache = None
+    kept = (cache.folder / "shard-00000.safetensors").stat().st_mtime_ns
+    (cache.folder / "shard-00001.safetensors").unlink()
+    again = build()
+    assert again.folder == cache.folder and (cache.folder / "shard-00000.safetensors").stat().st_mtime_ns == kept
+    # keyed by the encoders: other weights, another folder
+    with torch.no_grad():
+        next(models.text_encoders[0].parameters()).add_(1.0)
+    assert build().folder != cache.folder
+
+
+def test_text_cache_run_frees_the_encoders_and_trains_as_without(tiny_sd15_dir, data_dir, latent_root, tmp_path,
+                                                                  monkeypatch):
+    seen = []
+    original = train_loop.prepare
+
+    def spy(config):
+        run = original(config)
+        seen.append((run.models.text_cache is not None, len(run.models.text_encoders)))
+        return run
+
+    monkeypatch.setattr(train_loop, "prepare", spy)
+    kwargs = dict(method="rpo", max_steps=3)
+    cached = train(tiny_config(tiny_sd15_dir, data_dir, tmp_path / "cached", latent_root, **kwargs))
+    live = train(tiny_config(tiny_sd15_dir, data_dir, tmp_path / "live", latent_root, text_cache=False, **kwargs))
+    assert seen == [(True, 0), (False, 1)]
+    w_cached, w_live = unet_weights(cached.output_dir / "unet"), unet_weights(live.output_dir / "unet")
+    w0 = unet_weights(tiny_sd15_dir / "unet")
+    update = torch.cat([(w_live[k] - w0[k]).flatten() for k in w0])
+    diff = torch.cat([(w_cached[k] - w_live[k]).flatten() for k in w0])
+    assert diff.norm() < 2e-2 * update.norm()  # Adam magnifies rounding of near-zero gradients, as above
+
+
+def test_proportion_empty_prompts_is_drawn_per_seed_epoch_row():
+    from rpo_fast.train.batches import PromptTable
+
+    table = PromptTable([f"p{r}" for r in range(2000)], seed=3, empty_rate=0.25)
+    epoch0 = [table(0, r) for r in range(2000)]
+    assert 0.21 < epoch0.count("") / 2000 < 0.29
+    assert epoch0 == [table(0, r) for r in range(2000)]  # a pure function: resume sees the same prompts
+    assert epoch0 != [table(1, r) for r in range(2000)]  # redrawn each epoch
+    assert all(p in ("", f"p{r}") for r, p in enumerate(epoch0))
+    assert [PromptTable(table.prompts, 3)(0, r) for r in range(5)] == table.prompts[:5]  # rate 0: never
+    with pytest.raises(ValueError, match=r"proportion_empty_prompts: expected a fraction in \[0, 1\], got 1.5"):
+        TrainConfig(pretrained_model="m", data="d", output_dir="o", proportion_empty_prompts=1.5)

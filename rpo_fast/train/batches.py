@@ -31,6 +31,27 @@ def draw_flip(seed: int, epoch: int, row: int) -> bool:
     return bool(np.random.SeedSequence([seed, epoch, row, 0x464C]).generate_state(1)[0] & 1)
 
 
+def draw_empty_prompt(seed: int, epoch: int, row: int) -> float:
+    """A uniform draw in [0, 1) per (seed, epoch, row): the pair trains on the empty prompt
+    when it falls below ``--proportion-empty-prompts`` (a stream of its own, like the flip)."""
+    return float(np.random.SeedSequence([seed, epoch, row, 0x454D]).generate_state(1, dtype=np.uint64)[0] / 2.0**64)
+
+
+@dataclass(frozen=True)
+class PromptTable:
+    """Row -> prompt in an epoch: the dataset's, or the empty prompt for the pairs that
+    ``empty_rate`` drops (diffusers' --proportion_empty_prompts)."""
+
+    prompts: List[str]
+    seed: int = 0
+    empty_rate: float = 0.0
+
+    def __call__(self, epoch: int, row: int) -> str:
+        if self.empty_rate and draw_empty_prompt(self.seed, epoch, row) < self.empty_rate:
+            return ""
+        return self.prompts[row]
+
+
 class PairSchedule:
     """Micro-batch ``u`` -> (epoch, rows of this rank). Each epoch visits the readable rows
     in a fresh permutation; the last incomplete global micro-batch of an epoch is dropped."""
@@ -102,7 +123,7 @@ class PairBatch:
         return self
 
 
-def assemble_batch(epoch: int, rows: np.ndarray, cache: LatentCache, prompt_of: Callable[[int], str], seed: int,
+def assemble_batch(epoch: int, rows: np.ndarray, cache: LatentCache, prompt_of: Callable[[int, int], str], seed: int,
                    num_train_timesteps: int) -> PairBatch:
     """The batch of ``rows``, drawn straight into preallocated tensors (the draws of
     :func:`draw_sample`, without a temporary tensor per row)."""
@@ -123,7 +144,7 @@ def assemble_batch(epoch: int, rows: np.ndarray, cache: LatentCache, prompt_of: 
         torch.addcmul(mean_w, std_w, eps, out=latents[i])  # latent = mean + std * eps
         eps.normal_(generator=g)
         torch.addcmul(mean_l, std_l, eps, out=latents[m + i])
-    return PairBatch(epoch, torch.tensor(rows_list, dtype=torch.long), [prompt_of(r) for r in rows_list],
+    return PairBatch(epoch, torch.tensor(rows_list, dtype=torch.long), [prompt_of(epoch, r) for r in rows_list],
                      latents, noise, timesteps)
 
 
@@ -131,7 +152,7 @@ class MicroBatches(torch.utils.data.Dataset):
     """Index ``u`` (a micro-batch number) -> this rank's PairBatch; for a DataLoader with
     ``batch_size=None`` so that workers assemble batches ahead of the training step."""
 
-    def __init__(self, schedule: PairSchedule, cache: LatentCache, prompts: List[str], rank: int, seed: int,
+    def __init__(self, schedule: PairSchedule, cache: LatentCache, prompts: PromptTable, rank: int, seed: int,
                  num_train_timesteps: int, start: int, stop: int):
         self.schedule, self.cache, self.prompts = schedule, cache, prompts
         self.rank, self.seed, self.T = rank, seed, num_train_timesteps
@@ -142,7 +163,7 @@ class MicroBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> PairBatch:
         epoch, rows = self.schedule.local_rows(self.start + i, self.rank)
-        return assemble_batch(epoch, rows, self.cache, self.prompts.__getitem__, self.seed, self.T)
+        return assemble_batch(epoch, rows, self.cache, self.prompts, self.seed, self.T)
 
 
 def micro_batch_loader(dataset: MicroBatches, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:

@@ -76,6 +76,8 @@ class TrainConfig:
                        flag_aliases={"--no_hflip": False})
     random_crop: bool = _opt(False, "crop at a random position (drawn per seed and row, so the latent cache keeps "
                              "one crop per image) instead of the centre")
+    proportion_empty_prompts: float = _opt(0.0, "train this fraction of pairs on the empty prompt (drawn per seed, "
+                                           "epoch and row), as diffusers' --proportion_empty_prompts")
 
     # -- objective --------------------------------------------------------------------------
     method: str = _opt("rpo", "rpo | dpo | sft", choices=METHODS)
@@ -132,10 +134,14 @@ class TrainConfig:
     compile: Optional[bool] = _opt(None, "torch.compile the UNet (unset: on for CUDA)")
     compile_mode: Optional[str] = _opt(None, "torch.compile mode, e.g. max-autotune")
     gradient_checkpointing: bool = _opt(False, "recompute UNet activations in the backward pass to save memory")
+    fsdp: bool = _opt(False, "under torchrun: shard the UNet's weights, gradients and optimizer state (and a frozen "
+                      "reference copy) over the processes with FSDP2 instead of replicating them with DDP")
     allow_tf32: bool = _opt(True, "allow TF32 matmuls on Ampere and newer GPUs")
     latent_cache: Optional[str] = _opt(None, "latent cache folder, shared across runs (unset: "
                                        "$RPO_FAST_CACHE/latents or ~/.cache/rpo_fast/latents)")
     vae_encode_batch_size: int = _opt(8, "images per VAE call when filling the latent cache")
+    text_cache: bool = _opt(True, "encode each distinct prompt once before training, into the latent cache's "
+                            "folder, and free the text encoders (--no-text-cache: encode every step)")
     dataloader_num_workers: int = _opt(0, "DataLoader worker processes (image decoding, batch assembly)")
 
     # -- runs, checkpoints, logs --------------------------------------------------------------
@@ -186,8 +192,10 @@ class TrainConfig:
             raise ValueError(f"resolution: expected a multiple of 8 (the VAE downsamples by 8), got {self.resolution}")
         for name in ("beta", "tau", "learning_rate", "adam_epsilon", "ddp_timeout_minutes"):
             _check_float(name, getattr(self, name), positive=True)
-        for name in ("adam_weight_decay", "max_grad_norm", "sft_weight"):
+        for name in ("adam_weight_decay", "max_grad_norm", "sft_weight", "proportion_empty_prompts"):
             _check_float(name, getattr(self, name), positive=False)
+        if self.proportion_empty_prompts > 1:
+            raise ValueError(f"proportion_empty_prompts: expected a fraction in [0, 1], got {self.proportion_empty_prompts}")
         if self.lora_alpha is not None:
             _check_float("lora_alpha", self.lora_alpha, positive=True)
         if isinstance(self.lora_target_modules, str):

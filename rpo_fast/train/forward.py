@@ -11,7 +11,7 @@ from typing import Dict, Optional
 import torch
 
 from .batches import PairBatch
-from .models import Models, encode_prompts, tokenize
+from .models import Models, prompt_embeddings
 
 
 @dataclass
@@ -39,7 +39,7 @@ def unet_inputs(models: Models, batch: PairBatch, device: torch.device, resoluti
         target = noise
     else:
         target = scheduler.get_velocity(latents, noise, timesteps)
-    hidden, added = encode_prompts(models, tokenize(models.tokenizers, batch.prompts), resolution, device)
+    hidden, added = prompt_embeddings(models, batch.prompts, resolution, device)
     repeat = 1 if winners_only else 2
     if repeat > 1:
         hidden = hidden.repeat(repeat, 1, 1)

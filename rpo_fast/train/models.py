@@ -26,7 +26,8 @@ class Models:
     vae: Optional[torch.nn.Module]  # released (None) once the latent cache is filled
     noise_scheduler: object  # DDPMScheduler: add_noise, get_velocity, prediction_type
     tokenizers: List[object]
-    text_encoders: List[torch.nn.Module]
+    text_encoders: List[torch.nn.Module]  # released (empty) once the text cache is filled
+    text_cache: Optional[object] = None  # text_cache.TextCache: prompt embeddings read, not encoded
 
     @property
     def prediction_type(self) -> str:
@@ -106,10 +107,12 @@ def load_models(config: TrainConfig) -> Models:
 
 
 def module_identity(module: torch.nn.Module) -> str:
-    """A content hash of a module's config and weights: the VAE's identity in cache keys."""
+    """A content hash of a module's config and weights: a model's identity in cache keys."""
     h = hashlib.sha256()
     config = getattr(module, "config", None)
-    h.update(json.dumps(dict(config) if config is not None else {}, sort_keys=True, default=str).encode())
+    # diffusers' configs are mappings, transformers' have to_dict()
+    settings = config.to_dict() if hasattr(config, "to_dict") else dict(config) if config is not None else {}
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(str(tensor.dtype).encode())
@@ -138,11 +141,24 @@ def encode_prompts(models: Models, input_ids: List[torch.Tensor], resolution: in
         out = encoder(ids.to(device), output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
         pooled = out[0]  # text_embeds of the projection encoder (the last one)
-    batch = pooled.shape[0]
-    # (original height, width, crop top, left, target height, width), as in the diffusers SDXL DPO example
-    time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=device, dtype=pooled.dtype)
-    added = {"text_embeds": pooled, "time_ids": time_ids.expand(batch, 6)}
-    return torch.cat(hidden, dim=-1), added
+    return torch.cat(hidden, dim=-1), sdxl_added_conditioning(pooled, resolution)
+
+
+def sdxl_added_conditioning(pooled: torch.Tensor, resolution: int) -> Dict[str, torch.Tensor]:
+    """SDXL's added_cond_kwargs: the pooled text embedding and the size and crop ids
+    (original height, width, crop top, left, target height, width), as in the diffusers SDXL
+    DPO example."""
+    time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=pooled.device,
+                            dtype=pooled.dtype)
+    return {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], 6)}
+
+
+def prompt_embeddings(models: Models, prompts: List[str], resolution: int, device):
+    """(encoder_hidden_states, added_cond_kwargs or None) of ``prompts``: read from the text
+    cache when the run has one, else encoded now."""
+    if models.text_cache is not None:
+        return models.text_cache.lookup(prompts, resolution, device)
+    return encode_prompts(models, tokenize(models.tokenizers, prompts), resolution, device)
 
 
 def add_lora(unet: torch.nn.Module, config: TrainConfig) -> None:
@@ -185,9 +201,11 @@ def load_trainable_state_dict(unet: torch.nn.Module, state: Dict[str, torch.Tens
     unet.load_state_dict(state, strict=True)
 
 
-def save_trained(unet: torch.nn.Module, models: Models, config: TrainConfig, output_dir: Path) -> List[Path]:
+def save_trained(unet: torch.nn.Module, models: Models, config: TrainConfig, output_dir: Path,
+                 state: Optional[Dict[str, torch.Tensor]] = None) -> List[Path]:
     """Diffusers-format outputs: ``unet/`` (save_pretrained) for full fine-tuning, or
     ``pytorch_lora_weights.safetensors`` that ``pipeline.load_lora_weights(output_dir)`` reads.
+    ``state``: the full state dict of a sharded ``unet`` (``--fsdp``), gathered by the caller.
     Written to a temporary name first, then renamed, so a crash never leaves half a file."""
     import shutil
 
@@ -197,7 +215,7 @@ def save_trained(unet: torch.nn.Module, models: Models, config: TrainConfig, out
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state))
         layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}
         pipeline_class = StableDiffusionXLPipeline if models.model_type == "sdxl" else StableDiffusionPipeline
         tmp = output_dir / ".lora.tmp"
@@ -214,6 +232,12 @@ def save_trained(unet: torch.nn.Module, models: Models, config: TrainConfig, out
         return written
     tmp, final, old = output_dir / ".unet.tmp", output_dir / "unet", output_dir / ".unet.old"
     shutil.rmtree(tmp, ignore_errors=True)
+    if state is not None:  # a plain UNet of the gathered weights: a sharded one saves its shards
+        from diffusers import UNet2DConditionModel
+
+        plain = UNet2DConditionModel.from_config(unet.config)
+        plain.load_state_dict(state)
+        unet = plain
     unet.save_pretrained(tmp, safe_serialization=True)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)

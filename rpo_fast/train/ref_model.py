@@ -82,9 +82,10 @@ def visited_rows(schedule: PairSchedule, num_micro_batches: int):
 
 
 def table_key(dataset_fingerprint: str, latent_key: str, model_key: str, schedule: PairSchedule,
-              num_micro_batches: int, mixed_precision: str) -> str:
+              num_micro_batches: int, mixed_precision: str, empty_prompt_rate: float = 0.0) -> str:
+    empty = (("empty-prompts", empty_prompt_rate),) if empty_prompt_rate else ()
     return content_hash("ref-errors-v1", dataset_fingerprint, latent_key, model_key, schedule.seed,
-                 schedule.global_pairs, num_micro_batches, mixed_precision)
+                        schedule.global_pairs, num_micro_batches, mixed_precision, *empty)
 
 
 @torch.no_grad()
@@ -113,7 +114,7 @@ def precompute_reference_errors(
     was_training = unet.training
     unet.eval()
     for epoch, rows in tqdm(mine, desc="reference errors", unit="batch", disable=not progress, dynamic_ncols=True):
-        batch = assemble_batch(epoch, rows, cache, prompts.__getitem__, seed, models.num_train_timesteps)
+        batch = assemble_batch(epoch, rows, cache, prompts, seed, models.num_train_timesteps)
         inputs = unet_inputs(models, batch, device, resolution)
         with autocast():
             errors = per_sample_mse(predict(unet, inputs), inputs.target).double().cpu()
