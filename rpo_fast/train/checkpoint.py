@@ -1,6 +1,7 @@
 """Checkpoints that survive a kill at any moment.
 
-``<output_dir>/checkpoint-<step>/`` holds the trainable weights (safetensors), the optimizer,
+``<output_dir>/checkpoint-<step>/`` holds the trainable weights (safetensors; with ``--fsdp``
+each rank's shards, train/sharding.py), the optimizer,
 LR-scheduler and grad-scaler states, every process's RNG states and ``trainer_state.json``
 (step, data position, counters, the options that must match on resume). It is written into
 a hidden temporary folder, flushed to disk, then renamed: a folder named
@@ -93,15 +94,17 @@ def save_checkpoint(
     step: int,
     *,
     model_state: Dict[str, torch.Tensor],
-    optimizer,
+    optimizer_state: Dict[str, Any],
     lr_scheduler,
     grad_scaler,
     trainer_state: Dict[str, Any],
     rank: int = 0,
+    sharded: bool = False,
     barrier: Callable[[], None] = lambda: None,
     total_limit: Optional[int] = None,
 ) -> Path:
-    """Every rank calls this (each writes its RNG state); rank 0 writes the rest and renames."""
+    """Every rank calls this (each writes its RNG state, and with ``sharded`` its shards of the
+    model and optimizer states); rank 0 writes the rest and renames."""
     from safetensors.torch import save_file
 
     final = output_dir / f"checkpoint-{step}"
@@ -111,9 +114,11 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier()
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    if sharded or rank == 0:
+        model_file, optimizer_file = _state_files(rank if sharded else None)
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}, str(tmp / model_file))
+        torch.save(optimizer_state, tmp / optimizer_file)
     if rank == 0:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
         if grad_scaler is not None:
             torch.save(grad_scaler.state_dict(), tmp / "grad_scaler.pt")
@@ -136,17 +141,28 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, rank: int = 0) -> Dict[str, Any]:
-    """Everything save_checkpoint wrote, as tensors and dicts (on the CPU)."""
+def _state_files(shard_rank: Optional[int]):
+    """(model, optimizer) file names: one pair per checkpoint, or one per rank when sharded."""
+    if shard_rank is None:
+        return MODEL_FILE, "optimizer.pt"
+    return f"model-rank{shard_rank}.safetensors", f"optimizer-rank{shard_rank}.pt"
+
+
+def load_checkpoint(path: Path, rank: int = 0, sharded: bool = False) -> Dict[str, Any]:
+    """Everything save_checkpoint wrote, as tensors and dicts (on the CPU): with ``sharded``
+    this rank's shards."""
     from safetensors.torch import load_file
 
     rng_file = path / f"rng-rank{rank}.pt"
-    if not rng_file.exists():
-        raise ValueError(f"resume: {path} has no RNG state for rank {rank}; was it written with fewer processes?")
+    model_file, optimizer_file = _state_files(rank if sharded else None)
+    for needed in (rng_file, path / model_file):
+        if not needed.exists():
+            raise ValueError(f"resume: {path} has no {needed.name}; was it written with fewer processes, or "
+                             f"{'without' if sharded else 'with'} --fsdp?")
     scaler_file = path / "grad_scaler.pt"
     return {
-        "model": load_file(str(path / MODEL_FILE)),
-        "optimizer": _load_data(path / "optimizer.pt"),
+        "model": load_file(str(path / model_file)),
+        "optimizer": _load_data(path / optimizer_file),
         "lr_scheduler": _load_data(path / "lr_scheduler.pt"),
         "grad_scaler": _load_data(scaler_file) if scaler_file.exists() else None,
         "rng": _load_data(rng_file),

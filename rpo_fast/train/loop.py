@@ -30,7 +30,7 @@ from .. import diffusion_dpo_loss, diffusion_rpo_loss, sft_loss
 from .._types import DTYPE_NAMES
 from ..data import SampledPreferenceDataset, load_preference_dataset
 from . import checkpoint as ckpt
-from .batches import MicroBatches, PairBatch, PairSchedule, micro_batch_loader
+from .batches import MicroBatches, PairBatch, PairSchedule, PromptTable, micro_batch_loader
 from .config import TrainConfig, config_to_dict
 from .forward import predict, unet_inputs
 from .latent_cache import build_latent_cache, default_cache_root
@@ -39,12 +39,15 @@ from .models import (Models, add_lora, detect_model_type, load_models, load_trai
                      save_trained, trainable_state_dict)
 from .optim import make_optimizer
 from .preflight import check_inputs, check_output_dir, clear_run
+from . import sharding
 from .ref_model import REF_ERRORS_FILE, Reference, frozen_copy, precompute_reference_errors, table_key
+from .text_cache import build_text_cache
 
 # Options a resumed run must share with the checkpoint (others, e.g. max_steps, may change).
 _RESUME_MUST_MATCH = ("pretrained_model", "method", "loss_type", "beta", "tau", "sft_weight", "lora", "lora_rank",
                       "lora_alpha", "lora_target_modules", "batch_pairs", "gradient_accumulation_steps", "resolution", "seed",
-                      "embeddings", "precompute_ref", "mixed_precision", "pretrained_vae", "hflip", "random_crop")
+                      "embeddings", "precompute_ref", "mixed_precision", "pretrained_vae", "hflip", "random_crop",
+                      "proportion_empty_prompts", "text_cache", "fsdp")
 
 
 @dataclass
@@ -79,7 +82,7 @@ class Run:
     grad_scaler: Optional[torch.amp.GradScaler]
     schedule: PairSchedule
     cache: Any
-    prompts: List[str]
+    prompts: PromptTable
     emb_w: Optional[torch.Tensor]
     emb_l: Optional[torch.Tensor]
     skipped_pairs: int
@@ -158,6 +161,9 @@ def prepare(config: TrainConfig) -> Run:
             model_type = detect_model_type(config.pretrained_model, config.revision, config.cache_dir)
         config = dataclasses.replace(config, resolution=1024 if model_type == "sdxl" else 512)
     device, rank, world, group, owns_group = _setup_process(config)
+    if config.fsdp and world < 2:
+        raise ValueError("fsdp: shards the UNet over the processes of a torchrun launch; run with "
+                         "torchrun --nproc-per-node N (N >= 2), or drop --fsdp")
     _seed_everything(config.seed + rank)
     output_dir = Path(config.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -180,7 +186,7 @@ def prepare(config: TrainConfig) -> Run:
         hflip=config.hflip, crop_seed=config.seed if config.random_crop else None,
     )
     models.vae = None  # not needed any more: free its memory
-    prompts = [dataset.prompt(i) for i in range(len(dataset))]
+    prompts = PromptTable([dataset.prompt(i) for i in range(len(dataset))], config.seed, config.proportion_empty_prompts)
 
     # Embeddings (rpo's similarity weights): rows without one are left out like unreadable ones.
     emb_w = emb_l = None
@@ -203,6 +209,11 @@ def prepare(config: TrainConfig) -> Run:
     weight_dtype = _weight_dtype(config.mixed_precision)
     for encoder in models.text_encoders:
         encoder.to(device, dtype=weight_dtype if device.type == "cuda" else torch.float32)
+    if config.text_cache:  # each distinct prompt encoded once; the encoders then leave the device
+        models.text_cache = build_text_cache(models, prompts.prompts, cache_root, dataset.fingerprint, config.resolution,
+                                             device, progress=config.progress and rank == 0, rank=rank, world=world,
+                                             barrier=barrier)
+        models.text_encoders = []
     unet = models.unet.to(device)
     reference = _reference(config, unet, models, cache, prompts, schedule, dataset.fingerprint, cache.folder.name,
                            device, output_dir, rank, world, group)
@@ -213,6 +224,11 @@ def prepare(config: TrainConfig) -> Run:
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
+    if config.fsdp:  # before the optimizer is built: it must see the sharded parameters
+        param_dtype = weight_dtype if config.mixed_precision != "no" else None
+        sharding.shard_unet(unet, param_dtype)
+        if reference is not None and reference.kind == "copy":
+            sharding.shard_unet(reference.model, param_dtype)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = make_optimizer(config, params, device)
     from diffusers.optimization import get_scheduler
@@ -235,9 +251,9 @@ def prepare(config: TrainConfig) -> Run:
         _restore(run, path, dataset.fingerprint)
 
     # Wrap for data parallelism, then compile (DDP first lets dynamo split graphs at buckets).
-    if world > 1:
-        run.ddp = torch.nn.parallel.DistributedDataParallel(
-            unet, device_ids=[device.index] if device.type == "cuda" else None)
+    if world > 1 and not config.fsdp:
+        run.ddp = torch.nn.parallel.DistributedDataParallel(  # gradients as views of the buckets: not held twice
+            unet, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
         run.forward_model = run.ddp
     if config.compile if config.compile is not None else device.type == "cuda":
         run.forward_model = torch.compile(run.forward_model, mode=config.compile_mode)
@@ -261,7 +277,8 @@ def _reference(config: TrainConfig, unet, models, cache, prompts, schedule: Pair
             unet, models, cache, prompts, schedule, micro_batches, seed=config.seed,
             resolution=config.resolution, device=device, autocast=lambda: _autocast(device, config.mixed_precision),
             batch_pairs=2 * config.batch_pairs, path=output_dir / REF_ERRORS_FILE,
-            key=table_key(fingerprint, latent_key, model_key, schedule, micro_batches, config.mixed_precision),
+            key=table_key(fingerprint, latent_key, model_key, schedule, micro_batches, config.mixed_precision,
+                          config.proportion_empty_prompts),
             rank=rank, world=world, process_group=group, progress=config.progress and rank == 0,
         )
         return Reference("precomputed", table=table)
@@ -293,15 +310,20 @@ def _compat(config: TrainConfig, world: int, fingerprint: str) -> Dict[str, Any]
 
 
 def _restore(run: Run, path: Path, fingerprint: str) -> None:
-    state = ckpt.load_checkpoint(path, run.rank)
+    state = ckpt.load_checkpoint(path, run.rank, sharded=run.config.fsdp)
     trainer = state["trainer_state"]
     saved, now = trainer["compat"], _compat(run.config, run.world, fingerprint)
     diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != (list(v) if isinstance(v, tuple) else v)}
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"resume: {path} was written by a run with other settings ({detail})")
-    load_trainable_state_dict(run.unet, {k: v.to(run.device) for k, v in state["model"].items()}, run.config.lora)
-    run.optimizer.load_state_dict(state["optimizer"])
+    model_state = {k: v.to(run.device) for k, v in state["model"].items()}
+    if run.config.fsdp:
+        sharding.load_local_model_state(run.unet, model_state)
+        sharding.load_local_optimizer_state(run.optimizer, state["optimizer"])
+    else:
+        load_trainable_state_dict(run.unet, model_state, run.config.lora)
+        run.optimizer.load_state_dict(state["optimizer"])
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     if run.grad_scaler is not None and state["grad_scaler"] is not None:
         run.grad_scaler.load_state_dict(state["grad_scaler"])
@@ -323,11 +345,16 @@ def _save_checkpoint(run: Run) -> Path:
         "compat": _compat(run.config, run.world, run.dataset_fingerprint),
         "config": config_to_dict(run.config),
     }
-    model_state = trainable_state_dict(run.unet, run.config.lora) if run.rank == 0 else {}
+    if run.config.fsdp:  # every rank its own shards
+        model_state, optimizer_state = sharding.local_model_state(run.unet), sharding.local_optimizer_state(run.optimizer)
+    elif run.rank == 0:
+        model_state, optimizer_state = trainable_state_dict(run.unet, run.config.lora), run.optimizer.state_dict()
+    else:
+        model_state, optimizer_state = {}, {}
     return ckpt.save_checkpoint(
-        run.output_dir, run.step, model_state=model_state, optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
-        grad_scaler=run.grad_scaler, trainer_state=trainer_state, rank=run.rank, barrier=run.barrier,
-        total_limit=run.config.checkpoints_total_limit,
+        run.output_dir, run.step, model_state=model_state, optimizer_state=optimizer_state,
+        lr_scheduler=run.lr_scheduler, grad_scaler=run.grad_scaler, trainer_state=trainer_state, rank=run.rank,
+        sharded=run.config.fsdp, barrier=run.barrier, total_limit=run.config.checkpoints_total_limit,
     )
 
 
@@ -378,6 +405,8 @@ def train_step(run: Run, batches: Iterator[PairBatch]) -> Dict[str, float]:
         batch = next(batches)
         last = micro == accum - 1
         sync = run.ddp.no_sync() if (run.ddp is not None and not last) else contextlib.nullcontext()
+        if run.config.fsdp and accum > 1:
+            run.unet.set_requires_gradient_sync(last)  # FSDP's no_sync: reduce-scatter on the last only
         with sync:
             loss, metrics = compute_loss(run, batch)
             scaled = loss / accum
@@ -395,11 +424,12 @@ def train_step(run: Run, batches: Iterator[PairBatch]) -> Dict[str, float]:
 
     if run.grad_scaler is not None:
         run.grad_scaler.unscale_(run.optimizer)
+    grads = [p.grad for p in run.params if p.grad is not None]
     if config.max_grad_norm > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm, foreach=True))
+        norm = torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm, foreach=True)
     else:
-        grad_norm = float(torch.linalg.vector_norm(torch.stack(
-            [p.grad.float().norm() for p in run.params if p.grad is not None])))
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # sharded under FSDP
     metrics["grad_norm"] = grad_norm
     loss_finite = math.isfinite(metrics["loss"])
     # fp16: inf gradients are the grad scaler's business (it skips the step and lowers the scale).
@@ -485,8 +515,10 @@ def train(config: TrainConfig) -> TrainResult:
         bar.close()
         log.close()
         saved: List[Path] = []
-        if config.save_final and main:
-            saved = save_trained(run.unet, run.models, config, run.output_dir)
+        if config.save_final:
+            full = sharding.full_model_state(run.unet) if config.fsdp else None  # a collective: every rank
+            if main:
+                saved = save_trained(run.unet, run.models, config, run.output_dir, state=full)
         run.barrier()
         return TrainResult(run.output_dir, metrics, run.step, run.skipped_pairs, run.nonfinite_steps, saved, checkpoints)
     finally:
