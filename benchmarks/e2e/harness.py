@@ -21,6 +21,13 @@ def data_rows(profile) -> int:
     return max([profile.e2e_data_rows] + [2 * c.pairs for c in profile.e2e_configs])
 
 
+def child_env(**overrides: str) -> Dict[str, str]:
+    """This process's environment for a benchmark subprocess: the repository importable
+    (``benchmarks``, and this checkout's ``rpo_fast`` ahead of an installed one), plus ``overrides``."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+                **overrides)
+
+
 def run_worker(config: E2EConfig, model: Path, data: Path, workdir: Path, *, method: str = "rpo",
                mixed_precision: str = "no", timeout_s: float = 1800) -> Dict[str, object]:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -31,8 +38,7 @@ def run_worker(config: E2EConfig, model: Path, data: Path, workdir: Path, *, met
         "--warmup", str(config.warmup_steps), "--steps", str(config.timed_steps),
         "--method", method, "--mixed-precision", mixed_precision,
     ]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout_s)
     results = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not results:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from benchmarks.e2e.assets import preference_data, tiny_model
+from benchmarks.e2e.harness import child_env
 
 ROWS = 64
 REF_PASS = re.compile(r"reference errors of (\d+) pair\(s\) in ([0-9.]+) s")
@@ -81,8 +82,7 @@ def baseline_command(model: Path, data: Path, out: Path, steps: int, pairs: int,
 
 def run(command: List[str], cwd: Path, log: Path) -> Dict[str, float]:
     """Wall seconds and peak resident MiB of one run; its output goes to ``log``."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+    env = child_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     with open(log, "w") as f:
         start = time.perf_counter()
         child = subprocess.Popen(command, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import textwrap
 from pathlib import Path
 
 from benchmarks.e2e.assets import preference_data, tiny_model
+from benchmarks.e2e.harness import child_env
 
 WORKER = textwrap.dedent("""
     import json, sys, torch
@@ -85,8 +85,8 @@ def main(argv=None) -> int:
     if not (models["sdxl"] / "model_index.json").exists():
         build_tiny_sdxl(models["sdxl"])
     data = preference_data(work, args.resolution, 16)
-    env = {**{k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+    env = child_env(OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)  # torchrun sets its own; a single process must not think it has peers
     rows = []
     for model, folder in models.items():
         for i, (name, settings, procs) in enumerate(configurations()):

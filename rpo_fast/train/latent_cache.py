@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -204,7 +204,7 @@ def _fill(folder: Path, dataset: PreferenceDataset, vae, resolution: int, vae_id
     }
     folder.mkdir(parents=True, exist_ok=True)
     if rank == 0 and not (folder / "meta.json").exists():
-        _write_atomic_text(folder / "meta.json", json.dumps(meta, indent=1))
+        write_atomic(folder / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
 
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -232,9 +232,7 @@ def _fill(folder: Path, dataset: PreferenceDataset, vae, resolution: int, vae_id
             parts["valid"].append(readable.to(torch.uint8))
             bar.update(n)
         tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
-        tmp = folder / (shard_name(shard) + f".tmp-{os.getpid()}")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, folder / shard_name(shard))
+        write_atomic(folder / shard_name(shard), lambda tmp: save_file(tensors, str(tmp)))
     bar.close()
 
 
@@ -246,7 +244,9 @@ def _existing_shard_size(folder: Path, default: int) -> int:
     return default
 
 
-def _write_atomic_text(path: Path, text: str) -> None:
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temporary name beside ``path``, then a rename: a reader (or a
+    resumed fill) sees the whole file or none. The text cache writes its files this way too."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
+    write(tmp)
     os.replace(tmp, path)

@@ -278,7 +278,7 @@ def _reference(config: TrainConfig, unet, models, cache, prompts, schedule: Pair
             resolution=config.resolution, device=device, autocast=lambda: _autocast(device, config.mixed_precision),
             batch_pairs=2 * config.batch_pairs, path=output_dir / REF_ERRORS_FILE,
             key=table_key(fingerprint, latent_key, model_key, schedule, micro_batches, config.mixed_precision,
-                          config.proportion_empty_prompts),
+                          prompts.empty_rate),
             rank=rank, world=world, process_group=group, progress=config.progress and rank == 0,
         )
         return Reference("precomputed", table=table)
@@ -424,11 +424,10 @@ def train_step(run: Run, batches: Iterator[PairBatch]) -> Dict[str, float]:
 
     if run.grad_scaler is not None:
         run.grad_scaler.unscale_(run.optimizer)
-    grads = [p.grad for p in run.params if p.grad is not None]
     if config.max_grad_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm, foreach=True)
     else:
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None], foreach=True)
     grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # sharded under FSDP
     metrics["grad_norm"] = grad_norm
     loss_finite = math.isfinite(metrics["loss"])

@@ -17,13 +17,13 @@ shards ``rank, rank + world, ...``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ..data import content_hash
+from .latent_cache import shard_name, write_atomic
 from .models import Models, encode_prompts, module_identity, sdxl_added_conditioning, tokenize
 
 FORMAT_VERSION = 1
@@ -50,7 +50,7 @@ class TextCache:
         if s not in self._shards:
             from safetensors import safe_open
 
-            self._shards[s] = safe_open(str(self.folder / _shard_name(s)), framework="pt")
+            self._shards[s] = safe_open(str(self.folder / shard_name(s)), framework="pt")
         return self._shards[s]
 
     def _rows(self, name: str, rows: List[int]) -> torch.Tensor:
@@ -68,12 +68,8 @@ class TextCache:
         return hidden, sdxl_added_conditioning(pooled, resolution)
 
 
-def _shard_name(s: int) -> str:
-    return f"shard-{s:05d}.safetensors"
-
-
 def _missing_shards(folder: Path, count: int) -> List[int]:
-    return [s for s in range(count) if not (folder / _shard_name(s)).exists()]
+    return [s for s in range(count) if not (folder / shard_name(s)).exists()]
 
 
 def build_text_cache(models: Models, prompts: List[str], root: Path, dataset_fingerprint: str, resolution: int,
@@ -90,7 +86,7 @@ def build_text_cache(models: Models, prompts: List[str], root: Path, dataset_fin
     todo = [s for s in _missing_shards(folder, shards) if s % world == rank]
     if todo:
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(folder / "prompts.json", lambda tmp: tmp.write_text(json.dumps(distinct)))
+        write_atomic(folder / "prompts.json", lambda tmp: tmp.write_text(json.dumps(distinct)))
         bar = tqdm(total=sum(len(distinct[s * SHARD_SIZE:(s + 1) * SHARD_SIZE]) for s in todo), desc="encoding prompts",
                    unit="prompt", disable=not progress, dynamic_ncols=True)
         for s in todo:
@@ -105,16 +101,10 @@ def build_text_cache(models: Models, prompts: List[str], root: Path, dataset_fin
             tensors = {"hidden": torch.cat(hidden).contiguous()}
             if pooled:
                 tensors["pooled"] = torch.cat(pooled).contiguous()
-            _write_atomic(folder / _shard_name(s), lambda tmp: save_file(tensors, str(tmp)))
+            write_atomic(folder / shard_name(s), lambda tmp: save_file(tensors, str(tmp)))
         bar.close()
     if barrier is not None:  # every rank, whether it had work or not: collectives must pair up
         barrier()
     if _missing_shards(folder, shards) or not (folder / "prompts.json").exists():
         raise RuntimeError(f"text cache {folder} is incomplete after filling it")
     return TextCache(folder, models.model_type)
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    tmp.replace(path)
