@@ -185,6 +185,45 @@ def test_nonfinite_loss_is_skipped_then_stops(run_training, tiny_sd15_dir, data_
                           max_steps=5, max_nonfinite_steps=2))
 
 
+def test_a_nonfinite_step_is_skipped_on_the_device_and_counted_when_read(tiny_sd15_dir, data_dir, latent_root, tmp_path,
+                                                                          monkeypatch):
+    """Fused AdamW skips a non-finite step itself (found_inf): weights and optimizer state stay
+    as they were, and the step is counted at the next reading step, not before."""
+    run = train_loop.prepare(tiny_config(tiny_sd15_dir, data_dir, tmp_path / "o", latent_root, method="dpo",
+                                         max_steps=4, log_every=10))
+    try:
+        assert train_loop._skips_on_device(run)
+        batches = train_loop.step_batches(run, 0, 4)
+        unread = train_loop.train_step(run, batches, read=False)
+        assert isinstance(unread["loss"], torch.Tensor) and run.unsettled  # nothing read yet
+        weights = {n: p.detach().clone() for n, p in run.unet.named_parameters()}
+        state = {k: v.clone() for k, v in run.optimizer.state[run.params[0]].items()}
+        real = train_loop.compute_loss
+        monkeypatch.setattr(train_loop, "compute_loss", lambda r, b: (lambda l, m: (l * float("nan"), m))(*real(r, b)))
+        train_loop.train_step(run, batches, read=False)
+        assert run.nonfinite_steps == 0  # not read yet
+        for n, p in run.unet.named_parameters():
+            assert torch.equal(p, weights[n]), n
+        for k, v in run.optimizer.state[run.params[0]].items():
+            assert torch.equal(v, state[k]), k
+        monkeypatch.setattr(train_loop, "compute_loss", real)
+        metrics = train_loop.train_step(run, batches, read=True)
+        assert run.nonfinite_steps == 1 and run.nonfinite_in_a_row == 0 and not run.unsettled
+        assert metrics["nonfinite_steps"] == 1 and isinstance(metrics["loss"], float)
+        assert any(not torch.equal(p, weights[n]) for n, p in run.unet.named_parameters())  # the good step updated
+    finally:
+        run.close()
+
+
+def test_nonfinite_steps_between_log_steps_stop_the_run_at_the_step_they_reached_the_limit(
+        tiny_sd15_dir, data_dir, latent_root, tmp_path, monkeypatch):
+    real = train_loop.compute_loss
+    monkeypatch.setattr(train_loop, "compute_loss", lambda r, b: (lambda l, m: (l * float("nan"), m))(*real(r, b)))
+    with pytest.raises(RuntimeError, match="stopped at step 2: 2 steps in a row had a non-finite loss"):
+        train(tiny_config(tiny_sd15_dir, data_dir, tmp_path / "o", latent_root, method="dpo", max_steps=4,
+                          log_every=10, max_nonfinite_steps=2))
+
+
 def test_bad_input_is_a_clear_error_at_start(tiny_sd15_dir, data_dir, latent_root, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -10,7 +10,7 @@ from typing import Dict
 import torch
 
 from rpo_fast.train import TrainConfig
-from rpo_fast.train.loop import prepare, step_batches, train_step
+from rpo_fast.train.loop import prepare, settle_nonfinite, step_batches, train_step
 
 
 def measure_throughput(config: TrainConfig, num_steps: int = 10, warmup_steps: int = 2) -> Dict[str, float]:
@@ -31,7 +31,8 @@ def measure_throughput(config: TrainConfig, num_steps: int = 10, warmup_steps: i
             torch.cuda.reset_peak_memory_stats(run.device)
         start = time.perf_counter()
         for _ in range(num_steps):
-            train_step(run, batches)  # ends with a host sync (the finite-loss check)
+            train_step(run, batches, read=False)  # as rpo-fast train's steps between log steps
+        settle_nonfinite(run)  # reads the steps' finiteness: waits for the device
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
         seconds = time.perf_counter() - start

@@ -91,6 +91,7 @@ class Run:
     step: int = 0
     nonfinite_steps: int = 0
     nonfinite_in_a_row: int = 0
+    unsettled: List[Any] = field(default_factory=list)  # (step, [loss finite, gradient finite]) not read yet
     resumed_from: Optional[Path] = None
     skipped: List[Dict[str, Any]] = field(default_factory=list)  # {"row", "where", "why"} of each skipped row
     dropped_ties: int = 0
@@ -335,6 +336,7 @@ def _restore(run: Run, path: Path, fingerprint: str) -> None:
 
 
 def _save_checkpoint(run: Run) -> Path:
+    settle_nonfinite(run)  # the counters the checkpoint holds
     trainer_state = {
         "step": run.step,
         "micro_batches_done": run.step * run.micro_batches_per_step,  # the data position
@@ -394,9 +396,15 @@ def compute_loss(run: Run, batch: PairBatch):
     return loss, metrics
 
 
-def train_step(run: Run, batches: Iterator[PairBatch]) -> Dict[str, float]:
+def train_step(run: Run, batches: Iterator[PairBatch], read: bool = True) -> Dict[str, Any]:
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches. A non-finite
-    loss or gradient skips the update (counted); too many in a row stop the run."""
+    loss or gradient skips the update (counted); too many in a row stop the run.
+
+    With torch's fused AdamW (the default) the skip is decided on the device, so a step need
+    not wait for its numbers: ``read=False`` returns the metrics as 0-dim tensors and leaves
+    the non-finite count for the next reading step (:func:`settle_nonfinite`); ``read=True``
+    (the default) reads them, one host sync. The other optimizers and fp16's grad scaler need
+    the host to decide, so their steps sync every time."""
     config = run.config
     accum = run.micro_batches_per_step
     run.optimizer.zero_grad(set_to_none=True)
@@ -420,7 +428,6 @@ def train_step(run: Run, batches: Iterator[PairBatch]) -> Dict[str, float]:
         values = values.to(run.device)
         dist.all_reduce(values, op=dist.ReduceOp.SUM, group=run.group)
         values = values / run.world
-    metrics = dict(zip(names, values.cpu().tolist()))
 
     if run.grad_scaler is not None:
         run.grad_scaler.unscale_(run.optimizer)
@@ -428,37 +435,65 @@ def train_step(run: Run, batches: Iterator[PairBatch]) -> Dict[str, float]:
         norm = torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm, foreach=True)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None], foreach=True)
-    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # sharded under FSDP
-    metrics["grad_norm"] = grad_norm
-    loss_finite = math.isfinite(metrics["loss"])
+    if hasattr(norm, "full_tensor"):  # sharded under FSDP
+        norm = norm.full_tensor()
     # fp16: inf gradients are the grad scaler's business (it skips the step and lowers the scale).
-    grad_ok = math.isfinite(grad_norm) or run.grad_scaler is not None
-    if loss_finite and grad_ok:
+    finite = torch.stack([values[names.index("loss")].isfinite(),
+                          norm.isfinite() if run.grad_scaler is None else torch.ones_like(norm, dtype=torch.bool)])
+    run.unsettled.append((run.step + 1, finite))
+    if _skips_on_device(run):
+        run.optimizer.found_inf = (~finite.all()).float()  # read by the fused kernel: no update, state kept
+        run.optimizer.step()
+    elif bool(finite.all()):  # the host decides: a sync
         if run.grad_scaler is not None:
             run.grad_scaler.step(run.optimizer)
         else:
             run.optimizer.step()
-        run.nonfinite_in_a_row = 0
     else:
         run.optimizer.zero_grad(set_to_none=True)
-        run.nonfinite_steps += 1
-        run.nonfinite_in_a_row += 1
-        if run.nonfinite_in_a_row >= config.max_nonfinite_steps:
-            raise RuntimeError(
-                f"training stopped at step {run.step + 1}: {run.nonfinite_in_a_row} steps in a row had a non-finite "
-                f"{'loss' if not loss_finite else 'gradient'} ({run.nonfinite_steps} in total). Try a lower "
-                "learning_rate or beta, mixed_precision bf16 instead of fp16, or check the data; resume from the "
-                "last checkpoint with --resume latest."
-            )
     if run.grad_scaler is not None:
         run.grad_scaler.update()
     with warnings.catch_warnings():  # a skipped first step: the schedule still advances with the step count
         warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
         run.lr_scheduler.step()
     run.step += 1
+    metrics = {**dict(zip(names, values.unbind())), "grad_norm": norm}
+    if read or not _skips_on_device(run):
+        settle_nonfinite(run)
+    if read:
+        metrics = dict(zip(metrics, torch.stack(list(metrics.values())).cpu().tolist()))
     metrics["lr"] = run.lr_scheduler.get_last_lr()[0]
     metrics["nonfinite_steps"] = run.nonfinite_steps
     return metrics
+
+
+def _skips_on_device(run: Run) -> bool:
+    """torch's fused AdamW takes a ``found_inf`` flag (as GradScaler gives it) and then leaves
+    weights and state untouched: the skip needs no host decision."""
+    return run.grad_scaler is None and isinstance(run.optimizer, torch.optim.AdamW) and bool(run.optimizer.defaults["fused"])
+
+
+def settle_nonfinite(run: Run) -> None:
+    """Reads the finiteness of the steps not yet read (one host sync), counts the skipped ones,
+    and stops the run when ``max_nonfinite_steps`` of them came in a row."""
+    if not run.unsettled:
+        return
+    steps = [step for step, _ in run.unsettled]
+    flags = torch.stack([flag for _, flag in run.unsettled]).tolist()
+    run.unsettled.clear()
+    for step, (loss_finite, grad_finite) in zip(steps, flags):
+        if loss_finite and grad_finite:
+            run.nonfinite_in_a_row = 0
+            continue
+        run.nonfinite_steps += 1
+        run.nonfinite_in_a_row += 1
+        if run.nonfinite_in_a_row >= run.config.max_nonfinite_steps:
+            raise RuntimeError(
+                f"training stopped at step {step}: {run.nonfinite_in_a_row} steps in a row had a non-finite "
+                f"{'loss' if not loss_finite else 'gradient'} ({run.nonfinite_steps} in total). Try a lower "
+                "learning_rate or beta, mixed_precision bf16 instead of fp16, or check the data; resume from the "
+                "last checkpoint with --resume latest."
+            )
 
 
 def step_batches(run: Run, start_step: int, stop_step: int) -> Iterator[PairBatch]:
@@ -498,18 +533,24 @@ def train(config: TrainConfig) -> TrainResult:
         metrics: Dict[str, Any] = {}
         window_pairs, window_start = 0, time.perf_counter()
         while run.step < config.max_steps:
-            metrics = train_step(run, batches)
+            step = run.step + 1
+            logs = step % config.log_every == 0 or step == config.max_steps
+            saves = (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.max_steps
+            step_metrics = train_step(run, batches, read=logs or saves)  # the other steps do not wait for the device
             window_pairs += run.global_pairs_per_step
+            bar.update(1)
+            if not (logs or saves):
+                continue
+            metrics = step_metrics
             elapsed = time.perf_counter() - window_start
             metrics["pairs_per_s"] = window_pairs / elapsed if elapsed > 0 else float("nan")
             metrics["epoch"] = run.schedule.epoch_of(run.step * run.micro_batches_per_step - 1)
-            bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4g}", acc=f"{metrics.get('implicit_acc', float('nan')):.2f}",
                             pairs_s=f"{metrics['pairs_per_s']:.1f}", refresh=False)
-            if run.step % config.log_every == 0 or run.step == config.max_steps:
+            if logs:
                 log.log(run.step, {**metrics, "skipped_pairs": run.skipped_pairs})
                 window_pairs, window_start = 0, time.perf_counter()
-            if (config.checkpoint_every and run.step % config.checkpoint_every == 0) or run.step == config.max_steps:
+            if saves:
                 checkpoints.append(_save_checkpoint(run))
         bar.close()
         log.close()
