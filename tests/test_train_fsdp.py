@@ -1,8 +1,10 @@
 """FSDP2 (--fsdp) on two CPU processes (torchrun, gloo): the sharded step gives the parameter
 gradients of one process holding the global batch, and a rank killed with SIGKILL, resumed
-with --resume latest from the per-rank shards, ends with the uninterrupted run's weights."""
+with --resume latest from the per-rank shards, ends with the uninterrupted run's weights;
+Adafactor's factored statistics of sharded parameters train as one process does, and resume."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 from rpo_fast.train.checkpoint import list_checkpoints
+from rpo_fast.train import train
 from train_utils import one_thread, synthetic_pickapic, tiny_config, unet_weights
 
 WORKER = textwrap.dedent("""
@@ -119,6 +122,52 @@ def test_sigkill_of_a_rank_then_resume_gives_the_uninterrupted_weights(tiny_sd15
     assert want.keys() == got.keys() and len(want) > 10
     for name in want:
         assert torch.equal(want[name], got[name]), name
+
+
+TRAINER = textwrap.dedent("""
+    import json, sys, torch
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from rpo_fast.train import TrainConfig, train
+
+    dist.init_process_group("gloo")  # here, not in train(): each run leaves the group to the next
+    for config in json.loads(open(sys.argv[1]).read()):
+        train(TrainConfig(**config))
+    dist.destroy_process_group()
+""")
+
+
+def test_adafactor_under_fsdp_trains_as_one_process_and_resumes(tiny_sd15_dir, data, tmp_path):
+    # transformers' Adafactor keeps a row and a column statistic per weight (means of the squared
+    # gradient over its last two dims) and clips by the update's RMS; rpo_fast's subclass makes
+    # them DTensors for sharded parameters (train/optim.py), so every mean and norm is the global
+    # one: the same optimizer as one process holding the whole parameters and the global batch,
+    # to fp32 sum order (statistics of each rank's shard alone would differ in the column means,
+    # the row normalisation and the clipping, far above this tolerance).
+    settings = dict(method="rpo", optimizer="adafactor", checkpoint_every=2, learning_rate=1e-4)
+    with one_thread():
+        one = train(tiny_config(tiny_sd15_dir, data, tmp_path / "one", tmp_path / "latents", batch_pairs=4,
+                                max_steps=3, **settings))
+    runs = [tiny_config(tiny_sd15_dir, data, tmp_path / name, tmp_path / "latents", batch_pairs=2, fsdp=True,
+                        max_steps=steps, resume=resume, **settings)
+            for name, steps, resume in (("two", 3, None), ("split", 2, None), ("split", 3, "latest"))]
+    (tmp_path / "runs.json").write_text(json.dumps([vars(c) for c in runs]))
+    (tmp_path / "trainer.py").write_text(TRAINER)
+    done = subprocess.run([*TORCHRUN, str(tmp_path / "trainer.py"), str(tmp_path / "runs.json")], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two, split = Path(runs[0].output_dir), Path(runs[1].output_dir)
+    losses = [json.loads(line)["loss"] for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(map(math.isfinite, losses))
+    base, want, got = (unet_weights(path) for path in (Path(tiny_sd15_dir) / "unet", one.output_dir / "unet", two / "unet"))
+    assert want.keys() == got.keys() and len(want) > 10
+    step_one = torch.cat([(want[n] - base[n]).flatten() for n in want])
+    step_two = torch.cat([(got[n] - base[n]).flatten() for n in want])
+    assert step_one.norm() > 0 and (step_two - step_one).norm() / step_one.norm() < 1e-4
+    # resumed from step 2's per-rank shards (the factored statistics come back with their own
+    # shapes and layouts, not the parameter's): step 3 as the uninterrupted run took it
+    resumed = unet_weights(split / "unet")
+    assert all(torch.equal(got[n], resumed[n]) for n in got)
 
 
 def test_fsdp_without_torchrun_is_a_one_line_error(tiny_sd15_dir, data, tmp_path):

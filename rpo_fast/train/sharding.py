@@ -73,17 +73,24 @@ def local_optimizer_state(optimizer) -> Dict[str, Any]:
 
 
 def load_local_optimizer_state(optimizer, state: Dict[str, Any]) -> None:
-    """The inverse: shards become sharded tensors again, laid out as their parameters."""
+    """The inverse: shards become sharded tensors again, laid out as their parameters, or, for
+    an optimizer whose state is shaped otherwise (Adafactor's factored statistics: train/optim.py),
+    as the optimizer's ``initial_state`` of the parameter lays that entry out."""
     from torch.distributed.tensor import DTensor
 
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    groups = [(p, group) for group in optimizer.param_groups for p in group["params"]]
     restored = {}
     for i, s in state["state"].items():
-        p = params[int(i)]
-        restored[i] = {k: DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                             stride=p.stride())
-                       if isinstance(p, DTensor) and torch.is_tensor(v) and v.dim() > 0 else v
-                       for k, v in s.items()}
+        p, group = groups[int(i)]
+        template = optimizer.initial_state(p, group) if hasattr(optimizer, "initial_state") else {}
+        entries = {}
+        for k, v in s.items():
+            like = template.get(k, p)
+            if isinstance(like, DTensor) and torch.is_tensor(v) and v.dim() > 0:
+                v = DTensor.from_local(v, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                                       stride=like.stride())
+            entries[k] = v
+        restored[i] = entries
     optimizer.load_state_dict({**state, "state": restored})
 
 
