@@ -1,6 +1,6 @@
 """FSDP2 (--fsdp) on two CPU processes (torchrun, gloo): the sharded step gives the parameter
 gradients of one process holding the global batch, and a rank killed with SIGKILL, resumed
-with --resume latest from the per-rank shards, ends with the uninterrupted run's weights;
+with --resume latest from the sharded checkpoint (torch.distributed.checkpoint), ends with the uninterrupted run's weights;
 Adafactor's factored statistics of sharded parameters train as one process does, and resume."""
 
 import json
@@ -112,9 +112,13 @@ def test_sigkill_of_a_rank_then_resume_gives_the_uninterrupted_weights(tiny_sd15
     agent.wait(timeout=120)
     assert agent.returncode != 0 and not (out / "unet").exists()
     assert sorted(list_checkpoints(out)) == [2]
-    assert sorted(p.name for p in (out / "checkpoint-2").glob("*-rank*")) == [
-        "model-rank0.safetensors", "model-rank1.safetensors", "optimizer-rank0.pt", "optimizer-rank1.pt",
-        "rng-rank0.pt", "rng-rank1.pt"]
+    # a torch.distributed.checkpoint save in its safetensors storage: a file per rank, the layout
+    # in the files' JSON headers; no pickled .metadata (resuming must never unpickle)
+    checkpoint = out / "checkpoint-2"
+    assert sorted(p.name for p in (checkpoint / "shards").iterdir()) == [
+        "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
+    assert sorted(p.name for p in checkpoint.glob("*-rank*")) == ["rng-rank0.pt", "rng-rank1.pt"]
+    assert not list(checkpoint.rglob("*.metadata")) and not (checkpoint / "model.safetensors").exists()
 
     resumed = subprocess.run(_cli(killed, "--resume", "latest"), env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -164,7 +168,7 @@ def test_adafactor_under_fsdp_trains_as_one_process_and_resumes(tiny_sd15_dir, d
     step_one = torch.cat([(want[n] - base[n]).flatten() for n in want])
     step_two = torch.cat([(got[n] - base[n]).flatten() for n in want])
     assert step_one.norm() > 0 and (step_two - step_one).norm() / step_one.norm() < 1e-4
-    # resumed from step 2's per-rank shards (the factored statistics come back with their own
+    # resumed from step 2's sharded checkpoint (the factored statistics come back with their own
     # shapes and layouts, not the parameter's): step 3 as the uninterrupted run took it
     resumed = unet_weights(split / "unet")
     assert all(torch.equal(got[n], resumed[n]) for n in got)

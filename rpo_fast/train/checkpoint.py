@@ -1,8 +1,9 @@
 """Checkpoints that survive a kill at any moment.
 
-``<output_dir>/checkpoint-<step>/`` holds the trainable weights (safetensors; with ``--fsdp``
-each rank's shards, train/sharding.py), the optimizer,
-LR-scheduler and grad-scaler states, every process's RNG states and ``trainer_state.json``
+``<output_dir>/checkpoint-<step>/`` holds the trainable weights (safetensors) and the
+optimizer state (with ``--fsdp``: both as a ``torch.distributed.checkpoint`` save in
+safetensors files, one per rank, under ``shards/``, and the optimizer's plain values in
+``optimizer_values.json``), the LR-scheduler and grad-scaler states, every process's RNG states and ``trainer_state.json``
 (step, data position, counters, the options that must match on resume). It is written into
 a hidden temporary folder, flushed to disk, then renamed: a folder named
 ``checkpoint-<step>`` is always complete, and ``--resume latest`` picks the highest one.
@@ -25,6 +26,8 @@ import torch
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
+SHARDS_DIR = "shards"  # --fsdp: DCP's safetensors storage, one file per rank
+VALUES_FILE = "optimizer_values.json"  # --fsdp: the optimizer state's entries that are not tensors
 
 
 def list_checkpoints(output_dir: Path) -> Dict[int, Path]:
@@ -75,7 +78,9 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 def _fsync_tree(folder: Path) -> None:
     for f in folder.iterdir():
-        if f.is_file():
+        if f.is_dir():
+            _fsync_tree(f)
+        elif f.is_file():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
     _fsync_dir(folder)
@@ -104,7 +109,8 @@ def save_checkpoint(
     total_limit: Optional[int] = None,
 ) -> Path:
     """Every rank calls this (each writes its RNG state, and with ``sharded`` its shards of the
-    model and optimizer states); rank 0 writes the rest and renames."""
+    model and optimizer states, given as train/sharding.py's ``state_dicts``); rank 0 writes the
+    rest and renames."""
     from safetensors.torch import save_file
 
     final = output_dir / f"checkpoint-{step}"
@@ -114,10 +120,11 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     barrier()
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-    if sharded or rank == 0:
-        model_file, optimizer_file = _state_files(rank if sharded else None)
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}, str(tmp / model_file))
-        torch.save(optimizer_state, tmp / optimizer_file)
+    if sharded:
+        _save_shards(tmp, model_state, optimizer_state, rank)
+    elif rank == 0:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
     if rank == 0:
         torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
         if grad_scaler is not None:
@@ -141,32 +148,79 @@ def save_checkpoint(
     return final
 
 
-def _state_files(shard_rank: Optional[int]):
-    """(model, optimizer) file names: one pair per checkpoint, or one per rank when sharded."""
-    if shard_rank is None:
-        return MODEL_FILE, "optimizer.pt"
-    return f"model-rank{shard_rank}.safetensors", f"optimizer-rank{shard_rank}.pt"
+OPTIMIZER_FILE = "optimizer.pt"
 
 
-def load_checkpoint(path: Path, rank: int = 0, sharded: bool = False) -> Dict[str, Any]:
-    """Everything save_checkpoint wrote, as tensors and dicts (on the CPU): with ``sharded``
-    this rank's shards."""
+def _shard_keys(model_state: Dict[str, Any], optimizer_state: Dict[str, Any]) -> Dict[str, Any]:
+    tensors = {f"model.{k}": v for k, v in model_state.items()}
+    tensors.update({f"optimizer.{k}": v for k, v in optimizer_state.items() if torch.is_tensor(v)})
+    return tensors
+
+
+def _save_shards(folder: Path, model_state: Dict[str, Any], optimizer_state: Dict[str, Any], rank: int) -> None:
+    """A DCP save (a collective: every rank its own shards, replicated tensors once)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    dcp.save(_shard_keys(model_state, optimizer_state),
+             storage_writer=HuggingFaceStorageWriter(str(folder / SHARDS_DIR), save_distributed=True))
+    if rank == 0:
+        values = {k: v for k, v in optimizer_state.items() if not torch.is_tensor(v)}
+        (folder / VALUES_FILE).write_text(json.dumps(values, indent=0))
+
+
+def _load_shards(path: Path, model_like: Dict[str, Any], optimizer_like: Dict[str, Any]):
+    """The inverse, into the tensors of ``model_like`` / ``optimizer_like`` (a fresh run's
+    sharded state: each rank reads its own shards). DCP's safetensors reader takes the layout
+    from the files' JSON headers: nothing is unpickled."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    tensors = _shard_keys(model_like, optimizer_like)
+    try:
+        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / SHARDS_DIR)))
+    except Exception as error:  # DCP wraps a rank's failure (e.g. a missing key) in a CheckpointException
+        first = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise ValueError(f"resume: the sharded state in {path / SHARDS_DIR} does not fit this run ({first})") from None
+    values = json.loads((path / VALUES_FILE).read_text())
+    optimizer = {}
+    for key, like in optimizer_like.items():
+        if torch.is_tensor(like):
+            optimizer[key] = tensors[f"optimizer.{key}"]
+        elif key in values:
+            optimizer[key] = tuple(values[key]) if isinstance(like, tuple) else values[key]  # JSON has no tuples
+        else:
+            raise ValueError(f"resume: {path / VALUES_FILE} has no {key!r} (written for another optimizer?)")
+    return {k: tensors[f"model.{k}"] for k in model_like}, optimizer
+
+
+def read_trainer_state(path: Path) -> Dict[str, Any]:
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def load_checkpoint(path: Path, rank: int = 0, shards_like: Optional[tuple] = None) -> Dict[str, Any]:
+    """Everything save_checkpoint wrote, as tensors and dicts (on the CPU); with ``shards_like``
+    (``--fsdp``: a fresh run's model and optimizer state dicts) this rank's shards, loaded
+    into those tensors."""
     from safetensors.torch import load_file
 
     rng_file = path / f"rng-rank{rank}.pt"
-    model_file, optimizer_file = _state_files(rank if sharded else None)
-    for needed in (rng_file, path / model_file):
+    for needed in (rng_file, path / (SHARDS_DIR if shards_like is not None else MODEL_FILE)):
         if not needed.exists():
             raise ValueError(f"resume: {path} has no {needed.name}; was it written with fewer processes, or "
-                             f"{'without' if sharded else 'with'} --fsdp?")
+                             f"{'without' if shards_like is not None else 'with'} --fsdp?")
+    if shards_like is not None:
+        model, optimizer = _load_shards(path, *shards_like)
+    else:
+        model, optimizer = load_file(str(path / MODEL_FILE)), _load_data(path / OPTIMIZER_FILE)
     scaler_file = path / "grad_scaler.pt"
     return {
-        "model": load_file(str(path / model_file)),
-        "optimizer": _load_data(path / optimizer_file),
+        "model": model,
+        "optimizer": optimizer,
         "lr_scheduler": _load_data(path / "lr_scheduler.pt"),
         "grad_scaler": _load_data(scaler_file) if scaler_file.exists() else None,
         "rng": _load_data(rng_file),
-        "trainer_state": json.loads((path / STATE_FILE).read_text()),
+        "trainer_state": read_trainer_state(path),
     }
 
 

@@ -311,19 +311,18 @@ def _compat(config: TrainConfig, world: int, fingerprint: str) -> Dict[str, Any]
 
 
 def _restore(run: Run, path: Path, fingerprint: str) -> None:
-    state = ckpt.load_checkpoint(path, run.rank, sharded=run.config.fsdp)
-    trainer = state["trainer_state"]
-    saved, now = trainer["compat"], _compat(run.config, run.world, fingerprint)
+    saved, now = ckpt.read_trainer_state(path)["compat"], _compat(run.config, run.world, fingerprint)
     diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != (list(v) if isinstance(v, tuple) else v)}
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"resume: {path} was written by a run with other settings ({detail})")
-    model_state = {k: v.to(run.device) for k, v in state["model"].items()}
+    shards_like = sharding.state_dicts(run.unet, run.optimizer) if run.config.fsdp else None
+    state = ckpt.load_checkpoint(path, run.rank, shards_like=shards_like)
+    trainer = state["trainer_state"]
     if run.config.fsdp:
-        sharding.load_local_model_state(run.unet, model_state)
-        sharding.load_local_optimizer_state(run.optimizer, state["optimizer"])
+        sharding.load_state_dicts(run.unet, run.optimizer, state["model"], state["optimizer"])
     else:
-        load_trainable_state_dict(run.unet, model_state, run.config.lora)
+        load_trainable_state_dict(run.unet, {k: v.to(run.device) for k, v in state["model"].items()}, run.config.lora)
         run.optimizer.load_state_dict(state["optimizer"])
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     if run.grad_scaler is not None and state["grad_scaler"] is not None:
@@ -348,7 +347,7 @@ def _save_checkpoint(run: Run) -> Path:
         "config": config_to_dict(run.config),
     }
     if run.config.fsdp:  # every rank its own shards
-        model_state, optimizer_state = sharding.local_model_state(run.unet), sharding.local_optimizer_state(run.optimizer)
+        model_state, optimizer_state = sharding.state_dicts(run.unet, run.optimizer)
     elif run.rank == 0:
         model_state, optimizer_state = trainable_state_dict(run.unet, run.config.lora), run.optimizer.state_dict()
     else:

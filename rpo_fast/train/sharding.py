@@ -7,17 +7,17 @@ it runs (in ``--mixed-precision``'s dtype through FSDP's policy; gradients reduc
 A frozen-copy reference is sharded the same way. The loss, and RPO's contrast over the
 global batch, are those of DDP: FSDP averages the gradients over the ranks as DDP does.
 
-Checkpoints are per rank (``model-rank<r>.safetensors``, ``optimizer-rank<r>.pt``): each rank
-writes and reads only its own shards, so no rank ever holds the whole optimizer state. Not
-``torch.distributed.checkpoint``, whose metadata file is a pickle that loading unpickles,
-where every file of these checkpoints loads with ``weights_only=True``; resuming needs the
-same number of processes (checked with the other settings). The final export gathers the
-full weights on rank 0 once.
+Checkpoints are ``torch.distributed.checkpoint`` (DCP) saves in its safetensors storage
+(``HuggingFaceStorageWriter``, one file per rank): each rank writes and reads only its shards,
+so no rank ever holds the whole optimizer state, and the layout is read back from the
+safetensors headers (JSON), not from the pickled ``.metadata`` of DCP's default storage, so
+resuming never unpickles (train/checkpoint.py). The final export gathers the full weights on
+rank 0 once.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -46,52 +46,23 @@ def shard_unet(unet: torch.nn.Module, param_dtype: Optional[torch.dtype]) -> tor
     return unet
 
 
-def _local(t: Any) -> Any:
-    return t.to_local() if hasattr(t, "to_local") else t
+def state_dicts(unet: torch.nn.Module, optimizer) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The trained parameters and the optimizer state, keyed by parameter name (DCP's flattened
+    optimizer form: ``state.<name>.<entry>``, ``param_groups.<name>.<option>``), sharded
+    tensors as DTensors: what a sharded checkpoint saves, and, from a fresh run (whose
+    optimizer state DCP creates with a zero-learning-rate step), the layout it loads into."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model, optim = get_state_dict(unet, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
+    trained = {n for n, p in unet.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.items() if k in trained}, optim
 
 
-def local_model_state(unet: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """This rank's shard of every trained parameter."""
-    return {n: _local(p.detach()).contiguous() for n, p in unet.named_parameters() if p.requires_grad}
+def load_state_dicts(unet: torch.nn.Module, optimizer, model: Dict[str, Any], optim: Dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-
-def load_local_model_state(unet: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
-    trained = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-    if trained.keys() != state.keys():
-        missing, extra = sorted(trained.keys() - state.keys()), sorted(state.keys() - trained.keys())
-        raise ValueError(f"resume: the checkpoint's shards do not match the model (missing {missing[:3]}, "
-                         f"unexpected {extra[:3]})")
-    with torch.no_grad():
-        for name, p in trained.items():
-            _local(p).copy_(state[name])
-
-
-def local_optimizer_state(optimizer) -> Dict[str, Any]:
-    """``optimizer.state_dict()`` with each sharded tensor replaced by this rank's shard."""
-    state = optimizer.state_dict()
-    return {**state, "state": {i: {k: _local(v) for k, v in s.items()} for i, s in state["state"].items()}}
-
-
-def load_local_optimizer_state(optimizer, state: Dict[str, Any]) -> None:
-    """The inverse: shards become sharded tensors again, laid out as their parameters, or, for
-    an optimizer whose state is shaped otherwise (Adafactor's factored statistics: train/optim.py),
-    as the optimizer's ``initial_state`` of the parameter lays that entry out."""
-    from torch.distributed.tensor import DTensor
-
-    groups = [(p, group) for group in optimizer.param_groups for p in group["params"]]
-    restored = {}
-    for i, s in state["state"].items():
-        p, group = groups[int(i)]
-        template = optimizer.initial_state(p, group) if hasattr(optimizer, "initial_state") else {}
-        entries = {}
-        for k, v in s.items():
-            like = template.get(k, p)
-            if isinstance(like, DTensor) and torch.is_tensor(v) and v.dim() > 0:
-                v = DTensor.from_local(v, like.device_mesh, like.placements, run_check=False, shape=like.shape,
-                                       stride=like.stride())
-            entries[k] = v
-        restored[i] = entries
-    optimizer.load_state_dict({**state, "state": restored})
+    set_state_dict(unet, optimizer, model_state_dict=model, optim_state_dict=optim,
+                   options=StateDictOptions(flatten_optimizer_state_dict=True, strict=False))  # LoRA: base not saved
 
 
 def full_model_state(unet: torch.nn.Module) -> Dict[str, torch.Tensor]:
