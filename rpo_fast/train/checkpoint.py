@@ -26,6 +26,7 @@ import torch
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
 SHARDS_DIR = "shards"  # --fsdp: DCP's safetensors storage, one file per rank
 VALUES_FILE = "optimizer_values.json"  # --fsdp: the optimizer state's entries that are not tensors
 
@@ -146,9 +147,6 @@ def save_checkpoint(
                 shutil.rmtree(found[s], ignore_errors=True)
     barrier()
     return final
-
-
-OPTIMIZER_FILE = "optimizer.pt"
 
 
 def _shard_keys(model_state: Dict[str, Any], optimizer_state: Dict[str, Any]) -> Dict[str, Any]:

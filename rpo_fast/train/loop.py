@@ -535,12 +535,11 @@ def train(config: TrainConfig) -> TrainResult:
             step = run.step + 1
             logs = step % config.log_every == 0 or step == config.max_steps
             saves = (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.max_steps
-            step_metrics = train_step(run, batches, read=logs or saves)  # the other steps do not wait for the device
+            metrics = train_step(run, batches, read=logs or saves)  # the other steps do not wait for the device
             window_pairs += run.global_pairs_per_step
             bar.update(1)
             if not (logs or saves):
                 continue
-            metrics = step_metrics
             elapsed = time.perf_counter() - window_start
             metrics["pairs_per_s"] = window_pairs / elapsed if elapsed > 0 else float("nan")
             metrics["epoch"] = run.schedule.epoch_of(run.step * run.micro_batches_per_step - 1)

@@ -32,9 +32,9 @@ def _adafactor_class():
         """transformers' Adafactor whose state of a DTensor parameter is made of DTensors."""
 
         def initial_state(self, p: torch.Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
-            """The state transformers' Adafactor creates at a parameter's first step, with each
-            tensor sharded as DTensor propagates the parameter's placements through the
-            reductions the step applies (``mean(-1)`` for the row, ``mean(-2)`` for the column
+            """For a DTensor ``p``: the state transformers' Adafactor creates at a parameter's
+            first step, with each tensor sharded as DTensor propagates the parameter's placements
+            through the reductions the step applies (``mean(-1)`` for the row, ``mean(-2)`` for the column
             statistic)."""
             factored, use_first_moment = self._get_options(group, p.shape)
             state: Dict[str, Any] = {"step": 0, "RMS": 0}
@@ -42,12 +42,6 @@ def _adafactor_class():
                 state["exp_avg"] = torch.zeros_like(p)
             if not factored:
                 state["exp_avg_sq"] = torch.zeros_like(p)
-                return state
-            from torch.distributed.tensor import DTensor
-
-            if not isinstance(p, DTensor):
-                state["exp_avg_sq_row"] = torch.zeros(p.shape[:-1]).to(p)
-                state["exp_avg_sq_col"] = torch.zeros(p.shape[:-2] + p.shape[-1:]).to(p)
                 return state
             for name, dim in (("exp_avg_sq_row", -1), ("exp_avg_sq_col", -2)):
                 stat = torch.zeros_like(p).mean(dim=dim)  # a local shard's worth of zeros, then the reduction
