@@ -47,14 +47,15 @@ def build_tokenizer(save_dir: PathLike, num_merges: int = 1000, max_length: int 
     return tokenizer
 
 
-def tiny_text_encoder(vocab_size: int, hidden: int, projection_dim: int, max_length: int, with_projection: bool):
+def tiny_text_encoder(vocab_size: int, hidden: int, projection_dim: int, max_length: int, with_projection: bool,
+                      num_layers: int = 2):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=2,
         max_position_embeddings=max_length,
         projection_dim=projection_dim,
@@ -120,6 +121,7 @@ def build_tiny_sd15(
     sample_size: int = 8,
     block_out_channels: Sequence[int] = (32, 64),
     text_hidden: int = 32,
+    text_layers: int = 2,
     num_merges: int = 1000,
     prediction_type: str = "epsilon",
     seed: int = 0,
@@ -132,7 +134,8 @@ def build_tiny_sd15(
     torch.manual_seed(seed)
     save_dir = Path(save_dir)
     tokenizer = build_tokenizer(save_dir / "tokenizer", num_merges)
-    text_encoder = tiny_text_encoder(len(tokenizer), text_hidden, text_hidden, 77, with_projection=False)
+    text_encoder = tiny_text_encoder(len(tokenizer), text_hidden, text_hidden, 77, with_projection=False,
+                                     num_layers=text_layers)
     unet = _unet(sample_size, block_out_channels, cross_attention_dim=text_hidden)
     pipe = StableDiffusionPipeline(
         vae=_vae(),
@@ -154,6 +157,7 @@ def build_tiny_sdxl(
     sample_size: int = 8,
     block_out_channels: Sequence[int] = (32, 64),
     text_hidden: int = 32,
+    text_layers: int = 2,
     num_merges: int = 1000,
     prediction_type: str = "epsilon",
     seed: int = 0,
@@ -166,8 +170,10 @@ def build_tiny_sdxl(
     save_dir = Path(save_dir)
     tokenizer = build_tokenizer(save_dir / "tokenizer", num_merges)
     tokenizer_2 = build_tokenizer(save_dir / "tokenizer_2", num_merges)
-    text_encoder = tiny_text_encoder(len(tokenizer), text_hidden, text_hidden, 77, with_projection=False)
-    text_encoder_2 = tiny_text_encoder(len(tokenizer_2), text_hidden, text_hidden, 77, with_projection=True)
+    text_encoder = tiny_text_encoder(len(tokenizer), text_hidden, text_hidden, 77, with_projection=False,
+                                     num_layers=text_layers)
+    text_encoder_2 = tiny_text_encoder(len(tokenizer_2), text_hidden, text_hidden, 77, with_projection=True,
+                                       num_layers=text_layers)
     time_embed_dim = 8
     unet = _unet(
         sample_size,
