@@ -140,3 +140,16 @@ def test_saved_bytes_of_the_cpu_backend(method):
     with torch_threads(1):
         _, extra = saved_for_backward(lambda: fn(inputs), inputs)
     assert extra < 1024
+
+
+def test_official_side_by_side_counts_private_memory_apart_from_libraries(tmp_path):
+    """The side-by-side harness's two peaks: a child that fills 160 MiB of its own heap shows it
+    in its private peak (anonymous pages), while its resident peak also counts the libraries."""
+    from benchmarks.e2e.official import run
+
+    fill = "import time; b = bytearray(160 << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.2)"
+    measured = run([sys.executable, "-c", fill], tmp_path, tmp_path / "child.log")
+    assert 160 <= measured["private_peak_mib"] < 200
+    assert measured["peak_mib"] >= measured["private_peak_mib"]
+    idle = run([sys.executable, "-c", "import time; time.sleep(0.2)"], tmp_path, tmp_path / "idle.log")
+    assert idle["private_peak_mib"] < 40
