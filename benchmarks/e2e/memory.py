@@ -17,9 +17,10 @@ from typing import Dict, Optional
 import torch
 
 
-def _status_kib(field: str) -> Optional[int]:
+def status_kib(field: str, pid: str = "self") -> Optional[int]:
+    """One ``kB`` field of /proc/<pid>/status (None where there is none, or the process is gone)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
     except OSError:
         return None
@@ -31,7 +32,7 @@ class PeakMemory:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.base_rss = (_status_kib("VmRSS") or 0) * 1024
+        self.base_rss = (status_kib("VmRSS") or 0) * 1024
         self.base_cuda = torch.cuda.memory_allocated() if device.type == "cuda" else 0
         self.rss_source = "VmHWM"
 
@@ -47,7 +48,7 @@ class PeakMemory:
 
     def peak(self) -> Dict[str, int]:
         if self.rss_source == "VmHWM":
-            rss = (_status_kib("VmHWM") or 0) * 1024
+            rss = (status_kib("VmHWM") or 0) * 1024
         else:
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
         out = {"rss": rss - self.base_rss}

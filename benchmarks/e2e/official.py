@@ -14,10 +14,10 @@ short, over the difference in steps, so that start-up, data loading and the fina
 out. Each configuration runs ``--repeats`` times, the configurations interleaved. Peak memory,
 two ways: the child's maximum resident set (``wait4``), and its peak private memory (``RssAnon``
 of /proc/<pid>/status, sampled every 5 ms). On a CPU the first is mostly shared-library pages
-(about 600 of 1000 MiB for these trainers, up to 770 MiB at interpreter exit, when destructors
-fault in more of libtorch), so the second is the one that measures what training holds. rpo-fast's latent cache is filled once before the
-timed runs (a feature the official trainer lacks; it VAE-encodes every step), and for
-``--compile`` inductor's cache too (the first compilation at a shape took 90 s here); with
+(600-770 of about 1300 MiB for these trainers, the most at interpreter exit, when destructors
+fault in more of libtorch), so the second is the one that measures what training holds.
+rpo-fast's latent cache is filled once before the timed runs (a feature the official trainer
+lacks; it VAE-encodes every step), and for ``--compile`` inductor's cache too (the first compilation at a shape took 90 s here); with
 ``--precompute-ref`` the reference pass runs in every timed run, and is timed on its own from
 rpo-fast's log. ``baseline`` is benchmarks/e2e/baseline.py (the e2e benchmark's stand-in for
 the official loop), run through benchmarks/e2e/worker.py and timed the same way.
@@ -40,6 +40,7 @@ from typing import Dict, List
 
 from benchmarks.e2e.assets import preference_data, tiny_model
 from benchmarks.e2e.harness import child_env
+from benchmarks.e2e.memory import status_kib
 
 ROWS = 64
 REF_PASS = re.compile(r"reference errors of (\d+) pair\(s\) in ([0-9.]+) s")
@@ -84,18 +85,9 @@ def baseline_command(model: Path, data: Path, out: Path, steps: int, pairs: int,
             "--warmup", "0", "--steps", str(steps), "--method", "dpo", "--mixed-precision", "no", "--device", "cpu"]
 
 
-def _private_kib(pid: int) -> int:
-    """The process's anonymous resident memory (heap, tensors; not the pages of its libraries)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next((int(line.split()[1]) for line in f if line.startswith("RssAnon:")), 0)
-    except OSError:  # exited
-        return 0
-
-
 def _sample_private_peak(pid: int, done: threading.Event, peak: List[int], every_s: float = 0.005) -> None:
     while not done.wait(every_s):
-        peak[0] = max(peak[0], _private_kib(pid))
+        peak[0] = max(peak[0], status_kib("RssAnon", str(pid)) or 0)  # anonymous pages: heap, tensors
 
 
 def run(command: List[str], cwd: Path, log: Path) -> Dict[str, float]:
