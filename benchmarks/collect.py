@@ -1,7 +1,7 @@
 """Turns pytest-benchmark's json into the suite's results: measurements, then derived rows.
 
 Loss rows (one per case and rpo-fast backend):
-  time_s             forward+backward time: the fastest round (STATISTIC)
+  time_s             forward+backward time: the fastest call (STATISTIC)
   speedup_eager      eager time / time           (the Diffusion-DPO trainers' loss)
   speedup_compiled   compiled eager time / time  (torch.compile of that loss)
   roofline           copy time / time: the minimal bytes (read model_pred, ref_pred and target
@@ -22,8 +22,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 from benchmarks.profiles import E2E_LOOPS
 
 LOSS_KEYS = ("latents", "pairs", "dtype", "method")
-# Loss times compare the fastest round of each implementation: on a shared 2-core machine a
-# round that another process interrupts can take 100x longer (a parallel op waits for its
+# Loss times compare the fastest call of each implementation: on a shared 2-core machine a
+# call that another process interrupts can take 100x longer (a parallel op waits for its
 # descheduled thread), which moves medians by whole factors but rarely the minimum.
 # Medians are kept in the measurements.
 STATISTIC = "min_s"
@@ -35,12 +35,9 @@ def measurements(raw: Dict[str, object]) -> Tuple[List[dict], List[dict]]:
     for bench in raw.get("benchmarks", []):
         info = dict(bench.get("extra_info", {}))
         stats = bench["stats"]
-        if info.get("kind") == "loss":
-            info.update(
-                median_s=stats["median"], min_s=stats["min"], mean_s=stats["mean"], stddev_s=stats["stddev"],
-                rounds=stats["rounds"], iterations=stats.get("iterations", 1),
-            )
-            loss.append(info)
+        if info.get("kind") == "loss":  # one benchmark per case, its implementations interleaved
+            for impl, timed in info.pop("impls").items():
+                loss.append({**info, "impl": impl, **timed})
         elif info.get("kind") == "e2e":
             info["process_wall_s"] = stats["median"]
             e2e.append(info)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.loss_bench import impls_for
 from benchmarks.machine import bench_device, keep_freed_host_memory
 from benchmarks.profiles import PROFILE_NAMES, get_profile
 
@@ -28,9 +27,9 @@ def pytest_generate_tests(metafunc):
     config = metafunc.config
     only = config.getoption("--only")
     profile = _profile(config)
-    if "loss_item" in metafunc.fixturenames:
-        items = [] if only == "e2e" else [(c, i) for c in profile.loss_cases for i in impls_for(bench_device())]
-        metafunc.parametrize("loss_item", items, ids=[f"{c.id}-{i}" for c, i in items])
+    if "loss_case" in metafunc.fixturenames:
+        cases = [] if only == "e2e" else list(profile.loss_cases)
+        metafunc.parametrize("loss_case", cases, ids=[c.id for c in cases])
     if "e2e_item" in metafunc.fixturenames:
         items = [] if only == "loss" else list(profile.e2e_configs)
         metafunc.parametrize("e2e_item", items, ids=[c.id for c in items])

@@ -9,7 +9,9 @@ roofline), ``eager`` (eager_loss.py, as the Diffusion-DPO trainers write it), ``
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Tuple
@@ -24,6 +26,11 @@ BETA = 2500.0  # rpo-fast's beta; the eager loss gets beta_dpo = 2 * BETA (eager
 TAU = 0.5
 EMBED_DIM = 768  # CLIP ViT-L/14, what the Diffusion-RPO paper embeds with
 BASELINE_IMPLS = ("copy", "eager", "compiled")
+# Every timed call reads inputs that were last touched this many bytes of other inputs ago, more
+# than any cache holds (the EPYC's 32 MiB L3, an H100's or H200's 50 MiB L2): a training step
+# reads its predictions and noise fresh. Repeating a call on one set of inputs measured whether
+# they stayed in a cache the host's other tenants share (docs/benchmarks.md, "Cold inputs").
+COLD_BYTES = 128 << 20
 
 
 # Devices each backend is timed on. Triton also runs on the CPU, but only in its interpreter
@@ -119,24 +126,29 @@ def _synchronize(device: torch.device) -> Callable[[], None]:
 
 def copy_step(case: LossCase, device: torch.device) -> Callable[[], None]:
     """A plain copy of as many bytes as the fused loss must move at least: copying 2N
-    elements reads 2N and writes 2N, the 4N of reading three inputs and writing the gradient."""
+    elements reads 2N and writes 2N, the 4N of reading three inputs and writing the gradient.
+    The sources are taken in turn, cold as the loss's inputs; the destination is one buffer,
+    as the loss's gradient reuses the block the allocator kept."""
     sync = _synchronize(device)
-    src = torch.empty(2 * case.numel, dtype=case.torch_dtype, device=device).normal_()
-    dst = torch.empty_like(src)
+    first = torch.empty(2 * case.numel, dtype=case.torch_dtype, device=device).normal_()
+    sources = itertools.cycle([first] + [first.clone() for _ in range(ring_length(first.nbytes) - 1)])
+    dst = torch.empty_like(first)
 
     def step():
-        dst.copy_(src)
+        dst.copy_(next(sources))
         sync()
 
     return step
 
 
-def loss_step(fn: Callable[[LossInputs], torch.Tensor], inputs: LossInputs) -> Callable[[], tuple]:
-    """Forward + backward of ``fn``: the gradient with respect to ``model_pred`` is returned,
-    not accumulated into ``.grad`` (which would add a pass over it)."""
-    sync = _synchronize(inputs.model_pred.device)
+def loss_step(fn: Callable[[LossInputs], torch.Tensor], ring: Tuple[LossInputs, ...]) -> Callable[[], tuple]:
+    """Forward + backward of ``fn`` on the next inputs of ``ring``: the gradient with respect
+    to ``model_pred`` is returned, not accumulated into ``.grad`` (which would add a pass)."""
+    sync = _synchronize(ring[0].model_pred.device)
+    turn = itertools.cycle(ring)
 
     def step():
+        inputs = next(turn)
         loss = fn(inputs)
         (grad,) = torch.autograd.grad(loss, [inputs.model_pred])
         sync()
@@ -145,18 +157,10 @@ def loss_step(fn: Callable[[LossInputs], torch.Tensor], inputs: LossInputs) -> C
     return step
 
 
-@dataclass(frozen=True)
-class Plan:
-    rounds: int
-    iterations: int
-    first_call_s: float  # includes torch.compile's compilation for ``compiled``
-    call_s: float
-
-
-def plan_rounds(step: Callable[[], object], timing: Timing) -> Plan:
-    """Runs ``step`` until warm and sizes the measurement to ``timing``'s budget. The call time
-    is the fastest of a few calls (up to 5, or 0.5 s), so that one call slowed down by another
-    process does not shrink the number of rounds."""
+def warm_up(step: Callable[[], object]) -> Tuple[float, float]:
+    """Calls ``step`` until warm: (the first call's time, which includes torch.compile's
+    compilation for ``compiled``; the fastest of a few more calls, up to 5 or 0.5 s of them,
+    so that one call slowed down by another process does not shrink the number of rounds)."""
     start = time.perf_counter()
     step()
     first = time.perf_counter() - start
@@ -165,10 +169,39 @@ def plan_rounds(step: Callable[[], object], timing: Timing) -> Plan:
         start = time.perf_counter()
         step()
         calls.append(time.perf_counter() - start)
-    call = max(min(calls), 1e-7)
-    iterations = max(1, math.ceil(timing.min_round_s / call)) if timing.max_rounds > 1 else 1
-    rounds = math.ceil(timing.target_s / (call * iterations)) if timing.target_s > 0 else 1
-    return Plan(min(max(rounds, timing.min_rounds), timing.max_rounds), iterations, first, call)
+    return first, min(calls)
+
+
+def rounds_for(call_s: List[float], timing: Timing) -> int:
+    """Rounds (one call of each implementation) giving each ``timing.target_s`` on average."""
+    if timing.target_s <= 0:
+        return timing.min_rounds
+    rounds = math.ceil(timing.target_s * len(call_s) / max(sum(call_s), 1e-7))
+    return min(max(rounds, timing.min_rounds), timing.max_rounds)
+
+
+def interleaved(steps: Dict[str, Callable[[], object]]) -> Tuple[Callable[[], None], Dict[str, List[float]]]:
+    """A round calling each step once, each call timed by itself, and the times it appends to.
+    Each round starts one step further, so no implementation always follows the same one.
+    Interleaved call by call, the implementations of a case meet the same moments of a shared
+    machine: its memory bandwidth moves by a third within minutes (docs/benchmarks.md)."""
+    names = list(steps)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    starts = itertools.count()
+
+    def one_round() -> None:
+        first = next(starts) % len(names)
+        for name in names[first:] + names[:first]:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+
+    return one_round, times
+
+
+def call_stats(times: List[float]) -> Dict[str, float]:
+    return {"min_s": min(times), "median_s": statistics.median(times), "mean_s": statistics.fmean(times),
+            "stddev_s": statistics.pstdev(times), "rounds": len(times)}
 
 
 def saved_for_backward(loss: Callable[[], torch.Tensor], inputs: LossInputs) -> Tuple[int, int]:
@@ -203,6 +236,25 @@ def _reference_result(case: LossCase, device: str) -> Tuple[float, torch.Tensor]
 def cached_inputs(case: LossCase, device: str) -> LossInputs:
     """One case's inputs at a time: every implementation of the case times the same tensors."""
     return make_inputs(case, torch.device(device))
+
+
+def ring_length(set_bytes: int) -> int:
+    """Copies of a case's inputs to take in turn so that the others between two uses of one
+    move at least ``COLD_BYTES`` (at most 1024 copies: the smoke run's toy shapes)."""
+    return min(1024, 1 + math.ceil(COLD_BYTES / set_bytes))
+
+
+@functools.lru_cache(maxsize=1)
+def input_ring(case: LossCase, device: str) -> Tuple[LossInputs, ...]:
+    """``cached_inputs`` and copies of it, the same values in other memory, for the timed
+    calls to take in turn (the embeddings, a few KiB, are shared)."""
+    first = cached_inputs(case, device)
+    tensors = (first.model_pred, first.target, first.ref_pred)
+    copies = [first]
+    for _ in range(ring_length(sum(t.nbytes for t in tensors)) - 1):
+        pred, target, ref = (t.detach().clone() for t in tensors)
+        copies.append(LossInputs(pred.requires_grad_(True), target, ref, first.emb_w, first.emb_l))
+    return tuple(copies)
 
 
 def agreement(case: LossCase, result: Tuple[torch.Tensor, torch.Tensor]) -> Dict[str, float]:

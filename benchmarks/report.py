@@ -65,7 +65,8 @@ def markdown(results: Dict[str, object], plots: Dict[str, str]) -> str:
 
     if summary["loss_rows"]:
         out += ["", "## Loss: forward + backward", ""]
-        out += ["Fastest-round times (medians are in the json); `×eager`, `×compiled`: speedup over the eager loss as the Diffusion-DPO trainers "
+        out += ["Fastest calls, the implementations of a case interleaved call by call on inputs no cache holds "
+                "(medians are in the json); `×eager`, `×compiled`: speedup over the eager loss as the Diffusion-DPO trainers "
                 "write it and over `torch.compile` of it; `roofline`: copy time / time (1.0 = as fast as copying "
                 "the bytes the loss must move); saved: MiB autograd keeps for backward beyond the inputs.", ""]
         if plots.get("loss_time"):

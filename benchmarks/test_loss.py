@@ -1,7 +1,9 @@
 """Loss forward+backward: every rpo-fast backend against the eager and the compiled eager loss.
 
-One benchmark per (case, implementation). ``extra_info`` carries what benchmarks/collect.py
-needs to turn the timings into rows: the case, the implementation, the bytes kept for
+One benchmark per case: its implementations (``loss_bench.impls_for``) are called in turn,
+call by call, each call timed by itself, on inputs that no cache holds (``input_ring``).
+pytest-benchmark times the rounds; ``extra_info["impls"]`` carries each implementation's call
+times and what benchmarks/collect.py needs besides to turn them into rows: the bytes kept for
 backward, the agreement with the eager loss, and the first call's time (which includes
 torch.compile's compilation for ``compiled``).
 """
@@ -11,31 +13,32 @@ from __future__ import annotations
 import dataclasses
 
 from benchmarks.loss_bench import (
-    TOLERANCE, agreement, cached_inputs, copy_step, loss_fn, loss_step, plan_rounds, saved_for_backward,
+    TOLERANCE, agreement, cached_inputs, call_stats, copy_step, impls_for, input_ring, interleaved, loss_fn,
+    loss_step, rounds_for, saved_for_backward, warm_up,
 )
 from benchmarks.machine import bench_device
 
 
-def test_loss(benchmark, loss_item, bench_profile):
-    case, impl = loss_item
-    device = bench_device()
-    inputs = cached_inputs(case, str(device))
-    fn = None if impl == "copy" else loss_fn(case, impl, bench_profile.compile_backend)
-    step = copy_step(case, device) if fn is None else loss_step(fn, inputs)
-    plan = plan_rounds(step, bench_profile.timing)
+def test_loss(benchmark, loss_case, bench_profile):
+    case, device = loss_case, bench_device()
+    ring = input_ring(case, str(device))
+    fns = {impl: loss_fn(case, impl, bench_profile.compile_backend) for impl in impls_for(device) if impl != "copy"}
+    steps = {"copy": copy_step(case, device), **{impl: loss_step(fn, ring) for impl, fn in fns.items()}}
+    warm = {impl: warm_up(step) for impl, step in steps.items()}
+    one_round, times = interleaved(steps)
 
     benchmark.group = case.id
     info = benchmark.extra_info
-    info.update(kind="loss", impl=impl, **dataclasses.asdict(case))
-    info.update(numel=case.numel, minimal_bytes=case.minimal_bytes, first_call_s=plan.first_call_s)
-    info.update(compile_backend=bench_profile.compile_backend if impl == "compiled" else None)
-    benchmark.pedantic(step, rounds=plan.rounds, iterations=plan.iterations, warmup_rounds=1)
-    if fn is None:
-        return
+    info.update(kind="loss", **dataclasses.asdict(case), numel=case.numel, minimal_bytes=case.minimal_bytes)
+    benchmark.pedantic(one_round, rounds=rounds_for([call for _, call in warm.values()], bench_profile.timing))
 
-    errors = agreement(case, step())
-    info.update(errors)
-    info["saved_bytes"], info["saved_extra_bytes"] = saved_for_backward(lambda: fn(inputs), inputs)
+    info["impls"] = impls = {impl: {**call_stats(times[impl]), "first_call_s": warm[impl][0]} for impl in steps}
+    impls["compiled"]["compile_backend"] = bench_profile.compile_backend
+    inputs = cached_inputs(case, str(device))
     loss_tol, grad_tol = TOLERANCE[case.dtype]
-    assert errors["loss_rel_err"] <= loss_tol, f"{impl} disagrees with the eager loss: {errors}"
-    assert errors["grad_rel_err"] <= grad_tol, f"{impl} disagrees with the eager gradient: {errors}"
+    for impl, fn in fns.items():
+        errors = agreement(case, steps[impl]())
+        impls[impl].update(errors)
+        impls[impl]["saved_bytes"], impls[impl]["saved_extra_bytes"] = saved_for_backward(lambda: fn(inputs), inputs)
+        assert errors["loss_rel_err"] <= loss_tol, f"{impl} disagrees with the eager loss: {errors}"
+        assert errors["grad_rel_err"] <= grad_tol, f"{impl} disagrees with the eager gradient: {errors}"
