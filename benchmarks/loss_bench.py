@@ -224,15 +224,6 @@ def saved_for_backward(loss: Callable[[], torch.Tensor], inputs: LossInputs) -> 
 
 
 @functools.lru_cache(maxsize=1)
-def _reference_result(case: LossCase, device: str) -> Tuple[float, torch.Tensor]:
-    """The eager loss and gradient on the case's inputs (cached: every impl compares to it)."""
-    inputs = cached_inputs(case, device)
-    loss = _eager_fn(case.method)(inputs)
-    (grad,) = torch.autograd.grad(loss, [inputs.model_pred])
-    return float(loss.detach()), grad
-
-
-@functools.lru_cache(maxsize=1)
 def cached_inputs(case: LossCase, device: str) -> LossInputs:
     """One case's inputs at a time: every implementation of the case times the same tensors."""
     return make_inputs(case, torch.device(device))
@@ -257,21 +248,69 @@ def input_ring(case: LossCase, device: str) -> Tuple[LossInputs, ...]:
     return tuple(copies)
 
 
+# Rounding of an implementation that computes in float32 (bf16 inputs are upcast exactly)
+# against the float64 truth. A mean of D squares summed in float32 in any order is off by about
+# LAMBDA sqrt(D) u relatively: the probabilistic bound of Higham and Mary (SIAM J. Sci. Comput.
+# 2019), which holds with probability at least 1 - 2 exp(-LAMBDA^2 / 2) (here 1 - 3e-8); the
+# worst case, D u, is 30 times looser at SD latents and would accept a loss off by its own size.
+U32 = 2.0**-24
+LAMBDA = 6.0
+OUTPUT_U = {"fp32": 0.0, "bf16": 2.0**-8}  # the gradient's rounding to model_pred's dtype
+SOFTPLUS_XF1 = 0.2785  # max over x of |x f'(x)| for f(x) = softplus(-x), the sigmoid loss
+SOFTPLUS_F1_XF2 = 1.224  # max over x of |f'(x) + x f''(x)|
+
+
+@functools.lru_cache(maxsize=1)
+def _truth(case: LossCase, device: str) -> Tuple[float, torch.Tensor, float, float]:
+    """The loss and gradient in float64 (the torch reference on float64 copies of the inputs),
+    and the bounds within which a float32 implementation's must lie, to first order: the
+    per-sample errors off by (LAMBDA sqrt(D) + 3) u relatively, moving the loss by
+    sum_k |dL/de_k| (e_k + r_k) times that and each coefficient dL/de_k by its row of the
+    Jacobian; for rpo, the weights off by rho relatively (cosines of E-dim embeddings,
+    (E + 4) u each, over tau, through the softmax); the pair stage's own sums of M or M^2
+    terms; the gradient coef_k (2/D)(pred - target) with its coefficient's error, 4 roundings
+    of its own and its rounding to model_pred's dtype (cached: every implementation checks
+    against it)."""
+    from rpo_fast import reference
+    from rpo_fast.weights import similarity_weights
+
+    x = cached_inputs(case, device)
+    pred, target, ref = (t.detach().double() for t in (x.model_pred, x.target, x.ref_pred))
+    m, d = case.pairs, case.numel // (2 * case.pairs)
+    weights = similarity_weights(x.emb_w.double(), x.emb_l.double(), TAU) if case.method == "rpo" else None
+    errors = reference.per_sample_error(pred, target, torch.float64).requires_grad_(True)
+    ref_err = reference.per_sample_error(ref, target, torch.float64)
+    loss, _ = reference.pair_loss(errors, ref_err, weights, case.method, "sigmoid", BETA)
+    (coef,) = torch.autograd.grad(loss, [errors], create_graph=True)
+    jacobian = torch.stack([torch.autograd.grad(c, [errors], retain_graph=True)[0] for c in coef])
+    coef, loss = coef.detach(), float(loss.detach())
+    grad = coef.view(-1, *([1] * (pred.dim() - 1))) * (2.0 / d) * (pred - target)
+
+    gamma = (LAMBDA * math.sqrt(d) + 3) * U32
+    scale = (errors.detach() + ref_err) * gamma
+    loss_bound = float((coef.abs() * scale).sum()) + (LAMBDA * (m if weights is not None else math.sqrt(m)) + 8) * U32 * abs(loss)
+    coef_bound = jacobian.abs() @ scale + 4 * U32 * coef.abs()
+    if weights is not None:
+        rho = 2 * (EMBED_DIM + 4) * U32 / TAU + 4 * U32
+        loss_bound += SOFTPLUS_XF1 * rho
+        coef_bound += SOFTPLUS_F1_XF2 * BETA * rho / m**2 * torch.cat([weights.sum(1), weights.sum(0)])
+    spread = (pred - target).abs().flatten(1).amax(1)
+    grad_bound = float((coef_bound * (2.0 / d) * spread).max()) + OUTPUT_U[case.dtype] * float(grad.abs().max())
+    return loss, grad, loss_bound, grad_bound
+
+
 def agreement(case: LossCase, result: Tuple[torch.Tensor, torch.Tensor]) -> Dict[str, float]:
-    """Relative error of an implementation's loss and gradient against the eager loss."""
+    """An implementation's loss and gradient against the float64 truth: the errors and the
+    rounding bounds they must stay within (``_truth``), each relative to the true value's
+    size (the gradient's: its largest element)."""
     device = str(result[1].device)
-    ref_loss, ref_grad = _reference_result(case, device)
+    true_loss, true_grad, loss_bound, grad_bound = _truth(case, device)
     loss, grad = result
-    scale = max(abs(ref_loss), 1e-12)
-    grad_scale = float(ref_grad.float().abs().max()) or 1e-12
+    scale = max(abs(true_loss), 1e-300)
+    grad_scale = float(true_grad.abs().max()) or 1e-300
     return {
-        "loss_rel_err": abs(float(loss) - ref_loss) / scale,
-        "grad_rel_err": float((grad.float() - ref_grad.float()).abs().max()) / grad_scale,
+        "loss_rel_err": abs(float(loss) - true_loss) / scale,
+        "grad_rel_err": float((grad.double() - true_grad).abs().max()) / grad_scale,
+        "loss_rel_bound": loss_bound / scale,
+        "grad_rel_bound": grad_bound / grad_scale,
     }
-
-
-# Agreement with the eager loss a benchmark row must show: fp32 accumulates the same way up
-# to summation order; bf16 inputs are upcast exactly, the gradient is rounded to bf16.
-TOLERANCE = {"fp32": (1e-3, 1e-3), "bf16": (1e-2, 2e-2)}
-
-

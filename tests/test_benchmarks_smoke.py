@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from benchmarks.collect import e2e_rows, loss_rows, targets
-from benchmarks.loss_bench import impls_for, loss_fn, make_inputs, saved_for_backward
+from benchmarks.eager_loss import eager_dpo_loss, eager_rpo_loss
+from benchmarks.loss_bench import BETA, TAU, agreement, cached_inputs, impls_for, loss_fn, make_inputs, saved_for_backward
 from benchmarks.profiles import E2E_LOOPS, LossCase, get_profile
 from benchmarks.report import main as report_main
 from parity_utils import torch_threads
@@ -115,6 +116,30 @@ def test_end_to_end_ratios_pair_the_same_configuration():
     assert [r["pairs"] for r in rows] == [2, 4]
     assert rows[0]["rpo_fast_throughput_ratio"] == 3.0 and rows[0]["rpo_fast_memory_ratio"] == 0.5
     assert rows[1]["rpo_fast_throughput_ratio"] is None
+
+
+@pytest.mark.parametrize("method", ["dpo", "rpo"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_agreement_bounds_pass_rounding_and_catch_a_wrong_beta(method, dtype):
+    """The benchmark's check against the float64 truth: the eager loss and the cpu backend lie
+    within the rounding bounds; the same loss with beta 10% off (the loss moves by about as
+    much) does not."""
+    case = LossCase("tiny", 2, dtype, method)
+    x = cached_inputs(case, "cpu")
+
+    def within(beta_factor=None, impl="eager"):
+        if beta_factor is None:
+            loss = loss_fn(case, impl)(x)
+        elif method == "dpo":
+            loss = eager_dpo_loss(x.model_pred, x.target, x.ref_pred, 2 * BETA * beta_factor)[0]
+        else:
+            loss = eager_rpo_loss(x.model_pred, x.target, x.ref_pred, x.emb_w, x.emb_l, 2 * BETA * beta_factor, TAU)[0]
+        (grad,) = torch.autograd.grad(loss, [x.model_pred])
+        a = agreement(case, (loss.detach(), grad))
+        return a["loss_rel_err"] <= a["loss_rel_bound"] and a["grad_rel_err"] <= a["grad_rel_bound"]
+
+    assert within(impl="eager") and within(impl="cpu")
+    assert not within(1.1) and not within(1 / 1.1)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
