@@ -26,7 +26,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from PIL import Image
 
@@ -165,6 +165,21 @@ class PreferenceDataset:
     def _raw_images(self, index: int) -> Tuple[Any, Any]:  # (chosen, rejected), undecoded
         raise NotImplementedError
 
+    def _kept_rows(self, captions: Sequence[Any], labels: Sequence[Any], drop_ties: bool,
+                   room: Optional[int]) -> Iterator[Tuple[int, str, bool]]:
+        """(row, prompt, image 0 preferred) for each row its label keeps, at most ``room``
+        of them (None: all); counts the ties left out in ``dropped_ties``."""
+        kept = 0
+        for row, (caption, label) in enumerate(zip(captions, labels)):
+            first_preferred = _preference_from_label(label, drop_ties)
+            if first_preferred is None:
+                self.dropped_ties += label is not None and float(label) == 0.5
+                continue
+            yield row, "" if caption is None else str(caption), first_preferred
+            kept += 1
+            if room is not None and kept >= room:
+                return
+
 
 def _missing_columns_error(where: str, have: Sequence[str]) -> ValueError:
     return ValueError(
@@ -197,15 +212,10 @@ class ParquetPreferenceDataset(PreferenceDataset):
                 table = parquet.read_row_group(group, columns=["caption", "label_0"])
                 captions = table.column("caption").to_pylist()
                 labels = table.column("label_0").to_pylist()
-                for row, (caption, label) in enumerate(zip(captions, labels)):
-                    first_preferred = _preference_from_label(label, drop_ties)
-                    if first_preferred is None:
-                        self.dropped_ties += label is not None and float(label) == 0.5
-                        continue
-                    prompts.append("" if caption is None else str(caption))
+                room = None if max_rows is None else max_rows - len(prompts)
+                for row, prompt, first_preferred in self._kept_rows(captions, labels, drop_ties, room):
+                    prompts.append(prompt)
                     self._locations.append((file_index, group, row, first_preferred))
-                    if max_rows is not None and len(prompts) >= max_rows:
-                        break
                 if max_rows is not None and len(prompts) >= max_rows:
                     break
             if max_rows is not None and len(prompts) >= max_rows:
@@ -317,17 +327,9 @@ class HFPreferenceDataset(PreferenceDataset):
             labels = [1.0] * len(captions)
         else:
             raise _missing_columns_error(f"dataset {name!r} split {split!r}", names)
-        prompts: List[str] = []
-        self._rows: List[Tuple[int, bool]] = []
-        for row, (caption, label) in enumerate(zip(captions, labels)):
-            first_preferred = _preference_from_label(label, drop_ties)
-            if first_preferred is None:
-                self.dropped_ties += label is not None and float(label) == 0.5
-                continue
-            prompts.append("" if caption is None else str(caption))
-            self._rows.append((row, first_preferred))
-            if max_rows is not None and len(prompts) >= max_rows:
-                break
+        kept = list(self._kept_rows(captions, labels, drop_ties, max_rows))
+        prompts = [prompt for _, prompt, _ in kept]
+        self._rows: List[Tuple[int, bool]] = [(row, first_preferred) for row, _, first_preferred in kept]
         # Undecoded images: decoding happens in get_pair, where a bad image becomes None.
         from datasets import Image as ImageFeature
 

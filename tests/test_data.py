@@ -51,6 +51,12 @@ def test_pickapic_labels_ties_and_broken_images(pickapic):
     assert with_ties.fingerprint != ds.fingerprint
     assert len(load_preference_dataset(pickapic, max_rows=2)) == 2
     assert load_preference_dataset(pickapic, max_rows=2).fingerprint != ds.fingerprint
+    assert ds.dropped_ties == 1 and with_ties.dropped_ties == 0
+    # max_rows counts kept rows across row groups (of 2 here); ties are counted up to the stop
+    first3 = load_preference_dataset(pickapic, max_rows=3)
+    assert [first3.prompt(i) for i in range(3)] == ["zero wins", "one wins", "broken"]
+    assert first3.dropped_ties == 1 and first3.location(2) == ds.location(2)
+    assert load_preference_dataset(pickapic, max_rows=2).dropped_ties == 0
     # stable across openings, and the dataset pickles (DataLoader workers)
     again = load_preference_dataset(pickapic)
     assert again.fingerprint == ds.fingerprint
@@ -106,6 +112,10 @@ def test_datasets_library_folder(pickapic, tmp_path):
     assert [ds.prompt(i) for i in range(len(ds))] == ["zero wins", "one wins", "broken", "last"]
     assert _colors(ds.get_pair(1)) == (BLUE, RED)
     assert ds.get_pair(2) is None
+    assert ds.dropped_ties == 1
+    first3 = load_preference_dataset(tmp_path / "hf", max_rows=3)
+    assert [first3.prompt(i) for i in range(3)] == ["zero wins", "one wins", "broken"]
+    assert first3.get_pair(2) is None and _colors(first3.get_pair(1)) == (BLUE, RED)
 
     bad = datasets.Dataset.from_dict({"caption": ["a"], "label_0": [1.0]})
     bad.save_to_disk(str(tmp_path / "bad"))
