@@ -7,6 +7,8 @@ Loss rows (one per case and rpo-fast backend):
   roofline           copy time / time: the minimal bytes (read model_pred, ref_pred and target
                      once, write the gradient once) over this time, as a fraction of the
                      bandwidth a plain copy of as many bytes reached in the same run
+                     (these three: the median over rounds of the ratio of the two calls of a
+                     round, loss_bench.paired_ratio)
   saved_bytes        bytes autograd keeps for backward (by storage; inputs included)
   saved_extra_bytes  the same without the storages of the inputs
 End-to-end rows (one per configuration): pairs/s, peak memory while training (and of set-up)
@@ -22,10 +24,11 @@ from typing import Dict, Iterable, List, Optional, Tuple
 from benchmarks.profiles import E2E_LOOPS
 
 LOSS_KEYS = ("latents", "pairs", "dtype", "method")
-# Loss times compare the fastest call of each implementation: on a shared 2-core machine a
-# call that another process interrupts can take 100x longer (a parallel op waits for its
-# descheduled thread), which moves medians by whole factors but rarely the minimum.
-# Medians are kept in the measurements.
+# Loss times are the fastest call of each implementation: on a shared 2-core machine a call
+# that another process interrupts can take 100x longer (a parallel op waits for its
+# descheduled thread), which moves medians by whole factors but rarely the minimum. Ratios
+# are per round (an interrupted call makes one round's ratio an outlier, which the median
+# ignores). Medians are kept in the measurements.
 STATISTIC = "min_s"
 
 
@@ -69,9 +72,9 @@ def loss_rows(loss: Iterable[dict]) -> List[dict]:
                 eager_s=t(eager),
                 compiled_s=t(compiled),
                 copy_s=t(copy),
-                speedup_eager=_ratio(t(eager), m[STATISTIC]),
-                speedup_compiled=_ratio(t(compiled), m[STATISTIC]),
-                roofline=_ratio(t(copy), m[STATISTIC]),
+                speedup_eager=m["paired"].get("eager"),
+                speedup_compiled=m["paired"].get("compiled"),
+                roofline=m["paired"].get("copy"),
                 copy_gbps=_ratio(m["minimal_bytes"] / 1e9, t(copy)),
                 minimal_bytes=m["minimal_bytes"],
                 saved_bytes=m.get("saved_bytes"),

@@ -31,6 +31,12 @@ BASELINE_IMPLS = ("copy", "eager", "compiled")
 # reads its predictions and noise fresh. Repeating a call on one set of inputs measured whether
 # they stayed in a cache the host's other tenants share (docs/benchmarks.md, "Cold inputs").
 COLD_BYTES = 128 << 20
+# Before every timed call, untimed, a write of this many bytes (dirty lines, as a UNet forward
+# leaves the cache before its loss): each call starts from the same state, whichever
+# implementation ran before it. Without it, the implementation that always came next in a
+# round inherited its predecessor's cache (the `cpu` backend after the `torch` reference was
+# 10-25% slower than after the compiled loss, docs/benchmarks.md).
+DIRTY_BYTES = 64 << 20
 
 
 # Devices each backend is timed on. Triton also runs on the CPU, but only in its interpreter
@@ -141,6 +147,19 @@ def copy_step(case: LossCase, device: torch.device) -> Callable[[], None]:
     return step
 
 
+def dirty_cache_step(device: torch.device) -> Callable[[], None]:
+    """A write of DIRTY_BYTES, a new value each time (untimed, before every call)."""
+    sync = _synchronize(device)
+    scratch = torch.empty(DIRTY_BYTES // 4, dtype=torch.float32, device=device)
+    values = itertools.count()
+
+    def step():
+        scratch.fill_(float(next(values) % 1024))
+        sync()
+
+    return step
+
+
 def loss_step(fn: Callable[[LossInputs], torch.Tensor], ring: Tuple[LossInputs, ...]) -> Callable[[], tuple]:
     """Forward + backward of ``fn`` on the next inputs of ``ring``: the gradient with respect
     to ``model_pred`` is returned, not accumulated into ``.grad`` (which would add a pass)."""
@@ -180,11 +199,13 @@ def rounds_for(call_s: List[float], timing: Timing) -> int:
     return min(max(rounds, timing.min_rounds), timing.max_rounds)
 
 
-def interleaved(steps: Dict[str, Callable[[], object]]) -> Tuple[Callable[[], None], Dict[str, List[float]]]:
-    """A round calling each step once, each call timed by itself, and the times it appends to.
-    Each round starts one step further, so no implementation always follows the same one.
-    Interleaved call by call, the implementations of a case meet the same moments of a shared
-    machine: its memory bandwidth moves by a third within minutes (docs/benchmarks.md)."""
+def interleaved(steps: Dict[str, Callable[[], object]],
+                before_each: Callable[[], None]) -> Tuple[Callable[[], None], Dict[str, List[float]]]:
+    """A round calling each step once, each call timed by itself after an untimed
+    ``before_each``, and the times it appends to (``times[name][r]``: round r). Each round
+    starts one step further. Interleaved call by call, the implementations of a case meet the
+    same moments of a shared machine: its memory bandwidth moves by a third within minutes
+    (docs/benchmarks.md)."""
     names = list(steps)
     times: Dict[str, List[float]] = {name: [] for name in names}
     starts = itertools.count()
@@ -192,11 +213,19 @@ def interleaved(steps: Dict[str, Callable[[], object]]) -> Tuple[Callable[[], No
     def one_round() -> None:
         first = next(starts) % len(names)
         for name in names[first:] + names[:first]:
+            before_each()
             start = time.perf_counter()
             steps[name]()
             times[name].append(time.perf_counter() - start)
 
     return one_round, times
+
+
+def paired_ratio(numerator: List[float], denominator: List[float]) -> float:
+    """The median over rounds of ``numerator[r] / denominator[r]``: two calls of one round
+    meet the same moment of the machine, which a ratio of two minima from different moments
+    does not."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
 def call_stats(times: List[float]) -> Dict[str, float]:

@@ -65,10 +65,12 @@ def markdown(results: Dict[str, object], plots: Dict[str, str]) -> str:
 
     if summary["loss_rows"]:
         out += ["", "## Loss: forward + backward", ""]
-        out += ["Fastest calls, the implementations of a case interleaved call by call on inputs no cache holds "
-                "(medians are in the json); `×eager`, `×compiled`: speedup over the eager loss as the Diffusion-DPO trainers "
-                "write it and over `torch.compile` of it; `roofline`: copy time / time (1.0 = as fast as copying "
-                "the bytes the loss must move); saved: MiB autograd keeps for backward beyond the inputs.", ""]
+        out += ["Fastest calls, the implementations of a case interleaved call by call on inputs no cache holds, "
+                "each call after the same untimed write (medians are in the json); `×eager`, `×compiled`: speedup "
+                "over the eager loss as the Diffusion-DPO trainers write it and over `torch.compile` of it, and "
+                "`roofline`: copy time / time (1.0 = as fast as copying the bytes the loss must move), each the "
+                "median over rounds of the ratio of the two calls of a round; saved: MiB autograd keeps for "
+                "backward beyond the inputs.", ""]
         if plots.get("loss_time"):
             out += [f"![loss time]({plots['loss_time']})", f"![loss speedup]({plots['loss_speedup']})", ""]
         rows = sorted(summary["loss_rows"], key=lambda r: (r["latents"], r["method"], r["dtype"], r["pairs"], r["backend"]))

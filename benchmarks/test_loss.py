@@ -3,7 +3,7 @@
 One benchmark per case: its implementations (``loss_bench.impls_for``) are called in turn,
 call by call, each call timed by itself, on inputs that no cache holds (``input_ring``).
 pytest-benchmark times the rounds; ``extra_info["impls"]`` carries each implementation's call
-times and what benchmarks/collect.py needs besides to turn them into rows: the bytes kept for
+times, its per-round ratios to the baselines (``paired``), and what benchmarks/collect.py needs besides to turn them into rows: the bytes kept for
 backward, the agreement with the eager loss, and the first call's time (which includes
 torch.compile's compilation for ``compiled``).
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 
 from benchmarks.loss_bench import (
-    agreement, cached_inputs, call_stats, copy_step, impls_for, input_ring, interleaved, loss_fn,
-    loss_step, rounds_for, saved_for_backward, warm_up,
+    BASELINE_IMPLS, agreement, cached_inputs, call_stats, copy_step, dirty_cache_step, impls_for, input_ring,
+    interleaved, loss_fn, loss_step, paired_ratio, rounds_for, saved_for_backward, warm_up,
 )
 from benchmarks.machine import bench_device
 
@@ -25,7 +25,7 @@ def test_loss(benchmark, loss_case, bench_profile):
     fns = {impl: loss_fn(case, impl, bench_profile.compile_backend) for impl in impls_for(device) if impl != "copy"}
     steps = {"copy": copy_step(case, device), **{impl: loss_step(fn, ring) for impl, fn in fns.items()}}
     warm = {impl: warm_up(step) for impl, step in steps.items()}
-    one_round, times = interleaved(steps)
+    one_round, times = interleaved(steps, dirty_cache_step(device))
 
     benchmark.group = case.id
     info = benchmark.extra_info
@@ -34,6 +34,8 @@ def test_loss(benchmark, loss_case, bench_profile):
 
     info["impls"] = impls = {impl: {**call_stats(times[impl]), "first_call_s": warm[impl][0]} for impl in steps}
     impls["compiled"]["compile_backend"] = bench_profile.compile_backend
+    for impl in fns:  # each implementation over each baseline, round by round
+        impls[impl]["paired"] = {base: paired_ratio(times[base], times[impl]) for base in BASELINE_IMPLS}
     inputs = cached_inputs(case, str(device))
     for impl, fn in fns.items():
         errors = agreement(case, steps[impl]())

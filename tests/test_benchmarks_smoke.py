@@ -20,7 +20,9 @@ import torch
 
 from benchmarks.collect import e2e_rows, loss_rows, targets
 from benchmarks.eager_loss import eager_dpo_loss, eager_rpo_loss
-from benchmarks.loss_bench import BETA, TAU, agreement, cached_inputs, impls_for, loss_fn, make_inputs, saved_for_backward
+from benchmarks.loss_bench import (
+    BETA, TAU, agreement, cached_inputs, impls_for, interleaved, loss_fn, make_inputs, paired_ratio, saved_for_backward,
+)
 from benchmarks.profiles import E2E_LOOPS, LossCase, get_profile
 from benchmarks.report import main as report_main
 from parity_utils import torch_threads
@@ -89,22 +91,41 @@ def test_table_and_plots_are_written(smoke_run, tmp_path):
     assert (tmp_path / "smoke.md").read_text() == md
 
 
-def _loss_measurement(impl, min_s, **case):
+def _loss_measurement(impl, min_s, paired=None, **case):
     base = dict(kind="loss", latents="sdxl", pairs=16, dtype="fp32", method="rpo", minimal_bytes=4000)
-    return {**base, **case, "impl": impl, "min_s": min_s, "median_s": 3 * min_s}
+    extra = {"paired": paired} if paired is not None else {}
+    return {**base, **case, "impl": impl, "min_s": min_s, "median_s": 3 * min_s, **extra}
 
 
 def test_columns_are_ratios_of_the_same_case():
+    # the speedups are the per-round ratios, not the quotients of the fastest calls (10, 2, 0.5)
+    paired = {"eager": 9.0, "compiled": 1.8, "copy": 0.45}
     loss = [_loss_measurement("copy", 1.0), _loss_measurement("eager", 20.0), _loss_measurement("compiled", 4.0),
-            _loss_measurement("cpu", 2.0), _loss_measurement("eager", 7.0, dtype="bf16")]
+            _loss_measurement("cpu", 2.0, paired), _loss_measurement("eager", 7.0, dtype="bf16")]
     (row,) = loss_rows(loss)
     assert row["backend"] == "cpu" and row["dtype"] == "fp32"
-    assert row["speedup_eager"] == 10.0 and row["speedup_compiled"] == 2.0 and row["roofline"] == 0.5
+    assert row["time_s"] == 2.0 and row["eager_s"] == 20.0 and row["compiled_s"] == 4.0
+    assert row["speedup_eager"] == 9.0 and row["speedup_compiled"] == 1.8 and row["roofline"] == 0.45
     assert row["copy_gbps"] == pytest.approx(4000 / 1e9)
     met = {t["target"]: t["met"] for t in targets([row], [])}
     assert met["cpu backend, SDXL, M=16, fp32, rpo: speedup_eager >= 4.00"] is True
-    assert met["cpu backend, SDXL, M=16, fp32, rpo: roofline >= 0.67"] is False  # 2x the copy time
+    assert met["cpu backend, SDXL, M=16, fp32, rpo: roofline >= 0.67"] is False  # 2.2x the copy time
     assert met["cpu backend, SDXL, M=16, bf16, rpo: speedup_eager >= 4.00"] is None  # not measured
+
+
+def test_rounds_pair_calls_after_the_same_untimed_write():
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    one_round, times = interleaved(steps, lambda: calls.append("write"))
+    for _ in range(3):
+        one_round()
+    # every call comes right after the write; each round starts one implementation further
+    assert calls[0::2] == ["write"] * 9
+    assert calls[1::2] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert all(len(t) == 3 for t in times.values())
+    # a ratio per round: one interrupted call (100x) moves one round's ratio, not the median
+    assert paired_ratio([2.0, 4.0, 300.0], [1.0, 2.0, 3.0]) == 2.0
+    assert paired_ratio([2.0, 4.0, 3.0], [1.0, 2.0, 300.0]) == 2.0
 
 
 def test_end_to_end_ratios_pair_the_same_configuration():
