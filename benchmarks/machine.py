@@ -34,6 +34,8 @@ def machine_info() -> Dict[str, object]:
     info: Dict[str, object] = {
         "slug": machine_slug(),
         "cpu": cpu_model(),
+        "cpu_id": _cpu_id(),
+        "cpu_kernels": _cpu_kernels(),
         "cores": cpu_cores(),
         "torch_threads": torch.get_num_threads(),
         "memory_gib": _memory_gib(),
@@ -46,6 +48,25 @@ def machine_info() -> Dict[str, object]:
         info["gpu"] = props.name
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
     return info
+
+
+def _cpu_id() -> str:
+    """``family F model M`` from /proc/cpuinfo: the model name of a virtual machine ("AMD EPYC")
+    does not tell one host generation from another; "" where it is not known."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        return ""
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return f"family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields and "model" in fields else ""
+
+
+def _cpu_kernels() -> str:
+    """The instruction set the ``cpu`` backend's kernels run with here ("" without the extension)."""
+    import rpo_fast
+
+    return torch.ops.rpo_fast.cpu_isa() if "cpu" in rpo_fast.available_backends() else ""
 
 
 def _memory_gib() -> float:

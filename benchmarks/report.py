@@ -36,7 +36,9 @@ def _table(header: List[str], rows: List[List[str]]) -> str:
 
 
 def machine_line(machine: Dict[str, object]) -> str:
-    parts = [f"**{machine['slug']}**: {machine['cpu']}, {machine['cores']} cores "
+    cpu = ", ".join(x for x in (machine["cpu"], machine.get("cpu_id"), machine.get("cpu_kernels") and
+                                f"{machine['cpu_kernels']} kernels") if x)
+    parts = [f"**{machine['slug']}**: {cpu}, {machine['cores']} cores "
              f"({machine['torch_threads']} torch threads), {machine['memory_gib']} GiB"]
     if machine.get("gpu"):
         parts.append(f"GPU {machine['gpu']} ({machine.get('gpu_memory_gib')} GiB)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from benchmarks.eager_loss import eager_dpo_loss, eager_rpo_loss
 from benchmarks.loss_bench import (
     BETA, TAU, agreement, cached_inputs, impls_for, interleaved, loss_fn, make_inputs, paired_ratio, saved_for_backward,
 )
+from benchmarks.machine import machine_info
 from benchmarks.profiles import E2E_LOOPS, LossCase, get_profile
 from benchmarks.report import main as report_main
 from parity_utils import torch_threads
@@ -111,6 +113,13 @@ def test_columns_are_ratios_of_the_same_case():
     assert met["cpu backend, SDXL, M=16, fp32, rpo: speedup_eager >= 4.00"] is True
     assert met["cpu backend, SDXL, M=16, fp32, rpo: roofline >= 0.67"] is False  # 2.2x the copy time
     assert met["cpu backend, SDXL, M=16, bf16, rpo: speedup_eager >= 4.00"] is None  # not measured
+
+
+def test_machine_names_the_cpu_generation_and_its_kernels():
+    # "AMD EPYC" alone named a Zen 3 host (AVX2) and a Zen 4 one (AVX-512) alike
+    info = machine_info()
+    assert re.fullmatch(r"family \d+ model \d+", info["cpu_id"]), info["cpu_id"]
+    assert info["cpu_kernels"] == torch.ops.rpo_fast.cpu_isa()
 
 
 def test_rounds_pair_calls_after_the_same_untimed_write():
