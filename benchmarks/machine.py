@@ -12,7 +12,7 @@ from typing import Dict
 
 import torch
 
-from rpo_fast.machine import cpu_cores, cpu_model
+from rpo_fast.machine import cpu_cores, cpu_id, cpu_model
 
 
 def bench_device() -> torch.device:
@@ -34,7 +34,7 @@ def machine_info() -> Dict[str, object]:
     info: Dict[str, object] = {
         "slug": machine_slug(),
         "cpu": cpu_model(),
-        "cpu_id": _cpu_id(),
+        "cpu_id": cpu_id(),
         "cpu_kernels": _cpu_kernels(),
         "cores": cpu_cores(),
         "torch_threads": torch.get_num_threads(),
@@ -48,18 +48,6 @@ def machine_info() -> Dict[str, object]:
         info["gpu"] = props.name
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
     return info
-
-
-def _cpu_id() -> str:
-    """``family F model M`` from /proc/cpuinfo: the model name of a virtual machine ("AMD EPYC")
-    does not tell one host generation from another; "" where it is not known."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
-    except OSError:
-        return ""
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    return f"family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields and "model" in fields else ""
 
 
 def _cpu_kernels() -> str:
