@@ -35,7 +35,7 @@ COLD_BYTES = 128 << 20
 # leaves the cache before its loss): each call starts from the same state, whichever
 # implementation ran before it. Without it, the implementation that always came next in a
 # round inherited its predecessor's cache (the `cpu` backend after the `torch` reference was
-# 10-25% slower than after the compiled loss, docs/benchmarks.md).
+# 6-32% slower than after the compiled loss, docs/benchmarks.md).
 DIRTY_BYTES = 64 << 20
 
 

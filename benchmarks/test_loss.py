@@ -3,9 +3,10 @@
 One benchmark per case: its implementations (``loss_bench.impls_for``) are called in turn,
 call by call, each call timed by itself, on inputs that no cache holds (``input_ring``).
 pytest-benchmark times the rounds; ``extra_info["impls"]`` carries each implementation's call
-times, its per-round ratios to the baselines (``paired``), and what benchmarks/collect.py needs besides to turn them into rows: the bytes kept for
-backward, the agreement with the eager loss, and the first call's time (which includes
-torch.compile's compilation for ``compiled``).
+times, its per-round ratios to the baselines (``paired``), and what benchmarks/collect.py
+needs besides to turn them into rows: the bytes kept for backward, the agreement with the
+eager loss, and the first call's time (which includes torch.compile's compilation for
+``compiled``).
 """
 
 from __future__ import annotations
