@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from typing import List, Optional
 
@@ -59,7 +60,17 @@ def _run(name: str, argv: List[str]) -> int:
     )
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv)
+    if getattr(args, "no_progress", False):
+        quiet_library_progress()
     return int(module.run(args) or 0)
+
+
+def quiet_library_progress() -> None:
+    """``--no-progress`` silences the libraries' bars too ("Loading pipeline components",
+    "Loading weights"), not only rpo-fast's own."""
+    for name in ("diffusers", "transformers"):
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(f"{name}.utils.logging").disable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -135,3 +135,33 @@ def test_a_folder_holding_a_run_is_not_overwritten(capsys, tmp_path, tiny_sd15_d
         main(["train", *argv, "--overwrite-output-dir"])
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoint-2").exists()
     assert (out / "mine.txt").exists()  # only what a run writes is deleted
+
+
+@pytest.fixture
+def library_bars():
+    """diffusers' and transformers' progress switches, switched back on afterwards."""
+    diffusers_logging = pytest.importorskip("diffusers.utils.logging")
+    transformers_logging = pytest.importorskip("transformers.utils.logging")
+    yield diffusers_logging, transformers_logging
+    diffusers_logging.enable_progress_bar()
+    transformers_logging.enable_progress_bar()
+
+
+def test_no_progress_also_quiets_the_libraries_bars(capsys, tmp_path, tiny_sd15_dir, monkeypatch, library_bars):
+    import rpo_fast.train.loop as loop
+
+    def stop(config):
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(loop, "train", stop)
+    train = ["train", "--pretrained-model", str(tiny_sd15_dir), "--data", str(tmp_path), "--output-dir",
+             str(tmp_path / "out")]
+    embed = ["embed", "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "emb.safetensors")]
+    for argv in (train, embed):
+        for switch in library_bars:
+            switch.enable_progress_bar()
+        assert main(argv) == 2  # stopped after the options were read
+        assert all(switch.is_progress_bar_enabled() for switch in library_bars), argv
+        assert main(argv + ["--no-progress"]) == 2
+        assert not any(switch.is_progress_bar_enabled() for switch in library_bars), argv
+    capsys.readouterr()

@@ -14,6 +14,7 @@ import sys
 import typing
 from typing import Any, Dict
 
+from ..cli import quiet_library_progress
 from .config import TrainConfig, config_fields, load_yaml_config
 
 
@@ -161,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"rpo-fast train: error: {e}", file=sys.stderr)
         return 2
+    if not config.progress:  # from the command line or the YAML file
+        quiet_library_progress()
     try:
         result = train(config)
     except ValueError as e:  # bad data, bad model folder, incompatible checkpoint: the message says which
