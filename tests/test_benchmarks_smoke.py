@@ -211,3 +211,25 @@ def test_official_side_by_side_counts_private_memory_apart_from_libraries(tmp_pa
     assert measured["peak_mib"] >= measured["private_peak_mib"]
     idle = run([sys.executable, "-c", "import time; time.sleep(0.2)"], tmp_path, tmp_path / "idle.log")
     assert idle["private_peak_mib"] < 40
+
+
+def test_step_phases_time_both_loops_and_put_every_function_back(tmp_path):
+    """benchmarks/e2e/phases.py on the tiny model: every UNet pass is timed in both loops,
+    only the baseline encodes with the VAE (rpo-fast reads its latent cache), the phases add
+    up to no more than the step, and the wrapped functions are the originals afterwards."""
+    from benchmarks.e2e import phases
+
+    clip = torch.nn.utils.clip_grad_norm_
+    times = phases.profile(resolution=16, pairs=2, steps=2, warmup=1, workdir=tmp_path)
+    assert set(times) == {"baseline", "rpo-fast"}
+    for loop, t in times.items():
+        for phase in ("policy UNet forward", "reference UNet forward", "optimizer", "gradient clipping"):
+            assert t[phase] > 0, (loop, phase)
+        assert t[phases.REST] > 0 and t["step"] >= sum(v for k, v in t.items() if k not in ("step", phases.REST))
+    assert times["baseline"]["VAE encoding"] > 0 and "VAE encoding" not in times["rpo-fast"]
+    assert torch.nn.utils.clip_grad_norm_ is clip
+    import rpo_fast.train.loop as train_loop
+    from rpo_fast.train.forward import predict
+
+    assert train_loop.predict is predict
+    assert "| policy UNet forward |" in phases.table(times)
