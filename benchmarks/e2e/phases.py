@@ -24,8 +24,8 @@ from typing import Callable, Dict, List
 
 import torch
 
+from benchmarks.e2e import baseline
 from benchmarks.e2e.assets import preference_data, tiny_model
-from benchmarks.e2e.baseline import DiffusionDPOBaseline
 from benchmarks.e2e.rpo_fast_loop import RpoFastLoop
 
 REST = "backward and the rest"
@@ -59,8 +59,6 @@ def _phases(name: str, loop) -> List[tuple]:
     """(owner, attribute, phase) of what ``loop``'s step calls; gradient clipping, which both
     call as ``torch.nn.utils.clip_grad_norm_``, is timed around each step on its own."""
     if name == "baseline":
-        import benchmarks.e2e.baseline as baseline
-
         return [(loop, "_batch", "batch assembly"), (loop.vae, "encode", "VAE encoding"),
                 (loop.text_encoder, "forward", "text encoder"), (loop.unet, "forward", "policy UNet forward"),
                 (loop.ref_unet, "forward", "reference UNet forward"), (baseline, "eager_dpo_loss", "loss forward"),
@@ -73,7 +71,7 @@ def _phases(name: str, loop) -> List[tuple]:
             (loop.run.optimizer, "step", "optimizer")]
 
 
-def _timed_step(name: str, loop, clock: PhaseClock, samples: Dict[str, List[float]]) -> None:
+def _timed_step(loop, clock: PhaseClock, samples: Dict[str, List[float]]) -> None:
     """One step of ``loop``, its phases appended to ``samples``."""
     clock.reset()
     unclip = clock.wrap(torch.nn.utils, "clip_grad_norm_", "gradient clipping")
@@ -94,8 +92,8 @@ def profile(resolution: int, pairs: int, steps: int, warmup: int, workdir: Path)
     model, data = tiny_model(workdir), preference_data(workdir, resolution, 64)
     device = torch.device("cpu")
     loops = {
-        "baseline": DiffusionDPOBaseline(str(model), str(data), pairs=pairs, resolution=resolution, device=device,
-                                         method="dpo"),
+        "baseline": baseline.DiffusionDPOBaseline(str(model), str(data), pairs=pairs, resolution=resolution,
+                                                  device=device, method="dpo"),
         "rpo-fast": RpoFastLoop(str(model), str(data), pairs=pairs, resolution=resolution, device=device,
                                 method="dpo", mixed_precision="no", seed=0,
                                 workdir=tempfile.mkdtemp(dir=workdir), total_steps=warmup + steps),
@@ -111,7 +109,7 @@ def profile(resolution: int, pairs: int, steps: int, warmup: int, workdir: Path)
             warnings.filterwarnings("ignore", message="Seems like `optimizer.step\\(\\)` has been overridden")
             for _ in range(steps):
                 for name, loop in loops.items():
-                    _timed_step(name, loop, clocks[name], samples[name])
+                    _timed_step(loop, clocks[name], samples[name])
     finally:
         for put_back in reversed(undo):
             put_back()
