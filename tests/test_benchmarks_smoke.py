@@ -208,9 +208,67 @@ def test_official_side_by_side_counts_private_memory_apart_from_libraries(tmp_pa
     fill = "import time; b = bytearray(160 << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.2)"
     measured = run([sys.executable, "-c", fill], tmp_path, tmp_path / "child.log")
     assert 160 <= measured["private_peak_mib"] < 200
+    assert measured["minor_faults"] >= (160 << 20) // 4096  # each page written once, faulted once
     assert measured["peak_mib"] >= measured["private_peak_mib"]
     idle = run([sys.executable, "-c", "import time; time.sleep(0.2)"], tmp_path, tmp_path / "idle.log")
     assert idle["private_peak_mib"] < 40
+
+
+# A heap grown by four 7 MiB blocks and freed again, 20 times, after one 8 MiB block has raised
+# glibc's dynamic mmap threshold to 8 MiB (so its trim threshold to 16 MiB).
+HEAP_CYCLES = """
+import ctypes
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.free(libc.malloc(8 << 20))
+for _ in range(20):
+    blocks = [libc.malloc(7 << 20) for _ in range(4)]
+    for b in blocks:
+        ctypes.memset(b, 1, 7 << 20)
+    for b in reversed(blocks):
+        libc.free(b)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and its environment variables")
+def test_official_side_by_side_steady_malloc_stops_the_heap_faulting_back_in(tmp_path):
+    """With glibc's defaults the 28 MiB freed on top of the heap exceed its trim threshold and go
+    back to the kernel, so every cycle faults its 7168 pages in again; with ``--steady-malloc``
+    they stay mapped and only the first cycle faults."""
+    from benchmarks.e2e.official import run
+
+    pages = 4 * (7 << 20) // 4096
+    default = run([sys.executable, "-c", HEAP_CYCLES], tmp_path, tmp_path / "default.log")
+    steady = run([sys.executable, "-c", HEAP_CYCLES], tmp_path, tmp_path / "steady.log", steady_malloc=True)
+    assert default["minor_faults"] > 15 * pages
+    assert steady["minor_faults"] < 3 * pages
+    assert steady["sys_s"] <= default["sys_s"] and steady["cpu_s"] > 0
+
+
+def test_official_side_by_side_counts_per_step_from_the_two_run_lengths():
+    """Time, CPU time and page faults per step are each the long run's less the short run's over
+    the steps between them; runs measured before the counts existed summarize without them."""
+    from benchmarks.e2e.official import markdown, summarize
+
+    def runs(trainer, per_step_s, faults_per_step):
+        return [{"trainer": trainer, "resolution": 32, "steps": n, "repeat": 0, "seconds": 5 + n * per_step_s,
+                 "peak_mib": 1000, "private_peak_mib": 500, "cpu_s": 7 + 2 * n * per_step_s, "sys_s": 1 + 0.01 * n,
+                 "minor_faults": 9000 + n * faults_per_step} for n in (3, 63)]
+
+    results = {"steps": [3, 63], "repeats": 1, "runs": runs("official", 0.2, 11000) + runs("baseline", 0.25, 17000)}
+    rows = {r["trainer"]: r for r in summarize(results)}
+    assert rows["baseline"]["ms_per_step"] == pytest.approx([250.0])
+    assert rows["baseline"]["speedup"] == pytest.approx(0.8)
+    assert rows["baseline"]["minor_faults_per_step"] == pytest.approx([17000])
+    assert rows["official"]["cpu_s_per_step"] == pytest.approx([0.4]) and rows["official"]["sys_s_per_step"] == pytest.approx([0.01])
+    assert "| 500 | 17.0 |" in markdown(list(rows.values()))
+    for run in results["runs"]:
+        for key in ("cpu_s", "sys_s", "minor_faults"):
+            del run[key]
+    old = summarize(results)
+    assert not any(key.endswith("_per_step") and key != "ms_per_step" for row in old for key in row)
+    assert "faults" not in markdown(old)
 
 
 def test_step_phases_time_both_loops_and_put_every_function_back(tmp_path):

@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,7 +37,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from benchmarks.e2e.assets import preference_data, tiny_model
 from benchmarks.e2e.harness import child_env
@@ -50,6 +51,14 @@ XFORMERS_RAISE = 'raise ValueError("xformers is not available. Make sure it is i
 RPO_FAST = {"rpo-fast": [], "rpo-fast --compile": ["--compile"], "rpo-fast --lora": ["--lora"],
             "rpo-fast --precompute-ref": ["--precompute-ref"]}
 TRAINERS = ("official", "baseline", *RPO_FAST)
+# What wait4 counts besides the time, reported per step like the time: CPU seconds (user +
+# system), system seconds, minor page faults.
+PER_STEP_COUNTS = ("cpu_s", "sys_s", "minor_faults")
+# glibc's malloc with its dynamic thresholds fixed: allocations up to 32 MiB (the most it
+# accepts) from the heap, and the heap never trimmed, so freed memory stays mapped. With the
+# defaults, how many pages a step faults back in depends on the heap's history (10-22 thousand
+# a step for the same loop in different processes here, at ~1.6 us each).
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
 
 
 def official_script(checkout: Path, workdir: Path) -> Path:
@@ -90,9 +99,15 @@ def _sample_private_peak(pid: int, done: threading.Event, peak: List[int], every
         peak[0] = max(peak[0], status_kib("RssAnon", str(pid)) or 0)  # anonymous pages: heap, tensors
 
 
-def run(command: List[str], cwd: Path, log: Path) -> Dict[str, float]:
-    """Wall seconds, peak resident MiB and peak private MiB of one run; its output goes to ``log``."""
-    env = child_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+def run(command: List[str], cwd: Path, log: Path, *, out: Optional[Path] = None,
+        steady_malloc: bool = False) -> Dict[str, float]:
+    """Wall seconds, peak resident MiB and peak private MiB of one run, and what ``PER_STEP_COUNTS``
+    names; its output goes to ``log``. ``out``, the run's output folder, starts empty (an earlier
+    run's is removed)."""
+    if out is not None:
+        shutil.rmtree(out, ignore_errors=True)
+    env = child_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                    **(STEADY_MALLOC if steady_malloc else {}))
     with open(log, "w") as f:
         start = time.perf_counter()
         child = subprocess.Popen(command, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -106,7 +121,8 @@ def run(command: List[str], cwd: Path, log: Path) -> Dict[str, float]:
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         raise SystemExit(f"{command[1]} failed (exit {child.returncode}); see {log}")
-    measured = {"seconds": seconds, "peak_mib": usage.ru_maxrss / 1024, "private_peak_mib": private[0] / 1024}
+    measured = {"seconds": seconds, "peak_mib": usage.ru_maxrss / 1024, "private_peak_mib": private[0] / 1024,
+                "cpu_s": usage.ru_utime + usage.ru_stime, "sys_s": usage.ru_stime, "minor_faults": usage.ru_minflt}
     ref_pass = REF_PASS.search(log.read_text())  # rpo-fast --precompute-ref prints its pass
     if ref_pass:
         measured.update(ref_pairs=int(ref_pass.group(1)), ref_pass_s=float(ref_pass.group(2)))
@@ -119,7 +135,8 @@ def measure(args) -> Dict[str, object]:
     script = official_script(args.official, work)
     model = tiny_model(work)
     cache = work / "latent-cache"
-    results: Dict[str, object] = {"pairs": args.pairs, "steps": args.steps, "repeats": args.repeats, "runs": []}
+    results: Dict[str, object] = {"pairs": args.pairs, "steps": args.steps, "repeats": args.repeats,
+                                  "steady_malloc": args.steady_malloc, "runs": []}
     for resolution in args.resolution:
         data = preference_data(work, resolution, ROWS)
         link = work / f"pickapic-{resolution}px"  # the official trainer's Pick-a-Pic branch keys on the name
@@ -131,16 +148,18 @@ def measure(args) -> Dict[str, object]:
                                                                             args.pairs, resolution))(flags)
         commands["baseline"] = lambda out, n: baseline_command(model, data, out, n, args.pairs, resolution)
         commands = {name: commands[name] for name in args.trainers}
-        warm = rpo_fast_command([], model, data, work / f"warm-{resolution}px", cache, 1, args.pairs, resolution)
-        run(warm, work, work / f"warm-{resolution}px.log")  # fills the latent cache
+        warm = work / f"warm-{resolution}px"
+        run(rpo_fast_command([], model, data, warm, cache, 1, args.pairs, resolution), work,
+            work / f"warm-{resolution}px.log", out=warm)  # fills the latent cache
         for name in (n for n in commands if "--compile" in n):  # fills inductor's cache for this shape
-            run(commands[name](work / f"warm-{resolution}px-compile", 1), work, work / f"warm-{resolution}px-compile.log")
+            warm = work / f"warm-{resolution}px-compile"
+            run(commands[name](warm, 1), work, work / f"warm-{resolution}px-compile.log", out=warm)
         for repeat in range(args.repeats):
             for name, command in commands.items():
                 for steps in args.steps:
                     tag = f"{name.replace(' --', '-')}-{resolution}px-{steps}-{repeat}"
                     out = work / "out" / tag
-                    measured = run(command(out, steps), work, work / f"{tag}.log")
+                    measured = run(command(out, steps), work, work / f"{tag}.log", out=out, steady_malloc=args.steady_malloc)
                     results["runs"].append({"trainer": name, "resolution": resolution, "steps": steps,
                                             "repeat": repeat, **measured})
                     print(f"{tag}: {measured['seconds']:.1f} s, {measured['peak_mib']:.0f} MiB", flush=True)
@@ -156,16 +175,20 @@ def summarize(results: Dict[str, object]) -> List[Dict[str, object]]:
     for trainer, resolution in keys:
         runs = [r for r in results["runs"] if r["trainer"] == trainer and r["resolution"] == resolution]
         per_step, pass_ms = [], []
+        counted = {key: [] for key in PER_STEP_COUNTS if all(key in r for r in runs)}  # older runs lack them
         for repeat in range(results["repeats"]):
             by_steps = {r["steps"]: r for r in runs if r["repeat"] == repeat}
             seconds = {n: r["seconds"] - r.get("ref_pass_s", 0.0) for n, r in by_steps.items()}
             per_step.append((seconds[long_] - seconds[short]) / (long_ - short))
+            for key, values in counted.items():
+                values.append((by_steps[long_][key] - by_steps[short][key]) / (long_ - short))
             if "ref_pass_s" in by_steps[long_]:
                 pass_ms.append(1e3 * by_steps[long_]["ref_pass_s"] / by_steps[long_]["ref_pairs"])
         row = {"trainer": trainer, "resolution": resolution, "ms_per_step": [1e3 * s for s in per_step],
                **{key: max(r[key] for r in runs if r["steps"] == long_) for key in ("peak_mib", "private_peak_mib")}}
         if pass_ms:
             row["ref_pass_ms_per_pair"] = pass_ms
+        row.update({f"{key}_per_step": values for key, values in counted.items()})
         rows.append(row)
     for row in rows:
         official = next(o for o in rows if o["trainer"] == "official" and o["resolution"] == row["resolution"])
@@ -176,16 +199,23 @@ def summarize(results: Dict[str, object]) -> List[Dict[str, object]]:
 
 
 def markdown(rows: List[Dict[str, object]]) -> str:
+    """The summary as a table; runs that counted them add the median CPU ms and thousands of
+    minor page faults per step."""
+    counts = all("minor_faults_per_step" in r for r in rows)
     lines = ["| trainer | px | ms per step (each repeat) | median | × official | peak RSS MiB (/ official) "
-             "| peak private MiB | private / official |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| peak private MiB | private / official |" + (" CPU ms / step | faults / step (k) |" if counts else ""),
+             "| --- " * (10 if counts else 8) + "|"]
     for r in rows:
         each = " / ".join(f"{v:.0f}" for v in r["ms_per_step"])
         if "ref_pass_ms_per_pair" in r:
             each += f" (+ pass {statistics.median(r['ref_pass_ms_per_pair']):.1f} ms a pair)"
-        lines.append(f"| {r['trainer']} | {r['resolution']} | {each} | {statistics.median(r['ms_per_step']):.0f} | "
-                     f"{r['speedup']:.2f} | {r['peak_mib']:.0f} ({r['memory_ratio']:.2f}) | {r['private_peak_mib']:.0f} | "
-                     f"{r['private_ratio']:.2f} |")
+        line = (f"| {r['trainer']} | {r['resolution']} | {each} | {statistics.median(r['ms_per_step']):.0f} | "
+                f"{r['speedup']:.2f} | {r['peak_mib']:.0f} ({r['memory_ratio']:.2f}) | {r['private_peak_mib']:.0f} | "
+                f"{r['private_ratio']:.2f} |")
+        if counts:
+            line += (f" {1e3 * statistics.median(r['cpu_s_per_step']):.0f} |"
+                     f" {statistics.median(r['minor_faults_per_step']) / 1e3:.1f} |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -198,6 +228,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS),
                    help="which to run (default: all; official is needed for the ratios)")
+    p.add_argument("--steady-malloc", action="store_true",
+                   help="run every trainer with glibc malloc's thresholds fixed (STEADY_MALLOC): no page faults "
+                        "from a heap trimmed and grown again each step")
     p.add_argument("--workdir", type=Path, default=None, help="keep the model, data, logs and outputs here")
     p.add_argument("--json", type=Path, default=None, help="write the runs and the summary here")
     args = p.parse_args(argv)
