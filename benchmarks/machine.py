@@ -64,6 +64,17 @@ def _memory_gib() -> float:
         return float("nan")
 
 
+# glibc malloc's thresholds while measuring: blocks of up to 32 MiB (the most it accepts) come
+# from the heap, and the heap is trimmed only past 1 GiB free.
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 1 << 30
+
+
+def keep_freed_host_memory_env() -> Dict[str, str]:
+    """``keep_freed_host_memory`` for a child process: the environment variables glibc reads at
+    its start."""
+    return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+
+
 def keep_freed_host_memory() -> bool:
     """Makes glibc's malloc keep freed blocks of up to 32 MiB in the heap, and trim the heap only
     past 1 GiB free, for the rest of the process; returns whether it applied (glibc on Linux).
@@ -85,4 +96,4 @@ def keep_freed_host_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))

@@ -21,6 +21,13 @@ lacks; it VAE-encodes every step), and for ``--compile`` inductor's cache too (t
 ``--precompute-ref`` the reference pass runs in every timed run, and is timed on its own from
 rpo-fast's log. ``baseline`` is benchmarks/e2e/baseline.py (the e2e benchmark's stand-in for
 the official loop), run through benchmarks/e2e/worker.py and timed the same way.
+
+Each run also reports, per step the same way, its CPU seconds (user + system, from ``wait4``)
+and its minor page faults. On a CPU a step faults in again the memory that glibc's malloc
+returned to the kernel the step before (a trimmed heap, a freed mapping), and how much that is
+depends on the heap's history, not on the step's work; ``--steady-malloc`` runs every trainer
+with malloc's thresholds fixed (benchmarks/machine.py, ``keep_freed_host_memory``), which
+stops it.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from typing import Dict, List, Optional
 from benchmarks.e2e.assets import preference_data, tiny_model
 from benchmarks.e2e.harness import child_env
 from benchmarks.e2e.memory import status_kib
+from benchmarks.machine import keep_freed_host_memory_env, machine_info
 
 ROWS = 64
 REF_PASS = re.compile(r"reference errors of (\d+) pair\(s\) in ([0-9.]+) s")
@@ -54,11 +62,6 @@ TRAINERS = ("official", "baseline", *RPO_FAST)
 # What wait4 counts besides the time, reported per step like the time: CPU seconds (user +
 # system), system seconds, minor page faults.
 PER_STEP_COUNTS = ("cpu_s", "sys_s", "minor_faults")
-# glibc's malloc with its dynamic thresholds fixed: allocations up to 32 MiB (the most it
-# accepts) from the heap, and the heap never trimmed, so freed memory stays mapped. With the
-# defaults, how many pages a step faults back in depends on the heap's history (10-22 thousand
-# a step for the same loop in different processes here, at ~1.6 us each).
-STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
 
 
 def official_script(checkout: Path, workdir: Path) -> Path:
@@ -107,7 +110,7 @@ def run(command: List[str], cwd: Path, log: Path, *, out: Optional[Path] = None,
     if out is not None:
         shutil.rmtree(out, ignore_errors=True)
     env = child_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                    **(STEADY_MALLOC if steady_malloc else {}))
+                    **(keep_freed_host_memory_env() if steady_malloc else {}))
     with open(log, "w") as f:
         start = time.perf_counter()
         child = subprocess.Popen(command, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -135,8 +138,8 @@ def measure(args) -> Dict[str, object]:
     script = official_script(args.official, work)
     model = tiny_model(work)
     cache = work / "latent-cache"
-    results: Dict[str, object] = {"pairs": args.pairs, "steps": args.steps, "repeats": args.repeats,
-                                  "steady_malloc": args.steady_malloc, "runs": []}
+    results: Dict[str, object] = {"machine": machine_info(), "pairs": args.pairs, "steps": args.steps,
+                                  "repeats": args.repeats, "steady_malloc": args.steady_malloc, "runs": []}
     for resolution in args.resolution:
         data = preference_data(work, resolution, ROWS)
         link = work / f"pickapic-{resolution}px"  # the official trainer's Pick-a-Pic branch keys on the name
@@ -229,8 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS),
                    help="which to run (default: all; official is needed for the ratios)")
     p.add_argument("--steady-malloc", action="store_true",
-                   help="run every trainer with glibc malloc's thresholds fixed (STEADY_MALLOC): no page faults "
-                        "from a heap trimmed and grown again each step")
+                   help="run every trainer with glibc malloc's thresholds fixed (benchmarks.machine."
+                        "keep_freed_host_memory): no step faults back in a heap trimmed the step before")
     p.add_argument("--workdir", type=Path, default=None, help="keep the model, data, logs and outputs here")
     p.add_argument("--json", type=Path, default=None, help="write the runs and the summary here")
     args = p.parse_args(argv)

@@ -1,14 +1,16 @@
 """Where a training step's time goes: ``rpo-fast train``'s step beside the Diffusion-DPO-style
 baseline (benchmarks/e2e/baseline.py), phase by phase, in one process.
 
-    python -m benchmarks.e2e.phases --resolution 32 64 [--pairs 4] [--steps 12]
+    python -m benchmarks.e2e.phases --resolution 32 64 [--pairs 4] [--steps 12] [--steady-malloc]
 
 Both loops are built on the same tiny SD1.5 pipeline and data (benchmarks/e2e/assets.py), dpo,
 fp32, a frozen reference; their steps alternate, so the host's drift reaches both alike (the
 side-by-side runs of benchmarks/e2e/official.py, one process per run, spread by a third on a
 shared VM). Each phase is the wall time of the functions that make it, wrapped for the run;
 "backward and the rest" is the step less the phases. Prints a table per resolution, ms, the
-median over the timed steps.
+median over the timed steps. With glibc's default thresholds, a phase that allocates and frees
+much (a gradient-free forward) can fault memory back in that the step before returned to the
+kernel, more in one loop than the other; ``--steady-malloc`` stops that.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from benchmarks.e2e import baseline
 from benchmarks.e2e.assets import preference_data, tiny_model
 from benchmarks.e2e.rpo_fast_loop import RpoFastLoop
+from benchmarks.machine import keep_freed_host_memory
 
 REST = "backward and the rest"
 
@@ -135,7 +138,12 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=12, help="timed steps of each loop")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
+    p.add_argument("--steady-malloc", action="store_true",
+                   help="fix glibc malloc's thresholds first (benchmarks.machine.keep_freed_host_memory), so that "
+                        "no phase faults back in memory the heap returned to the kernel the step before")
     args = p.parse_args(argv)
+    if args.steady_malloc and not keep_freed_host_memory():
+        p.error("--steady-malloc: needs glibc's malloc (Linux)")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
