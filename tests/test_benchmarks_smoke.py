@@ -246,6 +246,27 @@ def test_official_side_by_side_steady_malloc_stops_the_heap_faulting_back_in(tmp
     assert steady["sys_s"] <= default["sys_s"] and steady["cpu_s"] > 0
 
 
+def test_e2e_workers_run_with_the_loss_suites_malloc_thresholds(tmp_path, monkeypatch):
+    """Every e2e loop's process gets the thresholds the loss suite sets in-process, as glibc
+    reads them (environment variables), so no loop is timed with page faults its heap's history
+    decides."""
+    from benchmarks import machine
+    from benchmarks.e2e import harness
+    from benchmarks.profiles import E2EConfig
+
+    seen = {}
+
+    def fake_run(cmd, env, **kwargs):
+        seen.update(env)
+        return subprocess.CompletedProcess(cmd, 0, stdout='RESULT {"loop": "baseline"}\n', stderr="")
+
+    monkeypatch.setattr(harness.subprocess, "run", fake_run)
+    config = E2EConfig("baseline", 2, 16, "batch", 1, 1)
+    assert harness.run_worker(config, tmp_path, tmp_path, tmp_path / "run") == {"loop": "baseline"}
+    assert seen["MALLOC_MMAP_THRESHOLD_"] == str(machine.MMAP_THRESHOLD)
+    assert seen["MALLOC_TRIM_THRESHOLD_"] == str(machine.TRIM_THRESHOLD)
+
+
 def test_official_side_by_side_counts_per_step_from_the_two_run_lengths():
     """Time, CPU time and page faults per step are each the long run's less the short run's over
     the steps between them; runs measured before the counts existed summarize without them."""

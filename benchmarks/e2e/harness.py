@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Dict
 
 from benchmarks.e2e.worker import RESULT_PREFIX
+from benchmarks.machine import keep_freed_host_memory_env
 from benchmarks.profiles import E2EConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +39,10 @@ def run_worker(config: E2EConfig, model: Path, data: Path, workdir: Path, *, met
         "--warmup", str(config.warmup_steps), "--steps", str(config.timed_steps),
         "--method", method, "--mixed-precision", mixed_precision,
     ]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout_s)
+    # Every loop with glibc malloc's thresholds fixed, as the loss suite runs: otherwise how many
+    # pages a step faults back in depends on the heap's history (docs/benchmarks.md, "Page faults").
+    env = child_env(**keep_freed_host_memory_env())
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
     results = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not results:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
