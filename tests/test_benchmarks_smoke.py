@@ -234,14 +234,14 @@ for _ in range(20):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and its environment variables")
 def test_official_side_by_side_steady_malloc_stops_the_heap_faulting_back_in(tmp_path):
     """With glibc's defaults the 28 MiB freed on top of the heap exceed its trim threshold and go
-    back to the kernel, so every cycle faults its 7168 pages in again; with ``--steady-malloc``
-    they stay mapped and only the first cycle faults."""
+    back to the kernel, so cycle after cycle faults its 7168 pages in again (about 15 of the 20
+    here); with ``--steady-malloc`` they stay mapped and only the first cycle faults."""
     from benchmarks.e2e.official import run
 
     pages = 4 * (7 << 20) // 4096
     default = run([sys.executable, "-c", HEAP_CYCLES], tmp_path, tmp_path / "default.log")
     steady = run([sys.executable, "-c", HEAP_CYCLES], tmp_path, tmp_path / "steady.log", steady_malloc=True)
-    assert default["minor_faults"] > 15 * pages
+    assert default["minor_faults"] > 10 * pages
     assert steady["minor_faults"] < 3 * pages
     assert steady["sys_s"] <= default["sys_s"] and steady["cpu_s"] > 0
 
