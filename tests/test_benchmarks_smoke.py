@@ -270,7 +270,7 @@ def test_e2e_workers_run_with_the_loss_suites_malloc_thresholds(tmp_path, monkey
 def test_official_side_by_side_counts_per_step_from_the_two_run_lengths():
     """Time, CPU time and page faults per step are each the long run's less the short run's over
     the steps between them; runs measured before the counts existed summarize without them."""
-    from benchmarks.e2e.official import markdown, summarize
+    from benchmarks.e2e.official import PER_STEP_COUNTS, markdown, summarize
 
     def runs(trainer, per_step_s, faults_per_step):
         return [{"trainer": trainer, "resolution": 32, "steps": n, "repeat": 0, "seconds": 5 + n * per_step_s,
@@ -285,7 +285,7 @@ def test_official_side_by_side_counts_per_step_from_the_two_run_lengths():
     assert rows["official"]["cpu_s_per_step"] == pytest.approx([0.4]) and rows["official"]["sys_s_per_step"] == pytest.approx([0.01])
     assert "| 500 | 17.0 |" in markdown(list(rows.values()))
     for run in results["runs"]:
-        for key in ("cpu_s", "sys_s", "minor_faults"):
+        for key in PER_STEP_COUNTS:
             del run[key]
     old = summarize(results)
     assert not any(key.endswith("_per_step") and key != "ms_per_step" for row in old for key in row)

@@ -181,10 +181,13 @@ def summarize(results: Dict[str, object]) -> List[Dict[str, object]]:
         counted = {key: [] for key in PER_STEP_COUNTS if all(key in r for r in runs)}  # older runs lack them
         for repeat in range(results["repeats"]):
             by_steps = {r["steps"]: r for r in runs if r["repeat"] == repeat}
-            seconds = {n: r["seconds"] - r.get("ref_pass_s", 0.0) for n, r in by_steps.items()}
-            per_step.append((seconds[long_] - seconds[short]) / (long_ - short))
+
+            def difference(value) -> float:  # the long run's less the short run's, per step between them
+                return (value(by_steps[long_]) - value(by_steps[short])) / (long_ - short)
+
+            per_step.append(difference(lambda r: r["seconds"] - r.get("ref_pass_s", 0.0)))
             for key, values in counted.items():
-                values.append((by_steps[long_][key] - by_steps[short][key]) / (long_ - short))
+                values.append(difference(lambda r: r[key]))
             if "ref_pass_s" in by_steps[long_]:
                 pass_ms.append(1e3 * by_steps[long_]["ref_pass_s"] / by_steps[long_]["ref_pairs"])
         row = {"trainer": trainer, "resolution": resolution, "ms_per_step": [1e3 * s for s in per_step],
