@@ -140,10 +140,9 @@ def report(name: str, c: dict) -> None:
     print("\n| rpo-fast, speed-up per pair over the official trainer | M=1 both | M=4 both | official M=1 (its "
           "launchers), rpo-fast M=4 | same, compile and MFU (PCIe) range | M=4 both, official without offload |"
           "\n| --- | ---: | ---: | ---: | ---: | ---: |")
-    configs = {"(a) full FT, frozen ref, latent cache": {},
-               "(b) (a) + --precompute-ref, per step (pass excluded)": dict(ref=False),
-               "(c) LoRA, adapter-off reference, latent cache": dict(lora=True),
-               "(d) (b) + text cache (planned)": dict(ref=False, text=False)}
+    configs = {"(a) full FT, frozen ref, latent and text caches": dict(text=False),
+               "(b) (a) + --precompute-ref, per step (pass excluded)": dict(ref=False, text=False),
+               "(c) LoRA, adapter-off reference, latent and text caches": dict(lora=True, text=False)}
 
     def speedup(m_off, m, kw, compile_x=1.0, mfu=MFU[1], pcie=PCIE[0], offload=True) -> float:
         """Official time per pair over rpo-fast's (latent cache: no VAE), at the same MFU."""

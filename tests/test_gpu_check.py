@@ -16,7 +16,7 @@ def test_dry_run_runs_every_stage_that_needs_no_gpu_and_writes_the_report(tmp_pa
     report = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
     assert report["dry_run"] and report["ok"] and report["machine"]["gpu"] is None
     stages = {s["stage"]: s for s in report["stages"]}
-    assert list(stages) == ["build", "tests", "bench", "train"]
+    assert list(stages) == ["build", "tests", "bench", "train", "timing"]
     assert stages["build"]["status"].startswith("skipped")
     # the GPU tests are collected (they import and parametrize), the benchmark ran on CPU tensors
     assert stages["tests"]["status"] == "ok" and "test_cuda_kernels.py" in stages["tests"]["output_tail"]
@@ -25,7 +25,9 @@ def test_dry_run_runs_every_stage_that_needs_no_gpu_and_writes_the_report(tmp_pa
     assert stages["train"]["status"] == "ok" and "test_cuda_training_compiled_bf16" in stages["train"]["output_tail"]
     table = (tmp_path / "out" / "gpu-check.md").read_text()
     assert "no GPU: a dry run" in table and "| bench | ok |" in table
-    assert sum(gpu_check.LIMITS.values()) < 8 * 60
+    timing = json.loads((tmp_path / "out" / "step-timing.json").read_text())
+    assert stages["timing"]["status"] == "ok" and set(timing) == {"sd15", "sdxl"}
+    assert sum(gpu_check.LIMITS.values()) <= 9 * 60
     assert "dry run" in capsys.readouterr().out
 
 

@@ -1,0 +1,80 @@
+"""benchmarks/step_timing.py, the measured step budget a GPU session runs on the real
+architectures: here on the CPU with its scaled-down configs, so that it cannot rot."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks import step_budget
+from benchmarks.step_timing import PAIRS_PER_OPT_STEP, configs, format_report, main, measure, on_paper, per_pair
+
+pytest.importorskip("diffusers")
+
+CONFIGURATIONS = ["official", "(a) frozen reference", "(b) --precompute-ref", "(c) --lora"]
+
+
+@pytest.mark.parametrize("xl", [False, True])
+def test_tiny_configs_keep_the_real_architecture(xl):
+    real, tiny = configs(xl, tiny=False), configs(xl, tiny=True)
+    assert real["unet"] == (step_budget.SDXL_UNET if xl else step_budget.SD15_UNET)
+    for key in ("down_block_types", "up_block_types", "in_channels", "addition_embed_type", "use_linear_projection"):
+        assert tiny["unet"].get(key) == real["unet"].get(key)
+    assert len(tiny["texts"]) == len(real["texts"]) == (2 if xl else 1)
+    assert tiny["unet"]["sample_size"] < real["unet"]["sample_size"]
+
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def tiny_components(request):
+    return request.param, measure(request.param, pairs=2, repeats=1, tiny=True)
+
+
+def test_every_component_is_timed(tiny_components):
+    _, ms = tiny_components
+    assert len(ms) == 10
+    assert all(math.isfinite(v) and v > 0 for v in ms.values()), ms
+
+
+def test_configurations_add_their_components_per_pair(tiny_components):
+    _, ms = tiny_components
+    rows = per_pair(ms, pairs=2)
+    assert list(rows) == CONFIGURATIONS
+    opt = 2 / PAIRS_PER_OPT_STEP
+    official = (ms["VAE encode"] + ms["text encoder(s)"] + ms["policy UNet fwd+bwd"] + ms["reference UNet fwd"]
+                + ms["loss fwd+bwd (eager)"] + opt * ms["optimizer step (official)"])
+    assert rows["official"] == pytest.approx(official / 2)
+    # rpo-fast reads latents and prompts from its caches: no VAE or text encoder in any of its rows
+    assert rows["(a) frozen reference"] - rows["(b) --precompute-ref"] == pytest.approx(ms["reference UNet fwd"] / 2)
+    assert rows["(c) --lora"] == pytest.approx(
+        (ms["policy UNet fwd+bwd (LoRA)"] + ms["reference UNet fwd (LoRA off)"] + ms["loss fwd+bwd (rpo-fast)"]) / 2)
+
+
+def test_paper_rows_drop_what_each_configuration_leaves_out():
+    rows = on_paper("sd15", pairs=1)  # the real architecture's FLOPs, counted on the meta device
+    assert list(rows) == CONFIGURATIONS
+    assert rows["official"] > rows["(a) frozen reference"] > rows["(b) --precompute-ref"] > 0
+
+
+def test_report_puts_the_paper_beside_the_measurement():
+    measured = dict(zip(CONFIGURATIONS, (100.0, 50.0, 40.0, 25.0)))
+    estimated = dict(zip(CONFIGURATIONS, (90.0, 45.0, 30.0, 30.0)))
+    text = format_report({"sd15": {"pairs": 1, "device": "GPU", "components_ms": {"VAE encode": 1.5},
+                                   "per_pair_ms": measured, "paper_per_pair_ms": estimated}})
+    assert "| (a) frozen reference | 50.00 | 2.00 | 45.0 | 2.00 |" in text
+    assert "| (c) --lora | 25.00 | 4.00 | 30.0 | 3.00 |" in text
+    assert "| VAE encode | 1.50 |" in text
+
+
+def test_cli_writes_json_and_refuses_bad_counts(tmp_path, capsys):
+    out = tmp_path / "timing.json"
+    assert main(["--tiny", "--models", "sd15", "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["sd15"]
+    assert list(result["per_pair_ms"]) == CONFIGURATIONS and result["paper_per_pair_ms"] is None
+    assert "tiny configs" in result["device"]
+    assert "| (b) --precompute-ref |" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--tiny", "--pairs", "0"])
+    assert exit_info.value.code == 2
+    assert "--pairs and --repeats" in capsys.readouterr().err
