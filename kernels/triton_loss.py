@@ -54,6 +54,16 @@ FLT_MAX = tl.constexpr(3.4028234663852886e38)  # a constexpr: kernels may read i
 
 
 @triton.jit
+def _work_item(D, chunks, chunk_len):
+    """The work item of this program of a (sample, chunk) grid: sample k (and as int64, for
+    row offsets) and the chunk's element range [start, end) within the sample."""
+    pid = tl.program_id(0)
+    k = pid // chunks
+    start = (pid % chunks).to(tl.int64) * chunk_len
+    return pid, k, k.to(tl.int64), start, tl.minimum(start + chunk_len, D)
+
+
+@triton.jit
 def _partial_sq_err_kernel(
     pred_ptr, target_ptr, ref_ptr, model_part_ptr, ref_part_ptr,
     D, pred_row_stride, target_row_stride, ref_row_stride,
@@ -63,12 +73,7 @@ def _partial_sq_err_kernel(
     """Program (sample k, chunk c): sum over d in chunk c of (pred - target)^2 (and of
     (ref - target)^2), over ``divisor``, into partial[k, c]. Reads each input element once.
     ``divisor`` is D when a sample is one chunk (the partial is then the error), else 1."""
-    pid = tl.program_id(0)
-    k = pid // chunks
-    c = pid % chunks
-    k64 = k.to(tl.int64)
-    start = c.to(tl.int64) * chunk_len
-    end = tl.minimum(start + chunk_len, D)
+    pid, k, k64, start, end = _work_item(D, chunks, chunk_len)
     pred_row = pred_ptr + k64 * pred_row_stride
     target_row = target_ptr + k64 * target_row_stride
     ref_row = ref_ptr + k64 * ref_row_stride
@@ -123,12 +128,7 @@ def _error_grad_kernel(
     BLOCK: tl.constexpr,
 ):
     """Program (sample k, chunk c): out = coef[k] * 2/D * (pred - target) over chunk c."""
-    pid = tl.program_id(0)
-    k = pid // chunks
-    c = pid % chunks
-    k64 = k.to(tl.int64)
-    start = c.to(tl.int64) * chunk_len
-    end = tl.minimum(start + chunk_len, D)
+    _, k, k64, start, end = _work_item(D, chunks, chunk_len)
     scale = tl.load(coef_ptr + k) * two_over_d
     pred_row = pred_ptr + k64 * pred_row_stride
     target_row = target_ptr + k64 * target_row_stride
