@@ -67,7 +67,9 @@ def test_report_puts_the_paper_beside_the_measurement():
     assert "| VAE encode | 1.50 |" in text
 
 
-def test_cli_writes_json_and_refuses_bad_counts(tmp_path, capsys):
+def test_cli_writes_json_and_refuses_bad_counts(tmp_path, capsys, monkeypatch, tiny_components):
+    _, ms = tiny_components  # measured above: the CLI's own part is the arguments and the files
+    monkeypatch.setattr("benchmarks.step_timing.measure", lambda model, **kwargs: ms)
     out = tmp_path / "timing.json"
     assert main(["--tiny", "--models", "sd15", "--repeats", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())["sd15"]
