@@ -29,7 +29,7 @@ SDXL takes minutes).
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import statistics
 import time
@@ -89,8 +89,8 @@ def measure(model: str, *, pairs: int = 1, repeats: int = 3, device: Optional[to
     from rpo_fast import diffusion_dpo_loss
     from rpo_fast.train.config import TrainConfig
     from rpo_fast.train.models import add_lora
-    from rpo_fast.train.optim import _adafactor_class
-    from rpo_fast.train.ref_model import adapters_disabled
+    from rpo_fast.train.optim import make_optimizer
+    from rpo_fast.train.ref_model import adapters_disabled, frozen_copy
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     xl, cfg, low = model == "sdxl", configs(model == "sdxl", tiny), torch.bfloat16
@@ -125,7 +125,7 @@ def measure(model: str, *, pairs: int = 1, repeats: int = 3, device: Optional[to
         added = {"text_embeds": rand(n, pooled), "time_ids": rand(n, 6)}
     predict = lambda m: m(latents, timesteps, encoder_hidden_states=context, added_cond_kwargs=added).sample
 
-    reference = copy.deepcopy(unet).to(low).requires_grad_(False).eval()
+    reference = frozen_copy(unet, low)
     with torch.no_grad(), autocast():  # as Reference.ref_pred runs it
         ref_pred = predict(reference)
         ms["reference UNet fwd"] = run(lambda: predict(reference))
@@ -147,19 +147,22 @@ def measure(model: str, *, pairs: int = 1, repeats: int = 3, device: Optional[to
     ms["loss fwd+bwd (rpo-fast)"] = run(
         lambda: torch.autograd.grad(diffusion_dpo_loss(pred, noise, ref_pred, beta=BETA), pred))
 
+    # The optimizers as rpo-fast builds them (its adafactor is the official SDXL script's settings);
+    # the official SD1.5 script's AdamW is torch's default implementation.
+    config = TrainConfig(pretrained_model="-", data="-", output_dir="-")
     params = [p for p in unet.parameters() if p.requires_grad]
-    official_opt = (_adafactor_class()(params, lr=1e-8, clip_threshold=1.0, scale_parameter=False, relative_step=False,
-                                       warmup_init=False) if xl else torch.optim.AdamW(params, lr=1e-8))
+    official_opt = (make_optimizer(dataclasses.replace(config, optimizer="adafactor"), params, device) if xl
+                    else torch.optim.AdamW(params, lr=config.learning_rate))
     ms["optimizer step (official)"] = run(official_opt.step)
     del official_opt
-    fused = torch.optim.AdamW(params, lr=1e-8, fused=device.type in ("cpu", "cuda"))
+    fused = make_optimizer(config, params, device)
     ms["optimizer step (fused AdamW)"] = run(fused.step)
     del fused, params
     unet.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    add_lora(unet, TrainConfig(pretrained_model="-", data="-", output_dir="-", lora=True))
+    add_lora(unet, dataclasses.replace(config, lora=True))
     ms["policy UNet fwd+bwd (LoRA)"] = run(lambda: policy_step().backward(grad_out))
     with torch.no_grad(), adapters_disabled(unet):
         ms["reference UNet fwd (LoRA off)"] = run(policy_step)
