@@ -145,16 +145,14 @@ def run_check(out: Path, wheels: Path, work: Path) -> Dict:
 
     has_diffusers = python is not None and subprocess.run(
         [python, "-c", "import diffusers"], capture_output=True).returncode == 0
-    if python is None or not has_diffusers:
-        stages.append(_skipped("train", "diffusers is not installed (make gpu-wheels)" if python else "the build failed"))
-    elif gpu:
-        stages.append(_run("train", [*pytest, "-m", "gpu", "tests/test_train.py"], LIMITS["train"], env))
+    if python is None or not has_diffusers:  # the two stages that train
+        why = "diffusers is not installed (make gpu-wheels)" if python else "the build failed"
+        stages += [_skipped("train", why), _skipped("timing", why)]
     else:
-        stages.append(_run("train", [*pytest, "--collect-only", "-m", "gpu", "tests/test_train.py"], LIMITS["train"], env))
-    if python is None or not has_diffusers:
-        stages.append(_skipped("timing", "diffusers is not installed (make gpu-wheels)" if python else "the build failed"))
-    else:
-        sizes = [] if gpu else ["--tiny", "--repeats", "1"]  # the dry run: scaled-down configs on the CPU
+        # the dry run: the training tests collected, the step timed on scaled-down configs on the CPU
+        train = ["-m", "gpu"] if gpu else ["--collect-only", "-m", "gpu"]
+        sizes = [] if gpu else ["--tiny", "--repeats", "1"]
+        stages.append(_run("train", [*pytest, *train, "tests/test_train.py"], LIMITS["train"], env))
         stages.append(_run("timing", [python, "-m", "benchmarks.step_timing", *sizes, "--json",
                                       str(out / "step-timing.json")], LIMITS["timing"], env))
 
