@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import shlex
 import sys
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from .extras import missing_extra_message
 
@@ -24,8 +25,15 @@ SUBCOMMANDS = {
 }
 
 
+INTERRUPTED = 130  # the shell's status for a command ended by SIGINT (128 + 2)
+
+
 class _Parser(argparse.ArgumentParser):
-    """A usage error is one line, naming the argument, and exit status 2."""
+    """A usage error is one line, naming the argument, and exit status 2. Options are never
+    matched by a prefix (``--max-step`` is not ``--max-steps``): a typo is an error."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -33,7 +41,8 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="rpo-fast", description="Diffusion-RPO for Stable Diffusion 1.5 and XL.")
+    parser = argparse.ArgumentParser(prog="rpo-fast", description="Diffusion-RPO for Stable Diffusion 1.5 and XL.",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -43,6 +52,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     name = argv[0]
     try:
         return _run(name, argv[1:])
+    except KeyboardInterrupt:  # before the subcommand's own handler took over (imports, parsing)
+        return interrupted(name, "before it started", "nothing was written", None)
     except ModuleNotFoundError as e:  # an optional dependency: say which extra brings it
         message = missing_extra_message(name, e)
         if message is None:
@@ -60,9 +71,33 @@ def _run(name: str, argv: List[str]) -> int:
     )
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv)
+    args._command_line = ["rpo-fast", name, *argv]  # for the command that continues an interrupted run
     if getattr(args, "no_progress", False):
         quiet_library_progress()
     return int(module.run(args) or 0)
+
+
+def interrupted(command: str, reached: str, kept: str, again: Optional[str]) -> int:
+    """The one line a subcommand ends with on Ctrl-C (SIGINT): where it was, what it kept,
+    the command that continues (None: nothing to continue); returns the exit status 130."""
+    line = f"rpo-fast {command}: interrupted {reached}; {kept}"
+    print(line + (f"; to continue: {again}" if again else ""), file=sys.stderr, flush=True)
+    return INTERRUPTED
+
+
+def rerun_command(args: argparse.Namespace, add: Sequence[str] = (), drop: Sequence[str] = ()) -> str:
+    """The command line that started this subcommand, without the options in ``drop`` (each
+    with its value: ``--flag value`` or ``--flag=value``), then the words ``add``."""
+    words, kept = list(getattr(args, "_command_line", None) or ["rpo-fast"]), []
+    skip = False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in drop:
+            skip = True
+        elif not any(word.startswith(flag + "=") for flag in drop):
+            kept.append(word)
+    return shlex.join(kept + list(add))
 
 
 def quiet_library_progress() -> None:
