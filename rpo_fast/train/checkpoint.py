@@ -23,6 +23,8 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import torch
 
+from .atomic import removed_on_failure
+
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
@@ -120,31 +122,32 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-    if sharded:
-        _save_shards(tmp, model_state, optimizer_state, rank)
-    elif rank == 0:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
-        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-    if rank == 0:
-        torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-        if grad_scaler is not None:
-            torch.save(grad_scaler.state_dict(), tmp / "grad_scaler.pt")
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
-    barrier()
-    if rank == 0:
-        _fsync_tree(tmp)
-        old = output_dir / f".checkpoint-{step}.old"
-        if final.exists():  # the same step written again after resuming from an earlier one
+    with removed_on_failure(tmp):  # interrupted: no half-written folder stays behind
+        torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+        if sharded:
+            _save_shards(tmp, model_state, optimizer_state, rank)
+        elif rank == 0:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        if rank == 0:
+            torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+            if grad_scaler is not None:
+                torch.save(grad_scaler.state_dict(), tmp / "grad_scaler.pt")
+            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+        barrier()
+        if rank == 0:
+            _fsync_tree(tmp)
+            old = output_dir / f".checkpoint-{step}.old"
+            if final.exists():  # the same step written again after resuming from an earlier one
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+            tmp.rename(final)
+            _fsync_dir(output_dir)
             shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        _fsync_dir(output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        if total_limit is not None:
-            found = list_checkpoints(output_dir)
-            for s in sorted(found)[:-total_limit]:
-                shutil.rmtree(found[s], ignore_errors=True)
+    if rank == 0 and total_limit is not None:
+        found = list_checkpoints(output_dir)
+        for s in sorted(found)[:-total_limit]:
+            shutil.rmtree(found[s], ignore_errors=True)
     barrier()
     return final
 

@@ -22,13 +22,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 from ..data import PreferenceDataset, content_hash
+from .atomic import write_atomic
 
 FORMAT_VERSION = 1
 CROP_POLICY = "resize-shorter-side-bilinear+center-crop"
@@ -243,10 +244,3 @@ def _existing_shard_size(folder: Path, default: int) -> int:
         return int(json.loads(meta.read_text())["shard_size"])
     return default
 
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a temporary name beside ``path``, then a rename: a reader (or a
-    resumed fill) sees the whole file or none. The text cache writes its files this way too."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from .atomic import write_atomic
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -48,9 +50,7 @@ class MetricsLog:
                     kept.append(line)
             except json.JSONDecodeError:  # a line cut by a kill
                 continue
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        write_atomic(self.path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
     def log(self, step: int, metrics: Dict[str, Any]) -> None:
         if not self.enabled:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..data import content_hash
+from .atomic import write_atomic
 from .batches import PairSchedule, assemble_batch
 from .forward import UNetInputs, per_sample_mse, predict, unet_inputs
 
@@ -140,9 +141,8 @@ def precompute_reference_errors(
     table[filled == 0] = float("nan")
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"errors": table.contiguous()}, str(tmp), metadata={"key": key, "epochs": json.dumps(len(visited))})
-        tmp.replace(path)
+        metadata = {"key": key, "epochs": json.dumps(len(visited))}
+        write_atomic(path, lambda tmp: save_file({"errors": table.contiguous()}, str(tmp), metadata=metadata))
     return table
 
 
