@@ -85,13 +85,14 @@ def interrupted(command: str, reached: str, kept: str, again: Optional[str]) -> 
     return INTERRUPTED
 
 
-def rerun_command(args: argparse.Namespace, add: Sequence[str] = (), drop: Sequence[str] = ()) -> str:
-    """The command line that started this subcommand, without the options in ``drop`` (each
-    with its value: ``--flag value`` or ``--flag=value``), then the words ``add``."""
-    words, kept = list(getattr(args, "_command_line", None) or ["rpo-fast"]), []
-    skip = False
-    for word in words:
-        if skip:
+def rerun_command(args: argparse.Namespace, add: Sequence[str] = (), drop: Sequence[str] = (),
+                  drop_switches: Sequence[str] = ()) -> str:
+    """The command line that started this subcommand without the options in ``drop`` (each
+    with its value: ``--flag value`` or ``--flag=value``) and the switches in
+    ``drop_switches`` (no value), then the words ``add``."""
+    kept, skip = [], False
+    for word in getattr(args, "_command_line", None) or ["rpo-fast"]:
+        if skip or word in drop_switches:
             skip = False
         elif word in drop:
             skip = True

@@ -442,6 +442,12 @@ def load_preference_dataset(
                          f"{PAIRS_FILE}, or a hub dataset id such as owner/name)")
     import datasets
 
+    from .hub import in_hub_cache, require_download
+
+    processed = Path(cache_dir or datasets.config.HF_DATASETS_CACHE).expanduser() / str(source).replace("/", "___")
+    require_download("data", str(source), "pass a local folder of Pick-a-Pic parquet files, a folder with "
+                     f"{PAIRS_FILE}, or a datasets save_to_disk folder",
+                     cached=in_hub_cache(str(source), "dataset") or processed.is_dir())
     loaded = datasets.load_dataset(str(source), split=split, cache_dir=None if cache_dir is None else str(cache_dir))
     return HFPreferenceDataset(loaded, str(source), split, drop_ties, max_rows)
 

@@ -533,3 +533,37 @@ def test_proportion_empty_prompts_is_drawn_per_seed_epoch_row():
     assert [PromptTable(table.prompts, 3)(0, r) for r in range(5)] == table.prompts[:5]  # rate 0: never
     with pytest.raises(ValueError, match=r"proportion_empty_prompts: expected a fraction in \[0, 1\], got 1.5"):
         TrainConfig(pretrained_model="m", data="d", output_dir="o", proportion_empty_prompts=1.5)
+
+
+def test_the_same_command_trains_the_same_model_on_a_cold_or_a_warm_cache(tiny_sd15_dir, data_dir, tmp_path):
+    # The first run fills the latent and text caches (a DataLoader draws its seed from the global
+    # generator), the second reads them: the adapters' initial weights must not depend on it.
+    from safetensors.torch import load_file
+
+    latents = tmp_path / "fresh-cache"
+    weights = []
+    for name in ("cold", "warm"):
+        train(tiny_config(tiny_sd15_dir, data_dir, tmp_path / name, latents, method="dpo", lora=True, max_steps=2))
+        weights.append(load_file(str(tmp_path / name / "pytorch_lora_weights.safetensors")))
+    cold, warm = weights
+    assert cold.keys() == warm.keys()
+    assert all(torch.equal(cold[k], warm[k]) for k in cold), [k for k in cold if not torch.equal(cold[k], warm[k])]
+
+
+def test_the_start_says_what_the_defaults_do(tiny_sd15_dir, data_dir, latent_root, tmp_path, capsys):
+    # rpo without --embeddings: uniform weights, and their strength on dpo's scale; no
+    # --resolution: the model's own size (the tiny UNet's 8 latents x the VAE's 2 = 16 px)
+    config = tiny_config(tiny_sd15_dir, data_dir, tmp_path / "a", latent_root, method="rpo", resolution=None,
+                         batch_pairs=4, max_steps=1)
+    result = train(config)
+    out = capsys.readouterr().out
+    assert "resolution 16 px (the model's native size)" in out, out
+    assert "uniform weights 1/M (no --embeddings), M = 4 pairs" in out and "= 625 (dpo at beta 625" in out, out
+    assert "data " + str(data_dir) + ": 16 pairs used; 1 unreadable" in out, out
+    assert f"caches: latents {latent_root}" in out and "prompts " in out, out
+    assert f"output {result.output_dir}" in out and f"model {tiny_sd15_dir} (sd15), training the whole UNet" in out
+
+    train(tiny_config(tiny_sd15_dir, data_dir, tmp_path / "b", latent_root, method="dpo", max_steps=1))
+    out = capsys.readouterr().out
+    assert "warning: resolution 32 px, but the model generates at 16 px" in out, out
+    assert "objective dpo, beta 2500" in out, out

@@ -2,6 +2,7 @@
 and every user mistake is one line naming the option, exit status 2, before any model loads."""
 
 import argparse
+import os
 import shlex
 
 import pytest
@@ -127,7 +128,7 @@ def test_a_folder_holding_a_run_is_not_overwritten(capsys, tmp_path, tiny_sd15_d
     class Stop(Exception):
         pass
 
-    def stop(config):
+    def stop(config, **kwargs):
         raise Stop
 
     monkeypatch.setattr(loop, "prepare", stop)
@@ -165,3 +166,78 @@ def test_no_progress_also_quiets_the_libraries_bars(capsys, tmp_path, tiny_sd15_
         assert main(argv + ["--no-progress"]) == 2
         assert not any(switch.is_progress_bar_enabled() for switch in library_bars), argv
     capsys.readouterr()
+
+
+def test_options_are_never_matched_by_a_prefix(capsys, tmp_path, tiny_sd15_dir):
+    # --max-step is a typo, not --max-steps: argparse would otherwise take any unambiguous prefix
+    argv = ["--pretrained-model", str(tiny_sd15_dir), "--data", str(tmp_path), "--output-dir", str(tmp_path / "o")]
+    _one_line_error(capsys, [*argv, "--max-step", "5"], "unrecognized arguments: --max-step 5")
+    with pytest.raises(SystemExit):
+        main(["eval", "--base", "b", "--tuned", "t", "--prompts", "p", "--output", "o"])  # --output-dir's prefix
+    assert "required: --output-dir" in capsys.readouterr().err  # --output was not taken for it
+
+
+def test_yaml_numbers_in_any_float_notation(tmp_path):
+    # YAML 1.1 (PyYAML's default) reads 3e-4 as a string; the config reads numbers as YAML 1.2 does
+    (tmp_path / "c.yaml").write_text("pretrained_model: m\ndata: d\noutput_dir: o\nlearning_rate: 3e-4\n"
+                                     "beta: 2.5E+3\ntau: .5e0\nadam_epsilon: 1e-08\nmax_steps: 7\nseed: 1_0\n")
+    config = _config(["--config", str(tmp_path / "c.yaml")])
+    assert (config.learning_rate, config.beta, config.tau, config.adam_epsilon) == (3e-4, 2500.0, 0.5, 1e-8)
+    assert (config.max_steps, config.seed) == (7, 10)
+    (tmp_path / "bad.yaml").write_text("pretrained_model: m\ndata: d\noutput_dir: o\nlearning_rate: 3e-4x\n")
+    with pytest.raises(ValueError, match="learning_rate: expected a number, got '3e-4x'"):
+        _config(["--config", str(tmp_path / "bad.yaml")])
+
+
+@pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", "unreachable"])
+def test_offline_a_hub_name_fails_at_once_naming_the_option(capsys, tmp_path, tiny_sd15_dir, monkeypatch, how):
+    import time
+
+    from rpo_fast import hub
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing downloaded before counts
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # restored after the test
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy",
+                 "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    if how == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:  # a port nothing listens on: the connection is refused, whatever the machine's own network
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+        hub._unreachable.cache_clear()
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "pairs.jsonl").write_text("")
+    out = ["--output-dir", str(tmp_path / "o"), "--no-progress"]
+    start = time.perf_counter()
+    err = _one_line_error(capsys, ["--pretrained-model", "someone/sd-model", "--data", str(data), *out],
+                          "pretrained_model: 'someone/sd-model'", "local folder")
+    assert ("HF_HUB_OFFLINE is set" if how == "HF_HUB_OFFLINE" else "cannot be reached") in err
+    _one_line_error(capsys, ["--pretrained-model", str(tiny_sd15_dir), "--pretrained-vae", "someone/vae",
+                             "--data", str(data), *out], "pretrained_vae: 'someone/vae'")
+    _one_line_error(capsys, ["--pretrained-model", str(tiny_sd15_dir), "--data", "someone/pairs", *out],
+                    "data: 'someone/pairs'", "local folder")
+    assert time.perf_counter() - start < 5  # not the download libraries' retries (about 50 s)
+
+    # a name the hub cache holds is read from there, offline (the libraries are told not to try)
+    (tmp_path / "hub" / "models--someone--sd-model" / "snapshots" / "abc").mkdir(parents=True)
+    hub.require_download("pretrained_model", "someone/sd-model", "", cached=hub.in_hub_cache("someone/sd-model"))
+    import huggingface_hub.constants
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_docs_list_every_option_in_its_resume_class():
+    import re
+    from pathlib import Path
+
+    from rpo_fast.train.config import ON_RESUME, config_fields
+
+    text = (Path(__file__).parent.parent / "docs" / "training.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith(("| refused", "| applied", "| taken as given"))]
+    documented = dict(zip(("refuse", "apply", "free"), (set(re.findall(r"`(\w+)`", row)) for row in rows)))
+    for kind in ON_RESUME:
+        assert documented[kind] == {f.name for f in config_fields() if f.metadata.get("on_resume", "refuse") == kind}

@@ -1,14 +1,18 @@
-"""Nothing lost: a run killed with SIGKILL and resumed with --resume latest ends with the same
-weights as a run never interrupted (model, optimizer, LR schedule, RNG and data position all
-restored; checkpoints written atomically)."""
+"""Nothing lost: a run killed with SIGKILL, or stopped with Ctrl-C, and resumed with --resume
+latest ends with the same weights as a run never interrupted (model, optimizer, LR schedule, RNG
+and data position all restored; checkpoints written atomically); a resume with other options
+applies, refuses or takes each by its class (docs/training.md) and records what it applied."""
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from rpo_fast.train import train
@@ -28,13 +32,25 @@ def _cli_args(config):
     return args + ["--no-compile", "--no-progress", "--no-lora", "--resume", "latest"]
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_sd15_dir, tmp_path):
-    data = synthetic_pickapic(tmp_path / "data")
-    latents = tmp_path / "latents"
+@pytest.fixture(scope="module")
+def straight(tiny_sd15_dir, tmp_path_factory):
+    """The data, the latent cache and a run of SETTINGS never interrupted."""
+    root = tmp_path_factory.mktemp("straight")
+    data, latents = synthetic_pickapic(root / "data"), root / "latents"
     with one_thread():
-        reference = train(tiny_config(tiny_sd15_dir, data, tmp_path / "straight", latents, **SETTINGS))
+        reference = train(tiny_config(tiny_sd15_dir, data, root / "run", latents, **SETTINGS))
     assert reference.steps == 6
+    return data, latents, unet_weights(reference.output_dir / "unet")
 
+
+def _equal_weights(want, got):
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_sd15_dir, tmp_path, straight):
+    data, latents, want = straight
     out = tmp_path / "killed"
     assert find_checkpoint(out, "latest") is None  # 'latest' with nothing saved yet: a fresh start
     config = tiny_config(tiny_sd15_dir, data, out, latents, **SETTINGS)
@@ -59,10 +75,79 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_sd15_dir, tmp_
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    want, got = unet_weights(reference.output_dir / "unet"), unet_weights(out / "unet")
-    assert want.keys() == got.keys()
-    for name in want:
-        assert torch.equal(want[name], got[name]), name
+    _equal_weights(want, unet_weights(out / "unet"))
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # the replayed steps are logged once
     assert sorted(list_checkpoints(out)) == [4, 6]  # checkpoints_total_limit
+
+
+def test_ctrl_c_ends_in_one_line_and_the_command_it_gives_continues(tiny_sd15_dir, tmp_path, straight):
+    data, latents, want = straight
+    out = tmp_path / "interrupted"
+    argv = [a for a in _cli_args(tiny_config(tiny_sd15_dir, data, out, latents, **SETTINGS))]
+    argv = argv[:-2]  # without --resume latest: the line must say how to continue
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "rpo_fast.cli", "train", *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (out / "checkpoint-2").exists():
+        time.sleep(0.005)
+    assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.stderr.read()[-2000:]}"
+    os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("rpo-fast train: interrupted at step "), line
+    assert "checkpoint-" in line and "is kept" in line, line
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # nothing half-written
+
+    again = shlex.split(line.split("; to continue: ")[1])
+    assert again[:2] == ["rpo-fast", "train"] and again[-2:] == ["--resume", "latest"], line
+    resumed = subprocess.run([sys.executable, "-m", "rpo_fast.cli", *again[1:]], env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _equal_weights(want, unet_weights(out / "unet"))
+
+
+def test_a_resume_applies_refuses_or_takes_each_option_by_its_class(tiny_sd15_dir, tmp_path, straight, capsys):
+    data, latents, _ = straight
+    out = tmp_path / "run"
+    common = dict(method="dpo", lora=True, checkpoint_every=2, learning_rate=1e-4)
+
+    def run(folder, **changes):
+        return train(tiny_config(tiny_sd15_dir, data, folder, latents, **{**common, "max_steps": 4,
+                                                                        "resume": "latest", **changes}))
+
+    with one_thread():
+        train(tiny_config(tiny_sd15_dir, data, out, latents, max_steps=2, **common))
+        before = sorted(p.name for p in out.iterdir())
+        # refuse: every option that would make it another run, all listed at once, before anything loads
+        with pytest.raises(ValueError) as refused:
+            run(out, beta=100.0, seed=1)
+        assert "beta: checkpoint 2500.0 vs now 100.0" in str(refused.value), refused.value
+        assert "seed: checkpoint 0 vs now 1" in str(refused.value), refused.value
+        with pytest.raises(ValueError, match=r"max_steps: 2 is not above step 2 of \S*checkpoint-2"):
+            run(out, max_steps=2)
+        assert sorted(p.name for p in out.iterdir()) == before
+
+        shutil.copytree(out, tmp_path / "unchanged")
+        capsys.readouterr()
+        run(out, learning_rate=5e-5, log_every=2)  # apply: learning_rate; free: log_every
+        said = capsys.readouterr().out
+        run(tmp_path / "unchanged")
+
+    assert "learning_rate: 0.0001 -> 5e-05 from step 3" in said, said
+    assert "log_every" not in said, said
+    lr = {line["step"]: line["lr"] for line in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert lr == {1: 1e-4, 2: 1e-4, 4: 5e-5}  # log_every 2 after the resume
+    changed, same = unet_weights(out), unet_weights(tmp_path / "unchanged")
+    assert any(not torch.equal(changed[k], same[k]) for k in changed)  # the new rate trained
+
+    record = (out / "train_config.yaml").read_text()
+    assert "#   learning_rate: 0.0001 until step 2, 5e-05 from step 3" in record, record
+    assert "learning_rate: 5.0e-05" in record and "log_every: 2" in record, record
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["config"]["learning_rate"] == 5e-5
+    assert {c["option"]: (c["old"], c["new"], c["from_step"]) for c in state["config_changes"]} == {
+        "learning_rate": (1e-4, 5e-5, 3), "max_steps": (2, 4, 3)}

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from typing import Any, Dict
 
-from ..cli import quiet_library_progress
+from ..cli import INTERRUPTED, interrupted, quiet_library_progress, rerun_command
 from .config import TrainConfig, config_fields, load_yaml_config
 
 
@@ -155,7 +156,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .loop import train
+    from .loop import TrainingInterrupted, train
 
     try:
         config = config_from_args(args)
@@ -166,6 +167,14 @@ def run(args: argparse.Namespace) -> int:
         quiet_library_progress()
     try:
         result = train(config)
+    except TrainingInterrupted as e:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return INTERRUPTED
+        again = rerun_command(args, add=["--resume", "latest"] + (["--no-overwrite-output-dir"] if
+                                                                   config.overwrite_output_dir else []),
+                              drop=["--resume", "--resume_from_checkpoint"],
+                              drop_switches=["--overwrite-output-dir", "--overwrite_output_dir"])
+        return interrupted("train", e.reached, e.kept, again)
     except ValueError as e:  # bad data, bad model folder, incompatible checkpoint: the message says which
         print(f"rpo-fast train: error: {e}", file=sys.stderr)
         return 2

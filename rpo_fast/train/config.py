@@ -28,9 +28,18 @@ def _opt(default: Any, help: str, **extra: Any):
     ``aliases``: other spellings of the option (the diffusers example names); ``flag_aliases``:
     ``{flag: value}``, flags without a value that set the field to ``value`` (``--no_hflip``,
     ``--use_8bit_adam``); ``convert_aliases``: ``{flag: (function, help)}``, flags whose value
-    is converted to this field's meaning (``--beta_dpo``)."""
+    is converted to this field's meaning (``--beta_dpo``); ``on_resume``: what a resumed run
+    does when the option differs from the checkpoint's (:data:`ON_RESUME`; default ``refuse``)."""
     kwargs = {"default_factory": default} if callable(default) else {"default": default}
     return field(metadata={"help": help, **extra}, **kwargs)
+
+
+# What ``--resume`` does with an option that differs from the checkpoint's recorded config:
+ON_RESUME = {
+    "refuse": "refused, with the difference listed: the resumed run would be another run",
+    "apply": "applied from the first step after the checkpoint, printed with its old and new value and recorded",
+    "free": "taken as given: it does not change what is trained",
+}
 
 
 def _beta_from_beta_dpo(value: str) -> float:
@@ -55,9 +64,9 @@ class TrainConfig:
                                  aliases=("--pretrained_model_name_or_path",))
     data: str = _opt(None, "preference data: a folder of Pick-a-Pic v2 parquet files, a folder with "
                      "pairs.jsonl, or a dataset name for the datasets library (required)", required=True,
-                     aliases=("--dataset_name",))
+                     aliases=("--dataset_name",), on_resume="free")
     output_dir: str = _opt(None, "where checkpoints, metrics and the trained weights go (required)",
-                           required=True, aliases=("--output_dir",))
+                           required=True, aliases=("--output_dir",), on_resume="free")
     model_type: str = _opt("auto", "sd15 | sdxl | auto (read from model_index.json)", choices=MODEL_TYPES)
     revision: Optional[str] = _opt(None, "model revision on the hub")
     variant: Optional[str] = _opt(None, "weights variant of the pretrained model, e.g. fp16")
@@ -65,7 +74,7 @@ class TrainConfig:
                                          "madebyollin/sdxl-vae-fp16-fix (unset: the pipeline's vae/)",
                                          aliases=("--pretrained_vae_model_name_or_path",))
     cache_dir: Optional[str] = _opt(None, "where models and datasets downloaded from the hub are stored "
-                                    "(unset: the hub's default cache)")
+                                    "(unset: the hub's default cache)", on_resume="free")
     split: str = _opt("train", "dataset split", aliases=("--dataset_split_name",))
     drop_ties: bool = _opt(True, "drop Pick-a-Pic rows labelled as ties (label_0 = 0.5)")
     max_rows: Optional[int] = _opt(None, "use only the first N rows of the dataset (after dropping ties)")
@@ -91,7 +100,7 @@ class TrainConfig:
                              "model denoising them well once the preference loss saturates; 0: off)")
     embeddings: Optional[str] = _opt(None, "embedding cache (rpo-fast embed) for the RPO weights; "
                                      "unset: uniform weights 1/M")
-    backend: str = _opt("auto", "loss backend: auto | torch | cpu | cuda | triton")
+    backend: str = _opt("auto", "loss backend: auto | torch | cpu | cuda | triton", on_resume="apply")
 
     # -- model and reference ----------------------------------------------------------------
     lora: bool = _opt(False, "train LoRA adapters on the UNet instead of all its weights")
@@ -105,14 +114,14 @@ class TrainConfig:
                                     "| fp16 (unset: that of the frozen models)", choices=REF_DTYPES)
 
     # -- optimisation -------------------------------------------------------------------------
-    learning_rate: float = _opt(1e-5, "peak learning rate")
+    learning_rate: float = _opt(1e-5, "peak learning rate", on_resume="apply")
     lr_scheduler: str = _opt("constant_with_warmup", "learning-rate schedule (diffusers.optimization)",
                              choices=LR_SCHEDULERS)
     lr_warmup_steps: int = _opt(0, "linear warm-up steps of the learning rate")
     max_steps: Optional[int] = _opt(None, "optimizer steps to train (unset: from --num-train-epochs, else 1000)",
-                                    aliases=("--max_train_steps",))
+                                    aliases=("--max_train_steps",), on_resume="apply")
     num_train_epochs: Optional[int] = _opt(None, "passes over the data, when --max-steps is unset (the last "
-                                           "incomplete batch of an epoch is dropped)")
+                                           "incomplete batch of an epoch is dropped)", on_resume="apply")
     batch_pairs: int = _opt(4, "preference pairs per process per micro-batch", aliases=("--train_batch_size",))
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step")
     optimizer: str = _opt("adamw", "adamw | adamw8bit (bitsandbytes' AdamW8bit; needs bitsandbytes installed) | "
@@ -123,45 +132,45 @@ class TrainConfig:
     adam_beta2: float = _opt(0.999, "AdamW beta2")
     adam_weight_decay: float = _opt(1e-2, "AdamW weight decay")
     adam_epsilon: float = _opt(1e-8, "AdamW epsilon")
-    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: no clipping)")
-    max_nonfinite_steps: int = _opt(10, "stop when this many steps in a row have a non-finite loss or gradient")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: no clipping)", on_resume="apply")
+    max_nonfinite_steps: int = _opt(10, "stop when this many steps in a row have a non-finite loss or gradient", on_resume="apply")
 
     # -- speed and memory ---------------------------------------------------------------------
     resolution: Optional[int] = _opt(None, "training resolution in pixels (images are resized, then cropped; unset: "
                                      "1024 for SDXL, 512 for SD1.5, as the diffusers examples)")
     mixed_precision: str = _opt("no", "autocast dtype: no | bf16 | fp16; frozen models are stored in it",
                                 choices=PRECISIONS)
-    compile: Optional[bool] = _opt(None, "torch.compile the UNet (unset: on for CUDA)")
-    compile_mode: Optional[str] = _opt(None, "torch.compile mode, e.g. max-autotune")
-    gradient_checkpointing: bool = _opt(False, "recompute UNet activations in the backward pass to save memory")
+    compile: Optional[bool] = _opt(None, "torch.compile the UNet (unset: on for CUDA)", on_resume="apply")
+    compile_mode: Optional[str] = _opt(None, "torch.compile mode, e.g. max-autotune", on_resume="apply")
+    gradient_checkpointing: bool = _opt(False, "recompute UNet activations in the backward pass to save memory", on_resume="apply")
     fsdp: bool = _opt(False, "under torchrun: shard the UNet's weights, gradients and optimizer state (and a frozen "
                       "reference copy) over the processes with FSDP2 instead of replicating them with DDP")
-    allow_tf32: bool = _opt(True, "allow TF32 matmuls on Ampere and newer GPUs")
+    allow_tf32: bool = _opt(True, "allow TF32 matmuls on Ampere and newer GPUs", on_resume="apply")
     latent_cache: Optional[str] = _opt(None, "latent cache folder, shared across runs (unset: "
-                                       "$RPO_FAST_CACHE/latents or ~/.cache/rpo_fast/latents)")
-    vae_encode_batch_size: int = _opt(8, "images per VAE call when filling the latent cache")
+                                       "$RPO_FAST_CACHE/latents or ~/.cache/rpo_fast/latents)", on_resume="free")
+    vae_encode_batch_size: int = _opt(8, "images per VAE call when filling the latent cache", on_resume="free")
     text_cache: bool = _opt(True, "encode each distinct prompt once before training, into the latent cache's "
                             "folder, and free the text encoders (--no-text-cache: encode every step)")
-    dataloader_num_workers: int = _opt(0, "DataLoader worker processes (image decoding, batch assembly)")
+    dataloader_num_workers: int = _opt(0, "DataLoader worker processes (image decoding, batch assembly)", on_resume="free")
 
     # -- runs, checkpoints, logs --------------------------------------------------------------
     seed: int = _opt(0, "seed of everything: data order, noise, timesteps, LoRA init")
     checkpoint_every: int = _opt(500, "write a checkpoint every N steps (0: only at the end)",
-                                 aliases=("--checkpointing_steps",))
-    checkpoints_total_limit: Optional[int] = _opt(3, "keep at most this many checkpoints (unset: all)")
+                                 aliases=("--checkpointing_steps",), on_resume="free")
+    checkpoints_total_limit: Optional[int] = _opt(3, "keep at most this many checkpoints (unset: all)", on_resume="free")
     resume: Optional[str] = _opt(None, "'latest' or a checkpoint folder to resume from (with 'latest', "
-                                 "a run without checkpoints starts fresh)", aliases=("--resume_from_checkpoint",))
-    log_every: int = _opt(10, "append metrics to metrics.jsonl every N steps")
+                                 "a run without checkpoints starts fresh)", aliases=("--resume_from_checkpoint",), on_resume="free")
+    log_every: int = _opt(10, "append metrics to metrics.jsonl every N steps", on_resume="free")
     tensorboard: Optional[bool] = _opt(None, "also log to TensorBoard (unset: when tensorboard is installed)",
                                        convert_aliases={"--report_to": (_tensorboard_from_report_to,
-                                                                        "tensorboard | none (diffusers' name)")})
+                                                                        "tensorboard | none (diffusers' name)")}, on_resume="free")
     overwrite_output_dir: bool = _opt(False, "start over in an output_dir that holds a run: delete its checkpoints, "
                                       "metrics and trained weights first (without it, such a folder is refused "
-                                      "unless --resume is given)")
-    progress: bool = _opt(True, "show a tqdm progress bar")
-    device: Optional[str] = _opt(None, "cpu, cuda, cuda:1, ... (unset: cuda:LOCAL_RANK when available, else cpu)")
-    ddp_timeout_minutes: float = _opt(120.0, "timeout of collective operations, e.g. while rank 0 fills caches")
-    save_final: bool = _opt(True, "save the trained weights in diffusers format at the end")
+                                      "unless --resume is given)", on_resume="free")
+    progress: bool = _opt(True, "show a tqdm progress bar", on_resume="free")
+    device: Optional[str] = _opt(None, "cpu, cuda, cuda:1, ... (unset: cuda:LOCAL_RANK when available, else cpu)", on_resume="apply")
+    ddp_timeout_minutes: float = _opt(120.0, "timeout of collective operations, e.g. while rank 0 fills caches", on_resume="free")
+    save_final: bool = _opt(True, "save the trained weights in diffusers format at the end", on_resume="free")
 
     def __post_init__(self) -> None:
         for name in ("pretrained_model", "data", "output_dir"):
@@ -246,6 +255,21 @@ def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:
     return TrainConfig(**normalised)
 
 
+def _yaml_loader():
+    """PyYAML's safe loader reading numbers as YAML 1.2 does: ``3e-4`` is a float (YAML 1.1,
+    PyYAML's default, reads a float without a dot as a string)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    float_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", float_12, list("-+0123456789."))
+    return Loader
+
+
 def load_yaml_config(path, overrides: Optional[Mapping[str, Any]] = None) -> TrainConfig:
     """A YAML file of options, then ``overrides`` (e.g. from the command line) on top."""
     import yaml
@@ -253,7 +277,7 @@ def load_yaml_config(path, overrides: Optional[Mapping[str, Any]] = None) -> Tra
     values: Dict[str, Any] = {}
     if path is not None:
         with open(path) as f:
-            loaded = yaml.safe_load(f)
+            loaded = yaml.load(f, Loader=_yaml_loader())
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a YAML mapping of option names to values")
         values.update({str(k).replace("-", "_"): v for k, v in (loaded or {}).items()})
@@ -263,3 +287,18 @@ def load_yaml_config(path, overrides: Optional[Mapping[str, Any]] = None) -> Tra
 
 def config_to_dict(config: TrainConfig) -> Dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+def resume_differences(recorded: Mapping[str, Any], config: TrainConfig) -> Dict[str, Dict[str, tuple]]:
+    """The options of ``config`` that differ from a checkpoint's ``recorded`` config, by what
+    a resume does with them (``refuse`` / ``apply``, :data:`ON_RESUME`): ``{name: (old, new)}``.
+    Options the record lacks (written by an older rpo-fast) are not compared."""
+    import json
+
+    now = json.loads(json.dumps(config_to_dict(config)))  # the record's own form: lists, not tuples
+    found: Dict[str, Dict[str, tuple]] = {"refuse": {}, "apply": {}}
+    for f in config_fields():
+        kind = f.metadata.get("on_resume", "refuse")
+        if kind != "free" and f.name in recorded and recorded[f.name] != now[f.name]:
+            found[kind][f.name] = (recorded[f.name], now[f.name])
+    return found

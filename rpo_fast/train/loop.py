@@ -30,24 +30,43 @@ from .. import diffusion_dpo_loss, diffusion_rpo_loss, sft_loss
 from .._types import DTYPE_NAMES
 from ..data import SampledPreferenceDataset, load_preference_dataset
 from . import checkpoint as ckpt
+from .atomic import write_atomic
 from .batches import MicroBatches, PairBatch, PairSchedule, PromptTable, micro_batch_loader
-from .config import TrainConfig, config_to_dict
+from .config import TrainConfig, config_to_dict, resume_differences
 from .forward import predict, unet_inputs
 from .latent_cache import build_latent_cache, default_cache_root
 from .metrics_log import MetricsLog
 from .models import (Models, add_lora, detect_model_type, load_models, load_trainable_state_dict, module_identity,
-                     save_trained, trainable_state_dict)
+                     native_resolution, save_trained, trainable_state_dict)
 from .optim import make_optimizer
 from .preflight import check_inputs, check_output_dir, clear_run
 from . import sharding
 from .ref_model import REF_ERRORS_FILE, Reference, frozen_copy, precompute_reference_errors, table_key
 from .text_cache import build_text_cache
 
-# Options a resumed run must share with the checkpoint (others, e.g. max_steps, may change).
-_RESUME_MUST_MATCH = ("pretrained_model", "method", "loss_type", "beta", "tau", "sft_weight", "lora", "lora_rank",
-                      "lora_alpha", "lora_target_modules", "batch_pairs", "gradient_accumulation_steps", "resolution", "seed",
-                      "embeddings", "precompute_ref", "mixed_precision", "pretrained_vae", "hflip", "random_crop",
-                      "proportion_empty_prompts", "text_cache", "fsdp")
+# What a checkpoint records beyond its config: a resumed run must have the same (checked
+# together with the config's own options, config.ON_RESUME).
+def _compat(world: int, fingerprint: str) -> Dict[str, Any]:
+    return {"world_size": world, "dataset_fingerprint": fingerprint}
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C (SIGINT) during :func:`train`: ``reached`` says where the run was, ``kept`` what
+    it left on disk; half-written files are removed before this is raised."""
+
+    def __init__(self, reached: str, kept: str):
+        super().__init__(f"interrupted {reached}; {kept}")
+        self.reached, self.kept = reached, kept
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a run continues from, read and checked before anything loads."""
+
+    path: Path
+    step: int
+    trainer_state: Dict[str, Any]
+    changes: List[Dict[str, Any]]  # every option changed on a resume so far, with the step it applies from
 
 
 @dataclass
@@ -92,9 +111,12 @@ class Run:
     nonfinite_steps: int = 0
     nonfinite_in_a_row: int = 0
     unsettled: List[Any] = field(default_factory=list)  # (step, [loss finite, gradient finite]) not read yet
-    resumed_from: Optional[Path] = None
+    resumed_from: Optional[ResumePoint] = None
     skipped: List[Dict[str, Any]] = field(default_factory=list)  # {"row", "where", "why"} of each skipped row
     dropped_ties: int = 0
+    model_type: str = "sd15"
+    native_resolution: Optional[int] = None  # the size the model generates at (None: its configs do not say)
+    config_changes: List[Dict[str, Any]] = field(default_factory=list)  # options changed on resume (ResumePoint)
 
     def autocast(self):
         return _autocast(self.device, self.config.mixed_precision)
@@ -152,15 +174,17 @@ def _weight_dtype(mixed_precision: str) -> torch.dtype:
     return DTYPE_NAMES.get(mixed_precision, torch.float32)  # "no": fp32
 
 
-def prepare(config: TrainConfig) -> Run:
+def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase: None) -> Run:
     """Builds the run in order: process, data and latents, embeddings, schedule, models on the
-    device, reference, adapters, optimizer, resume, then DDP and compilation."""
+    device, reference, adapters, optimizer, resume, then DDP and compilation. ``on_phase`` is
+    told what it starts doing (e.g. "encoding the latents"), for a report of an interrupt."""
     check_inputs(config)  # every path and optional package, before anything loads
-    if config.resolution is None:  # as the diffusers examples: 1024 for SDXL, 512 for SD1.5
-        model_type = config.model_type
-        if model_type == "auto":
-            model_type = detect_model_type(config.pretrained_model, config.revision, config.cache_dir)
-        config = dataclasses.replace(config, resolution=1024 if model_type == "sdxl" else 512)
+    model_type = config.model_type
+    if model_type == "auto":
+        model_type = detect_model_type(config.pretrained_model, config.revision, config.cache_dir)
+    native = native_resolution(config)
+    if config.resolution is None:  # the model's own size (SD1.5 512, SDXL 1024), as the diffusers examples
+        config = dataclasses.replace(config, resolution=native or (1024 if model_type == "sdxl" else 512))
     device, rank, world, group, owns_group = _setup_process(config)
     if config.fsdp and world < 2:
         raise ValueError("fsdp: shards the UNet over the processes of a torchrun launch; run with "
@@ -171,13 +195,17 @@ def prepare(config: TrainConfig) -> Run:
     barrier = (lambda: dist.barrier(group=group)) if world > 1 else None
 
     # Data: rows, then each image VAE-encoded once into the latent cache (or read from it).
+    on_phase("reading the data")
     dataset = full_dataset = load_preference_dataset(config.data, split=config.split, drop_ties=config.drop_ties,
                                                      max_rows=config.max_rows, cache_dir=config.cache_dir)
     if config.max_train_samples is not None and config.max_train_samples < len(dataset):
         dataset = SampledPreferenceDataset(dataset, config.max_train_samples, config.seed)
     if len(dataset) == 0:
         raise ValueError(f"data: {config.data!r} (split {config.split!r}) has no usable rows")
+    resume = _resume_point(config, output_dir, world, dataset.fingerprint)  # checked before the caches fill
+    on_phase("loading the models")
     models = load_models(config)
+    on_phase("encoding the latents (finished shards of the latent cache are kept)")
     cache_root = Path(config.latent_cache).expanduser() if config.latent_cache else default_cache_root()
     models.vae.to(device)  # fp32: the SDXL VAE overflows in fp16, and encoding happens once
     cache = build_latent_cache(
@@ -206,21 +234,28 @@ def prepare(config: TrainConfig) -> Run:
     if config.max_steps is None:  # --num-train-epochs
         steps = math.ceil(config.num_train_epochs * schedule.micro_batches_per_epoch / config.gradient_accumulation_steps)
         config = dataclasses.replace(config, max_steps=steps)
+        if resume is not None:
+            _check_max_steps(config, resume)
 
     weight_dtype = _weight_dtype(config.mixed_precision)
     for encoder in models.text_encoders:
         encoder.to(device, dtype=weight_dtype if device.type == "cuda" else torch.float32)
     if config.text_cache:  # each distinct prompt encoded once; the encoders then leave the device
+        on_phase("encoding the prompts (finished shards of the text cache are kept)")
         models.text_cache = build_text_cache(models, prompts.prompts, cache_root, dataset.fingerprint, config.resolution,
                                              device, progress=config.progress and rank == 0, rank=rank, world=world,
                                              barrier=barrier)
         models.text_encoders = []
     unet = models.unet.to(device)
+    on_phase("computing the reference errors" if config.precompute_ref else "setting up the reference")
     reference = _reference(config, unet, models, cache, prompts, schedule, dataset.fingerprint, cache.folder.name,
                            device, output_dir, rank, world, group)
     if config.lora:
         if config.mixed_precision != "no" and device.type == "cuda":
             unet.to(weight_dtype)  # frozen base weights in the low precision, adapters stay fp32
+        # The adapters' initial weights are a function of the seed alone, the same on every
+        # rank: filling the caches above draws from the global generators (DataLoader seeds).
+        torch.manual_seed(config.seed)
         add_lora(unet, config)  # in place: a "lora" reference now sees the adapters, and disables them
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -244,12 +279,13 @@ def prepare(config: TrainConfig) -> Run:
         skipped_pairs=int(len(dataset) - readable.sum()), owns_process_group=owns_group,
         dataset_fingerprint=dataset.fingerprint, dropped_ties=dataset.dropped_ties,
         skipped=_skipped_rows(dataset, cache.valid, readable, config.embeddings) if rank == 0 else [],
+        model_type=model_type, native_resolution=native,
     )
 
     # Resume: weights, optimizer, LR schedule, RNG states, data position, counters.
-    path = ckpt.find_checkpoint(output_dir, config.resume)
-    if path is not None:
-        _restore(run, path, dataset.fingerprint)
+    on_phase("loading the checkpoint")
+    if resume is not None:
+        _restore(run, resume)
 
     # Wrap for data parallelism, then compile (DDP first lets dynamo split graphs at buckets).
     if world > 1 and not config.fsdp:
@@ -304,20 +340,41 @@ def _skipped_rows(dataset, valid: np.ndarray, readable: np.ndarray, embeddings: 
     return out
 
 
-def _compat(config: TrainConfig, world: int, fingerprint: str) -> Dict[str, Any]:
-    values = {name: getattr(config, name) for name in _RESUME_MUST_MATCH}
-    values.update(world_size=world, dataset_fingerprint=fingerprint)
-    return values
+def _resume_point(config: TrainConfig, output_dir: Path, world: int, fingerprint: str) -> Optional[ResumePoint]:
+    """The checkpoint ``config.resume`` names, with every option compared with the config it
+    recorded: a change of a ``refuse`` option is a ValueError listing them all; ``apply``
+    options are returned as changes from the next step (config.ON_RESUME)."""
+    path = ckpt.find_checkpoint(output_dir, config.resume)
+    if path is None:
+        return None
+    state = ckpt.read_trainer_state(path)
+    step = int(state["step"])
+    recorded = state.get("config", {})
+    found = resume_differences(recorded, config)
+    compat = _compat(world, fingerprint)
+    found["refuse"].update({k: (state["compat"].get(k), v) for k, v in compat.items()
+                            if k in state["compat"] and state["compat"][k] != v})
+    if found["refuse"]:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in found["refuse"].items())
+        raise ValueError(f"resume: {path} was written by a run with other settings ({detail}); these cannot change "
+                         "on resume (docs/training.md lists what can)")
+    changes = list(state.get("config_changes", []))
+    changes += [{"option": k, "old": a, "new": b, "from_step": step + 1} for k, (a, b) in found["apply"].items()]
+    point = ResumePoint(path, step, state, changes)
+    if config.max_steps is not None:
+        _check_max_steps(config, point)
+    return point
 
 
-def _restore(run: Run, path: Path, fingerprint: str) -> None:
-    saved, now = ckpt.read_trainer_state(path)["compat"], _compat(run.config, run.world, fingerprint)
-    diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != (list(v) if isinstance(v, tuple) else v)}
-    if diff:
-        detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"resume: {path} was written by a run with other settings ({detail})")
+def _check_max_steps(config: TrainConfig, point: ResumePoint) -> None:
+    if config.max_steps <= point.step:
+        raise ValueError(f"max_steps: {config.max_steps} is not above step {point.step} of {point.path}, so there is "
+                         f"nothing to train; pass --max-steps above {point.step} to train further")
+
+
+def _restore(run: Run, point: ResumePoint) -> None:
     shards_like = sharding.state_dicts(run.unet, run.optimizer) if run.config.fsdp else None
-    state = ckpt.load_checkpoint(path, run.rank, shards_like=shards_like)
+    state = ckpt.load_checkpoint(point.path, run.rank, shards_like=shards_like)
     trainer = state["trainer_state"]
     if run.config.fsdp:
         sharding.load_state_dicts(run.unet, run.optimizer, state["model"], state["optimizer"])
@@ -325,13 +382,29 @@ def _restore(run: Run, path: Path, fingerprint: str) -> None:
         load_trainable_state_dict(run.unet, {k: v.to(run.device) for k, v in state["model"].items()}, run.config.lora)
         run.optimizer.load_state_dict(state["optimizer"])
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    _set_learning_rate(run)
     if run.grad_scaler is not None and state["grad_scaler"] is not None:
         run.grad_scaler.load_state_dict(state["grad_scaler"])
     ckpt.set_rng_state(state["rng"])
     run.step = int(trainer["step"])
     run.nonfinite_steps = int(trainer["nonfinite_steps"])
     run.nonfinite_in_a_row = int(trainer["nonfinite_in_a_row"])
-    run.resumed_from = path
+    run.resumed_from = point
+    run.config_changes = point.changes
+
+
+def _set_learning_rate(run: Run) -> None:
+    """The restored schedule at this run's learning rate and length: loading its state brought
+    back the checkpoint's peak rate (``base_lrs``), and the optimizer's state its last rate;
+    both are set from the config, as the schedule's own step computes them, so an unchanged
+    resume is bit for bit and a changed ``learning_rate`` or ``max_steps`` applies from the
+    next step."""
+    scheduler = run.lr_scheduler
+    scheduler.base_lrs = [run.config.learning_rate] * len(run.optimizer.param_groups)
+    rates = [base * rate(scheduler.last_epoch) for rate, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    for group, lr in zip(run.optimizer.param_groups, rates):
+        group["initial_lr"], group["lr"] = run.config.learning_rate, lr
+    scheduler._last_lr = rates
 
 
 def _save_checkpoint(run: Run) -> Path:
@@ -343,8 +416,9 @@ def _save_checkpoint(run: Run) -> Path:
         "nonfinite_steps": run.nonfinite_steps,
         "nonfinite_in_a_row": run.nonfinite_in_a_row,
         "skipped_pairs": run.skipped_pairs,
-        "compat": _compat(run.config, run.world, run.dataset_fingerprint),
+        "compat": _compat(run.world, run.dataset_fingerprint),
         "config": config_to_dict(run.config),
+        "config_changes": run.config_changes,
     }
     if run.config.fsdp:  # every rank its own shards
         model_state, optimizer_state = sharding.state_dicts(run.unet, run.optimizer)
@@ -505,79 +579,160 @@ def step_batches(run: Run, start_step: int, stop_step: int) -> Iterator[PairBatc
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train as configured; returns where the outputs went and the last metrics."""
-    from tqdm.auto import tqdm
-
+    """Train as configured; returns where the outputs went and the last metrics. Ctrl-C
+    raises :class:`TrainingInterrupted` saying where the run was and what it kept."""
     check_output_dir(config)  # a folder holding a run is resumed or started over, never overwritten
     output_dir = Path(config.output_dir).expanduser().resolve()
     if config.overwrite_output_dir and int(os.environ.get("RANK", "0")) == 0:
         cleared = clear_run(output_dir)
         if cleared:
             print(f"rpo-fast train: --overwrite-output-dir: deleted {', '.join(cleared)} in {output_dir}")
-    run = prepare(config)
-    config = run.config  # with the values prepare resolved (resolution, max_steps from epochs)
+    phases = ["starting"]
     try:
-        main = run.rank == 0
-        if main:
-            import yaml
-
-            (run.output_dir / "train_config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-            _report_start(run)
-        log = MetricsLog(run.output_dir, enabled=main, tensorboard=config.tensorboard,
-                         resume_step=run.step if config.resume is not None else None)
-        bar = tqdm(total=config.max_steps, initial=run.step, desc=f"{config.method}{' lora' if config.lora else ''}",
-                   unit="step", disable=not (config.progress and main), dynamic_ncols=True)
-        batches = step_batches(run, run.step, config.max_steps)
-        checkpoints: List[Path] = []
-        metrics: Dict[str, Any] = {}
-        window_pairs, window_start = 0, time.perf_counter()
-        while run.step < config.max_steps:
-            step = run.step + 1
-            logs = step % config.log_every == 0 or step == config.max_steps
-            saves = (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.max_steps
-            metrics = train_step(run, batches, read=logs or saves)  # the other steps do not wait for the device
-            window_pairs += run.global_pairs_per_step
-            bar.update(1)
-            if not (logs or saves):
-                continue
-            elapsed = time.perf_counter() - window_start
-            metrics["pairs_per_s"] = window_pairs / elapsed if elapsed > 0 else float("nan")
-            metrics["epoch"] = run.schedule.epoch_of(run.step * run.micro_batches_per_step - 1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4g}", acc=f"{metrics.get('implicit_acc', float('nan')):.2f}",
-                            pairs_s=f"{metrics['pairs_per_s']:.1f}", refresh=False)
-            if logs:
-                log.log(run.step, {**metrics, "skipped_pairs": run.skipped_pairs})
-                window_pairs, window_start = 0, time.perf_counter()
-            if saves:
-                checkpoints.append(_save_checkpoint(run))
-        bar.close()
-        log.close()
-        saved: List[Path] = []
-        if config.save_final:
-            full = sharding.full_model_state(run.unet) if config.fsdp else None  # a collective: every rank
-            if main:
-                saved = save_trained(run.unet, run.models, config, run.output_dir, state=full)
-        run.barrier()
-        return TrainResult(run.output_dir, metrics, run.step, run.skipped_pairs, run.nonfinite_steps, saved, checkpoints)
+        run = prepare(config, on_phase=phases.append)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(f"while {phases[-1]}, before training started",
+                                  "no checkpoint was written by this run") from None
+    try:
+        return _train(run)
+    except KeyboardInterrupt:
+        found = ckpt.list_checkpoints(run.output_dir)
+        kept = (f"{found[max(found)].name} is kept (steps after {max(found)} will be trained again)" if found else
+                "no checkpoint yet (one every --checkpoint-every steps, and at the end): a rerun starts at step 0")
+        raise TrainingInterrupted(f"at step {run.step} of {run.config.max_steps}", kept) from None
     finally:
         run.close()
 
 
+def _train(run: Run) -> TrainResult:
+    from tqdm.auto import tqdm
+
+    config = run.config  # with the values prepare resolved (resolution, max_steps from epochs)
+    main = run.rank == 0
+    if main:
+        _write_config_record(run)
+        _report_start(run)
+    log = MetricsLog(run.output_dir, enabled=main, tensorboard=config.tensorboard,
+                     resume_step=run.step if config.resume is not None else None)
+    bar = tqdm(total=config.max_steps, initial=run.step, desc=f"{config.method}{' lora' if config.lora else ''}",
+               unit="step", disable=not (config.progress and main), dynamic_ncols=True)
+    batches = step_batches(run, run.step, config.max_steps)
+    checkpoints: List[Path] = []
+    metrics: Dict[str, Any] = {}
+    window_pairs, window_start = 0, time.perf_counter()
+    while run.step < config.max_steps:
+        step = run.step + 1
+        logs = step % config.log_every == 0 or step == config.max_steps
+        saves = (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.max_steps
+        metrics = train_step(run, batches, read=logs or saves)  # the other steps do not wait for the device
+        window_pairs += run.global_pairs_per_step
+        bar.update(1)
+        if not (logs or saves):
+            continue
+        elapsed = time.perf_counter() - window_start
+        metrics["pairs_per_s"] = window_pairs / elapsed if elapsed > 0 else float("nan")
+        metrics["epoch"] = run.schedule.epoch_of(run.step * run.micro_batches_per_step - 1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4g}", acc=f"{metrics.get('implicit_acc', float('nan')):.2f}",
+                        pairs_s=f"{metrics['pairs_per_s']:.1f}", refresh=False)
+        if logs:
+            log.log(run.step, {**metrics, "skipped_pairs": run.skipped_pairs})
+            window_pairs, window_start = 0, time.perf_counter()
+        if saves:
+            checkpoints.append(_save_checkpoint(run))
+    bar.close()
+    log.close()
+    saved: List[Path] = []
+    if config.save_final:
+        full = sharding.full_model_state(run.unet) if config.fsdp else None  # a collective: every rank
+        if main:
+            saved = save_trained(run.unet, run.models, config, run.output_dir, state=full)
+    run.barrier()
+    return TrainResult(run.output_dir, metrics, run.step, run.skipped_pairs, run.nonfinite_steps, saved, checkpoints)
+
+
+def _write_config_record(run: Run) -> None:
+    """``train_config.yaml``: the options the run trains with now (``--config`` reads it back),
+    headed by the options changed on resume, each with the step it applies from."""
+    import yaml
+
+    lines = ["# rpo-fast train: the options of this run (rpo-fast train --config reads this file)"]
+    if run.config_changes:
+        lines.append("# changed on resume (the values below are the latest):")
+        lines += [f"#   {c['option']}: {c['old']!r} until step {c['from_step'] - 1}, {c['new']!r} from step "
+                  f"{c['from_step']}" for c in run.config_changes]
+    record = yaml.safe_dump(config_to_dict(run.config), sort_keys=False)
+    write_atomic(run.output_dir / "train_config.yaml", lambda tmp: tmp.write_text("\n".join(lines) + "\n" + record))
+
+
 def _report_start(run: Run) -> None:
-    """Says where the run starts and which rows it leaves out (all of them in skipped_pairs.jsonl)."""
+    """The run in a few lines: model, data used and left out, objective and its strength,
+    resolution, caches, output; then each row left out (all in skipped_pairs.jsonl)."""
     import json
 
     config = run.config
+
+    def say(text: str) -> None:
+        print(f"rpo-fast train: {text}")
+
+    trained = f"LoRA rank {config.lora_rank} on {', '.join(config.lora_target_modules)}" if config.lora else "the whole UNet"
+    say(f"model {config.pretrained_model} ({run.model_type}), training {trained}")
+    left = [f"{n} {why}" for n, why in ((run.dropped_ties, "tie(s) dropped (--no-drop-ties keeps them)"),
+                                       (run.skipped_pairs, "unreadable or without an embedding")) if n]
+    chosen = (f", the first {config.max_rows} rows (--max-rows)" if config.max_rows else "") + (
+        f", {config.max_train_samples} drawn at random (--max-train-samples)" if config.max_train_samples else "")
+    say(f"data {config.data}{chosen}: {len(run.schedule.rows)} pairs used" + (f"; {', '.join(left)}" if left else ""))
+    say(f"objective {objective_summary(run)}")
+    native = run.native_resolution
+    if native is None or native == config.resolution:
+        say(f"resolution {config.resolution} px" + (" (the model's native size)" if native else ""))
+    else:
+        say(f"warning: resolution {config.resolution} px, but the model generates at {native} px: it will be tuned at a "
+            f"size it is not used at (--resolution {native} trains at its own size)")
+    text = f", prompts {run.models.text_cache.folder}" if run.models.text_cache is not None else ""
+    say(f"caches: latents {run.cache.folder}{text}")
+    say(f"output {run.output_dir}")
     if run.resumed_from is not None:
-        print(f"rpo-fast train: resuming from {run.resumed_from} (step {run.step} of {config.max_steps})")
+        point = run.resumed_from
+        say(f"resuming from {point.path} (step {run.step} of {config.max_steps})")
+        for c in point.changes:
+            if c["from_step"] == run.step + 1:
+                say(f"  {c['option']}: {c['old']!r} -> {c['new']!r} from step {c['from_step']} (recorded in "
+                    "train_config.yaml and the next checkpoints)")
     elif config.resume == "latest":
-        print(f"rpo-fast train: --resume latest: no checkpoint in {run.output_dir} yet, starting at step 0")
-    if run.dropped_ties:
-        print(f"rpo-fast train: dropped {run.dropped_ties} row(s) labelled as ties (label_0 = 0.5; --no-drop-ties "
-              "keeps them)")
+        say(f"--resume latest: no checkpoint in {run.output_dir} yet, starting at step 0")
     if run.skipped:
         path = run.output_dir / "skipped_pairs.jsonl"
         path.write_text("".join(json.dumps(s) + "\n" for s in run.skipped))
         shown = "; ".join(f"{s['where']}: {s['why']}" for s in run.skipped[:5])
         more = f"; and {len(run.skipped) - 5} more" if len(run.skipped) > 5 else ""
-        print(f"rpo-fast train: skipping {len(run.skipped)} pair(s): {shown}{more} (all in {path})")
+        say(f"skipping {len(run.skipped)} pair(s): {shown}{more} (all in {path})")
+
+
+def objective_summary(run: Run, batches: int = 32) -> str:
+    """The method and its effective per-pair strength. RPO's weights are a row softmax (each
+    row sums to 1), so a pair's own logit is scaled by beta times its diagonal weight: 1/M for
+    uniform weights, measured on the first ``batches`` micro-batches for similarity weights."""
+    config = run.config
+    if config.method == "sft":
+        return "sft: the denoising error of the preferred images (no reference, no beta)"
+    text = f"{config.method}, beta {config.beta:g}"
+    if config.method == "rpo":
+        m = run.schedule.global_pairs
+        if run.emb_w is None:
+            diagonal, how = 1.0 / m, f"uniform weights 1/M (no --embeddings), M = {m} pairs a contrast"
+        else:
+            from ..weights import similarity_weights
+
+            count = min(batches, run.schedule.micro_batches_per_epoch)
+            diagonal = float(torch.stack([
+                similarity_weights(run.emb_w[idx], run.emb_l[idx], config.tau).diagonal().mean()
+                for idx in (torch.as_tensor(run.schedule.global_rows(u)[1], device=run.emb_w.device)
+                            for u in range(count))]).mean())
+            how = (f"similarity weights (tau {config.tau:g}, M = {m}): mean diagonal weight {diagonal:.3f} over "
+                   f"{count} batch(es)")
+        effective = config.beta * diagonal
+        text += (f" with {how}; each pair's own logit is scaled by beta x weight = {effective:.4g} (dpo at beta "
+                 f"{effective:.4g} has that per-pair strength)")
+    if config.sft_weight:
+        text += f", plus {config.sft_weight:g} x the SFT loss of the preferred images"
+    return text

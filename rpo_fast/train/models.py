@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .atomic import removed_on_failure
 from .config import TrainConfig
 
 _SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
@@ -58,19 +59,42 @@ def _check_source(pretrained_model: str) -> Path:
     return check_source("pretrained_model", pretrained_model, "model_index.json")
 
 
-def detect_model_type(pretrained_model: str, revision: Optional[str] = None, cache_dir: Optional[str] = None) -> str:
-    """sd15 or sdxl, from the pipeline class named in ``model_index.json``."""
-    local = _check_source(pretrained_model)
+def _model_json(source: str, filename: str, revision: Optional[str], cache_dir: Optional[str]) -> dict:
+    """A JSON file of a checked (:func:`check_source`) model folder or hub repo
+    (``model_index.json``, ``unet/config.json``, ...), read without loading any weights."""
+    local = Path(source).expanduser()
     if local.is_dir():
-        index_path = local / "model_index.json"
+        path = local / filename
     else:
         from huggingface_hub import hf_hub_download
 
-        index_path = Path(hf_hub_download(pretrained_model, "model_index.json", revision=revision, cache_dir=cache_dir))
-    class_name = json.loads(index_path.read_text()).get("_class_name", "")
-    if class_name in _SDXL_PIPELINES or "text_encoder_2" in json.loads(index_path.read_text()):
+        path = Path(hf_hub_download(source, filename, revision=revision, cache_dir=cache_dir))
+    return json.loads(path.read_text())
+
+
+def detect_model_type(pretrained_model: str, revision: Optional[str] = None, cache_dir: Optional[str] = None) -> str:
+    """sd15 or sdxl, from the pipeline class named in ``model_index.json``."""
+    _check_source(pretrained_model)
+    index = _model_json(pretrained_model, "model_index.json", revision, cache_dir)
+    if index.get("_class_name", "") in _SDXL_PIPELINES or "text_encoder_2" in index:
         return "sdxl"
     return "sd15"
+
+
+def native_resolution(config: TrainConfig) -> Optional[int]:
+    """The image size the model generates at, in pixels: the UNet's ``sample_size`` times the
+    VAE's downsampling (512 for SD1.5, 1024 for SDXL); None when the configs do not say."""
+    try:
+        unet = _model_json(config.pretrained_model, "unet/config.json", config.revision, config.cache_dir)
+        if config.pretrained_vae:
+            vae = _model_json(config.pretrained_vae, "config.json", None, config.cache_dir)
+        else:
+            vae = _model_json(config.pretrained_model, "vae/config.json", config.revision, config.cache_dir)
+        sample = unet["sample_size"]
+        sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+        return int(sample) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def load_models(config: TrainConfig) -> Models:
@@ -220,15 +244,16 @@ def save_trained(unet: torch.nn.Module, models: Models, config: TrainConfig, out
         pipeline_class = StableDiffusionXLPipeline if models.model_type == "sdxl" else StableDiffusionPipeline
         tmp = output_dir / ".lora.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        pipeline_class.save_lora_weights(
-            tmp, unet_lora_layers=layers, safe_serialization=True,
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-        )
-        written = []
-        for f in tmp.iterdir():
-            f.replace(output_dir / f.name)
-            written.append(output_dir / f.name)
-        tmp.rmdir()
+        with removed_on_failure(tmp):
+            pipeline_class.save_lora_weights(
+                tmp, unet_lora_layers=layers, safe_serialization=True,
+                unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            )
+            written = []
+            for f in tmp.iterdir():
+                f.replace(output_dir / f.name)
+                written.append(output_dir / f.name)
+            tmp.rmdir()
         return written
     tmp, final, old = output_dir / ".unet.tmp", output_dir / "unet", output_dir / ".unet.old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -238,7 +263,8 @@ def save_trained(unet: torch.nn.Module, models: Models, config: TrainConfig, out
         plain = UNet2DConditionModel.from_config(unet.config)
         plain.load_state_dict(state)
         unet = plain
-    unet.save_pretrained(tmp, safe_serialization=True)
+    with removed_on_failure(tmp):
+        unet.save_pretrained(tmp, safe_serialization=True)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)

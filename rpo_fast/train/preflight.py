@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import List
 
+from ..hub import in_hub_cache, require_download
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .metrics_log import METRICS_FILE
@@ -21,9 +22,12 @@ RUN_FILES = (METRICS_FILE, "train_config.yaml", "skipped_pairs.jsonl", "referenc
 
 def check_inputs(config: TrainConfig) -> None:
     """ValueError naming the option for a missing path or package."""
-    check_source("pretrained_model", config.pretrained_model, "model_index.json")
-    if config.pretrained_vae:
-        check_source("pretrained_vae", config.pretrained_vae, "config.json")
+    for what, source, marker in (("pretrained_model", config.pretrained_model, "model_index.json"),
+                                 ("pretrained_vae", config.pretrained_vae, "config.json")):
+        if source and not check_source(what, source, marker).is_dir():  # a hub id: offline, it must be cached
+            require_download(what, source, f"pass a local folder instead (`huggingface-cli download {source} "
+                             "--local-dir DIR` on a machine that reaches the hub)",
+                             cached=in_hub_cache(source, cache_dir=config.cache_dir))
     if config.embeddings:
         path = Path(config.embeddings).expanduser()
         if not path.is_file():
