@@ -151,3 +151,16 @@ def test_a_resume_applies_refuses_or_takes_each_option_by_its_class(tiny_sd15_di
     assert state["config"]["learning_rate"] == 5e-5
     assert {c["option"]: (c["old"], c["new"], c["from_step"]) for c in state["config_changes"]} == {
         "learning_rate": (1e-4, 5e-5, 3), "max_steps": (2, 4, 3)}
+
+
+def test_more_epochs_on_resume_are_recorded_as_the_steps_they_resolve_to(tiny_sd15_dir, tmp_path, straight):
+    data, latents, _ = straight
+    common = dict(method="sft", lora=True, max_steps=None, batch_pairs=8, checkpoint_every=0)
+    with one_thread():
+        first = train(tiny_config(tiny_sd15_dir, data, tmp_path / "run", latents, num_train_epochs=1, **common))
+        second = train(tiny_config(tiny_sd15_dir, data, tmp_path / "run", latents, num_train_epochs=2,
+                                   resume="latest", **common))
+    assert (first.steps, second.steps) == (2, 4)  # 16 pairs, 8 a step
+    state = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert {c["option"]: (c["old"], c["new"], c["from_step"]) for c in state["config_changes"]} == {
+        "num_train_epochs": (1, 2, 3), "max_steps": (2, 4, 3)}

@@ -68,6 +68,21 @@ class ResumePoint:
     trainer_state: Dict[str, Any]
     changes: List[Dict[str, Any]]  # every option changed on a resume so far, with the step it applies from
 
+    def change(self, option: str, old: Any, new: Any) -> None:
+        self.changes.append({"option": option, "old": old, "new": new, "from_step": self.step + 1})
+
+    def check_max_steps(self, config: TrainConfig) -> None:
+        if config.max_steps <= self.step:
+            raise ValueError(f"max_steps: {config.max_steps} is not above step {self.step} of {self.path}, so there "
+                             f"is nothing to train; pass --max-steps above {self.step} to train further")
+
+    def resolve_max_steps(self, config: TrainConfig) -> None:
+        """``max_steps`` as --num-train-epochs resolved it: checked, and recorded when it changed."""
+        self.check_max_steps(config)
+        old = self.trainer_state.get("config", {}).get("max_steps")
+        if old is not None and old != config.max_steps:
+            self.change("max_steps", old, config.max_steps)
+
 
 @dataclass
 class TrainResult:
@@ -235,7 +250,7 @@ def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase:
         steps = math.ceil(config.num_train_epochs * schedule.micro_batches_per_epoch / config.gradient_accumulation_steps)
         config = dataclasses.replace(config, max_steps=steps)
         if resume is not None:
-            _check_max_steps(config, resume)
+            resume.resolve_max_steps(config)
 
     weight_dtype = _weight_dtype(config.mixed_precision)
     for encoder in models.text_encoders:
@@ -348,8 +363,9 @@ def _resume_point(config: TrainConfig, output_dir: Path, world: int, fingerprint
     if path is None:
         return None
     state = ckpt.read_trainer_state(path)
-    step = int(state["step"])
-    recorded = state.get("config", {})
+    recorded = dict(state.get("config", {}))
+    if config.max_steps is None:  # from --num-train-epochs: compared once resolved (resolve_max_steps)
+        recorded.pop("max_steps", None)
     found = resume_differences(recorded, config)
     compat = _compat(world, fingerprint)
     found["refuse"].update({k: (state["compat"].get(k), v) for k, v in compat.items()
@@ -358,18 +374,12 @@ def _resume_point(config: TrainConfig, output_dir: Path, world: int, fingerprint
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in found["refuse"].items())
         raise ValueError(f"resume: {path} was written by a run with other settings ({detail}); these cannot change "
                          "on resume (docs/training.md lists what can)")
-    changes = list(state.get("config_changes", []))
-    changes += [{"option": k, "old": a, "new": b, "from_step": step + 1} for k, (a, b) in found["apply"].items()]
-    point = ResumePoint(path, step, state, changes)
+    point = ResumePoint(path, int(state["step"]), state, list(state.get("config_changes", [])))
+    for option, (old, new) in found["apply"].items():
+        point.change(option, old, new)
     if config.max_steps is not None:
-        _check_max_steps(config, point)
+        point.check_max_steps(config)
     return point
-
-
-def _check_max_steps(config: TrainConfig, point: ResumePoint) -> None:
-    if config.max_steps <= point.step:
-        raise ValueError(f"max_steps: {config.max_steps} is not above step {point.step} of {point.path}, so there is "
-                         f"nothing to train; pass --max-steps above {point.step} to train further")
 
 
 def _restore(run: Run, point: ResumePoint) -> None:
