@@ -4,7 +4,8 @@
 anything is loaded (:func:`check_open_clip_source`), :func:`encode_images` and
 :func:`encode_texts` give unit-norm float32 embeddings, and :class:`OpenCLIPEmbedder` turns a
 model into an embedder for ``rpo_fast.embedding.build_embedding_cache``. open_clip itself is
-imported only when a function needs it.
+imported only when a function needs it. Offline, weights that would be downloaded fail at
+once in one line (:func:`require_open_clip_weights`).
 """
 
 from __future__ import annotations
@@ -77,6 +78,49 @@ def check_open_clip_source(model_name: str, pretrained: Optional[str], what: str
         raise ValueError(f"{what}: {pretrained!r} is neither a checkpoint file nor a pretrained tag of {name} (tags: {tags})")
 
 
+def _download_source(model_name: str, pretrained: Optional[str]) -> Optional[Tuple[str, bool]]:
+    """What open_clip would download for this model and weights, and whether it has it already:
+    ``(hub repo or URL, cached)``; None when nothing is downloaded (a local file or folder, or
+    a name open_clip does not know: :func:`check_open_clip_source` reports those)."""
+    import open_clip
+
+    from .hub import in_hub_cache
+
+    if model_name.startswith("hf-hub:"):
+        repo = model_name[len("hf-hub:"):]
+        return repo, in_hub_cache(repo)
+    if model_name.startswith("local-dir:") or not pretrained or os.path.isfile(pretrained):
+        return None
+    cfg = open_clip.get_pretrained_cfg(model_name.replace("/", "-"), pretrained)
+    if cfg.get("hf_hub"):  # 'org/name/' or 'org/name/file.bin'
+        repo = os.path.split(cfg["hf_hub"])[0]
+        return repo, in_hub_cache(repo)
+    if cfg.get("url"):  # open_clip's own download folder (create_model without cache_dir)
+        url = cfg["url"]
+        return url, os.path.isfile(os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url)))
+    return None
+
+
+def require_open_clip_weights(model_name: str, pretrained: Optional[str], what: str = "--pretrained") -> None:
+    """Offline (``HF_HUB_OFFLINE``, or the hub unreachable), weights that open_clip would have to
+    download (a pretrained tag, or an ``hf-hub:`` model) fail here at once, in one line naming
+    the option ``what`` and the local-file alternative, instead of after open_clip's retries.
+    Returns when they can be downloaded, or when they were downloaded before (the process then
+    reads the hub cache without trying the network: ``rpo_fast.hub.require_download``)."""
+    from .hub import require_download
+
+    source = _download_source(model_name, pretrained)
+    if source is None:
+        return
+    where, cached = source
+    if model_name.startswith("hf-hub:"):
+        name, alternative = model_name, f"copy {where} where the hub can be reached and pass local-dir:FOLDER instead"
+    else:
+        name, alternative = pretrained, (f"pass a local checkpoint file path instead (open_clip_model.safetensors "
+                                         f"of {where}, downloaded where the hub can be reached)")
+    require_download(what, name, alternative, cached)
+
+
 def load_open_clip(model_name: str, pretrained: Optional[str], *, device="cpu", precision: str = "fp32",
                    what: str = "model", allow_pickle: bool = False):
     """``(model, preprocess, tokenizer)`` of an open_clip model in eval mode.
@@ -93,6 +137,7 @@ def load_open_clip(model_name: str, pretrained: Optional[str], *, device="cpu", 
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
     check_open_clip_source(model_name, pretrained, what)
+    require_open_clip_weights(model_name, pretrained, what)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained, device=device, precision=precision, weights_only=not allow_pickle
