@@ -484,7 +484,6 @@ def _interrupted(args: argparse.Namespace) -> int:
     if progress is None:
         return interrupted("embed", "before embedding any row", "nothing was written", None)
     done_chunks, num_chunks, done_rows, num_rows = progress
-    # (rerun_command's drop= takes options with a value; --overwrite has none)
-    command = argparse.Namespace(_command_line=[w for w in getattr(args, "_command_line", None) or [] if w != "--overwrite"])
     return interrupted("embed", f"after embedding {done_rows} of {num_rows} rows",
-                       f"{done_chunks} of {num_chunks} chunk(s) kept in {_parts_dir(path)}/", rerun_command(command))
+                       f"{done_chunks} of {num_chunks} chunk(s) kept in {_parts_dir(path)}/",
+                       rerun_command(args, drop_switches=["--overwrite"]))

@@ -47,8 +47,8 @@ def test_ctrl_c_keeps_the_chunks_and_the_printed_command_finishes_the_cache(tmp_
     args = ["embed", "--data", str(data), "--output", str(out), "--model", TINY_CLIP_NAME, "--pretrained", str(clip),
             "--open-clip-config", str(tmp_path / "clip" / f"{TINY_CLIP_NAME}.json"), "--batch-size", "1",
             "--chunk-rows", "5", "--device", "cpu"]
-    process = subprocess.Popen([sys.executable, "-m", "rpo_fast.cli", *args], cwd=tmp_path, env=_env(tmp_path),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "rpo_fast.cli", *args, "--overwrite"], cwd=tmp_path,
+                               env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first_chunk = tmp_path / "emb.safetensors.parts" / "chunk_000000.safetensors"
     deadline = time.monotonic() + 120
     while not first_chunk.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -64,7 +64,7 @@ def test_ctrl_c_keeps_the_chunks_and_the_printed_command_finishes_the_cache(tmp_
 
     # the printed command (here through `python -m rpo_fast.cli`) embeds only what is missing
     again = shlex.split(line.split("; to continue: ", 1)[1])
-    assert again[:2] == ["rpo-fast", "embed"] and again[2:] == args[1:]
+    assert again[:2] == ["rpo-fast", "embed"] and again[2:] == args[1:]  # without --overwrite: it continues
     resumed = subprocess.run([sys.executable, "-m", "rpo_fast.cli", *again[1:], "--no-progress"], cwd=tmp_path,
                              env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
