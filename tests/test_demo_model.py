@@ -167,3 +167,24 @@ def test_finetune_outputs_and_checkpoints_load_into_the_pipeline(tmp_path, short
     # (step 1 ran at the warm-up's learning rate 0, as in diffusers' schedules)
     middle = unet_out(load_pipeline(short_pretrained_base, checkpoint=checkpoints[2]))
     assert not torch.equal(final, base) and not torch.equal(middle, base) and not torch.equal(middle, final)
+
+
+def test_finetune_again_returns_the_finished_run_and_other_inputs_start_over(tmp_path, short_pretrained_base,
+                                                                              monkeypatch):
+    import rpo_fast.train
+    from rpo_fast.demo.finetune import FinetuneSettings, finetune
+
+    data = datasets.write_style_data(tmp_path / "data", per_scene=1)
+    common = dict(progress=False, latent_cache=tmp_path / "latents")
+    settings = FinetuneSettings(steps=2, batch_pairs=4)
+    tuned, checkpoints = finetune(short_pretrained_base, data, tmp_path / "run", settings, **common)
+    assert checkpoints == {} and (tuned / "pytorch_lora_weights.safetensors").is_file()
+
+    def no_training(config):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(rpo_fast.train, "train", no_training)
+    assert finetune(short_pretrained_base, data, tmp_path / "run", settings, **common) == (tuned, {})
+    with pytest.raises(AssertionError, match="trained again"):  # other settings: a new run, from scratch
+        finetune(short_pretrained_base, data, tmp_path / "run", FinetuneSettings(steps=3, batch_pairs=4), **common)
+    assert not (tuned / "pytorch_lora_weights.safetensors").exists()

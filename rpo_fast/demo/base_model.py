@@ -153,6 +153,11 @@ class PretrainConfig:
     seed: int = 0
 
 
+def pretrain_run_dir(work_dir: PathLike) -> Path:
+    """The trainer's folder of a pretraining in ``work_dir``: its checkpoints, continued from."""
+    return Path(work_dir) / "sft"
+
+
 def pretrain(out_dir: PathLike = BASE_DIR, work_dir: Optional[PathLike] = None, config: PretrainConfig = PretrainConfig(),
              progress: bool = True) -> Path:
     """Builds the base from nothing: untrained pipeline, plain-image data of the training
@@ -170,7 +175,7 @@ def pretrain(out_dir: PathLike = BASE_DIR, work_dir: Optional[PathLike] = None, 
     data_dir = write_pretrain_data(work_dir / "data", per_scene=config.per_scene, seed=config.seed,
                                    uncond_fraction=config.uncond_fraction, sketch_fraction=config.sketch_fraction)
     result = train(TrainConfig(
-        pretrained_model=str(init_dir), data=str(data_dir), output_dir=str(work_dir / "sft"), method="sft",
+        pretrained_model=str(init_dir), data=str(data_dir), output_dir=str(pretrain_run_dir(work_dir)), method="sft",
         learning_rate=config.learning_rate, lr_scheduler="cosine", lr_warmup_steps=min(100, config.steps // 10),
         max_steps=config.steps, batch_pairs=config.batch_size, resolution=IMAGE_SIZE, seed=config.seed,
         checkpoint_every=250, checkpoints_total_limit=1, resume="latest", latent_cache=str(work_dir / "latents"),

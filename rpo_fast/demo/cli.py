@@ -20,8 +20,10 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Dict, Optional, Tuple
 
-from .base_model import BASE_DIR, PretrainConfig, base_exists, load_pipeline, pretrain
+from ..cli import interrupted, rerun_command
+from .base_model import BASE_DIR, PretrainConfig, base_exists, load_pipeline, pretrain, pretrain_run_dir
 from .datasets import write_style_data, write_style_embeddings
 from .evaluate import GUIDANCE_SCALE, INFERENCE_STEPS, evaluate
 from .finetune import FinetuneSettings, finetune
@@ -81,9 +83,36 @@ def _fmt(mean: float, half: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from ..train.loop import TrainingInterrupted
 
     _check(args)
+    where: Dict[str, object] = {"stage": "starting", "kept": "nothing was written"}
+    try:
+        return _run(args, where)
+    except (KeyboardInterrupt, TrainingInterrupted) as e:
+        step = e.reached if isinstance(e, TrainingInterrupted) else None  # e.g. "at step 57 of 200"
+        return interrupted("demo", *_interruption(where, step), rerun_command(args))
+
+
+def _interruption(where: Dict[str, object], step: Optional[str]) -> Tuple[str, str]:
+    """Where the demo was stopped and what it keeps, for the one line Ctrl-C ends it with. In
+    a training stage (``where["run_dir"]``), a rerun continues from the last checkpoint."""
+    from ..train.checkpoint import list_checkpoints
+
+    stage, run_dir = where["stage"], where.get("run_dir")
+    reached = f"{stage} {step}" if step else f"while {stage}"
+    if run_dir is None:
+        return reached, str(where["kept"])
+    found = list_checkpoints(Path(run_dir))
+    if not found:
+        return reached, f"no checkpoint yet: a rerun starts {stage} over"
+    return reached, f"{found[max(found)].name} kept in {run_dir}: a rerun continues from step {max(found)}"
+
+
+def _run(args: argparse.Namespace, where: Dict[str, object]) -> int:
+    """The demo; ``where`` is kept up to date with its stage (see :func:`_interruption`)."""
+    import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = not args.no_progress
@@ -94,8 +123,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.pretrain or not base_exists(model_dir):
         print(f"[demo] pretraining the base model into {model_dir} ({args.pretrain_steps} steps)")
+        where.update(stage="pretraining the base model", run_dir=pretrain_run_dir(work / "pretrain"))
         pretrain(model_dir, work / "pretrain", PretrainConfig(steps=args.pretrain_steps, seed=args.seed), progress=progress)
 
+    where.update(stage="writing the style data", run_dir=None, kept=f"the files finished in {work} are kept")
     data = write_style_data(work / "style-train", split="train", per_scene=args.pairs_per_caption, seed=args.seed)
     embeddings = None
     if args.method == "rpo" and not args.uniform_weights:
@@ -104,10 +135,13 @@ def run(args: argparse.Namespace) -> int:
                                 steps=args.steps, batch_pairs=args.batch_pairs, tau=args.tau, lora_rank=args.lora_rank,
                                 sft_weight=args.sft_weight, seed=args.seed)
     print(f"[demo] fine-tuning: {settings.label()}, {'similarity' if embeddings else 'uniform'} weights")
+    where.update(stage="fine-tuning", run_dir=work / "finetune")
     tuned_dir, _ = finetune(model_dir, data, work / "finetune", settings, embeddings=embeddings,
-                        latent_cache=work / "latents", progress=progress)
+                            latent_cache=work / "latents", progress=progress)
     train_seconds = time.perf_counter() - start
 
+    where.update(stage="evaluating", run_dir=None,
+                 kept=f"the tuned model is kept in {work / 'finetune'}: a rerun skips fine-tuning")
     scenes = split_scenes()["test"][: args.max_prompts]
     common = dict(samples_per_prompt=args.samples_per_prompt, seed=args.seed, steps=args.inference_steps,
                   guidance_scale=args.guidance_scale, progress=progress)
