@@ -80,6 +80,9 @@ def _run(name: str, argv: List[str]) -> int:
 def interrupted(command: str, reached: str, kept: str, again: Optional[str]) -> int:
     """The one line a subcommand ends with on Ctrl-C (SIGINT): where it was, what it kept,
     the command that continues (None: nothing to continue); returns the exit status 130."""
+    tqdm = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):  # live bars end their line first
+        bar.close()
     line = f"rpo-fast {command}: interrupted {reached}; {kept}"
     print(line + (f"; to continue: {again}" if again else ""), file=sys.stderr, flush=True)
     return INTERRUPTED
