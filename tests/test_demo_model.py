@@ -126,17 +126,15 @@ def test_short_demo_run_writes_grid_plot_and_results(tmp_path, capsys, short_pre
     assert "style rate up by at least" in capsys.readouterr().out
 
 
-def test_demo_rejects_bad_arguments(tmp_path):
-    from rpo_fast.demo import cli
+def test_demo_rejects_bad_arguments_in_one_line(tmp_path, capsys):
+    from rpo_fast.cli import main
 
-    with pytest.raises(ValueError, match="--steps"):
-        cli.run(_namespace(cli, ["--out", str(tmp_path), "--steps", "0"]))
-    with pytest.raises(ValueError, match="--max-prompts"):
-        cli.run(_namespace(cli, ["--out", str(tmp_path), "--max-prompts", "1"]))
-    with pytest.raises(ValueError, match="--lora-rank"):
-        cli.run(_namespace(cli, ["--out", str(tmp_path), "--lora-rank", "-1"]))
-    with pytest.raises(ValueError, match="--sft-weight"):
-        cli.run(_namespace(cli, ["--out", str(tmp_path), "--sft-weight", "-1"]))
+    for argv, expected in ((["--steps", "0"], "--steps"), (["--max-prompts", "1"], "--max-prompts"),
+                           (["--lora-rank", "-1"], "--lora-rank"), (["--sft-weight", "-1"], "--sft-weight")):
+        assert main(["demo", "--out", str(tmp_path), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("rpo-fast demo: error: ") and expected in err, err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])

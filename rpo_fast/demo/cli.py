@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -85,7 +86,11 @@ def _fmt(mean: float, half: float) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..train.loop import TrainingInterrupted
 
-    _check(args)
+    try:
+        _check(args)
+    except ValueError as e:
+        print(f"rpo-fast demo: error: {e}", file=sys.stderr)
+        return 2
     where: Dict[str, object] = {"stage": "starting", "kept": "nothing was written"}
     try:
         return _run(args, where)
