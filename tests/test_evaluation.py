@@ -1,9 +1,13 @@
 """`rpo-fast eval`: scorers loaded by their real loading code from tiny local models,
-tuned-model layouts, seeded generation, reports; tiny SD1.5 / SDXL pipelines at 64 px."""
+tuned-model layouts, seeded generation, reports, the output folder (continued, refused,
+replaced), offline checks; tiny SD1.5 / SDXL pipelines at 64 px. tests/test_eval_cli.py runs
+the command in a subprocess (Ctrl-C, no hub)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -367,17 +371,22 @@ def test_eval_command_errors_before_generating(assets, tmp_path, capsys):
     out = tmp_path / "out"
     (tmp_path / "bad_style").mkdir()
     (tmp_path / "bad_style" / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "a_file").write_text("")
     cases = [
         (["--style-images", str(tmp_path / "bad_style")], "cannot read"),
         (["--hps-checkpoint", str(tmp_path / "hps.pt")], "--hps-checkpoint: no file"),
         (["--style-images", str(tmp_path / "nope")], "--style-images: no folder"),
         (["--num-inference-steps", "0"], "num_inference_steps"),
         (["--height", "60"], "multiple of 8"),
-        (["--no-clip"], "no metric to compute"),
+        (["--no-clip", "--style-prompt", "a watercolor"], "need the CLIP scorer"),
+        (["--pickscore-model", "./weights/PickScore_v1"], "--pickscore-model: ./weights/PickScore_v1: no such"),
+        (["--clip-model", "ViT-Nope"], "unknown open_clip architecture"),
+        (["--device", "gpu"], "device: "),
     ]
     for extra, message in cases:
         assert cli_main(_eval_args(assets, out, assets["full"], *extra)) == 2
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
     assert cli_main(_eval_args(assets, out, tmp_path)) == 2
     assert "holds no model" in capsys.readouterr().err
     bad_prompts = _eval_args(assets, out, assets["full"])
@@ -385,16 +394,21 @@ def test_eval_command_errors_before_generating(assets, tmp_path, capsys):
     assert cli_main(bad_prompts) == 2
     assert "--prompts: no file" in capsys.readouterr().err
     assert not out.exists()  # nothing was generated
+    assert cli_main(_eval_args(assets, tmp_path / "a_file", assets["full"])) == 2
+    assert "--output-dir: " in capsys.readouterr().err
 
 
-def test_eval_checks_the_default_clip_weights_before_generating(assets, tmp_path, capsys, monkeypatch):
-    # the default CLIP (ViT-L-14-quickgelu / openai) on a machine without the hub
+def test_eval_reports_a_failed_clip_download_before_generating(assets, tmp_path, capsys, monkeypatch):
+    # the default CLIP (ViT-L-14-quickgelu / openai), the hub answering but the download failing
     import open_clip.pretrained
 
-    def offline(*args, **kwargs):
+    import rpo_fast.hub
+
+    def failing(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'\nmore detail")
 
-    monkeypatch.setattr(open_clip.pretrained, "download_pretrained", offline)
+    monkeypatch.setattr(rpo_fast.hub, "offline_reason", lambda: None)
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained", failing)
     out = tmp_path / "out"
     args = _eval_args(assets, out, assets["full"])
     for flag in ("--clip-model", "--clip-pretrained"):
@@ -402,7 +416,201 @@ def test_eval_checks_the_default_clip_weights_before_generating(assets, tmp_path
     assert cli_main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--clip-pretrained" in err and "couldn't connect" in err, err
+    assert "--no-clip" in err
     assert not out.exists()  # nothing was generated
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE=1 and an empty hub cache; what a cache hit switches (rpo_fast.hub.go_offline)
+    is switched back after the test."""
+    from huggingface_hub import constants
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # open_clip's url download cache: ~/.cache/clip
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)
+    return tmp_path / "hub"
+
+
+@pytest.mark.parametrize("extra, option", [
+    (["--base", "runwayml/stable-diffusion-v1-5"], "--base"),
+    (["--tuned", "someone/rpo-sd15"], "--tuned"),
+    (["--clip-model", "ViT-L-14-quickgelu", "--clip-pretrained", "openai"], "--clip-pretrained"),
+    (["--clip-model", "hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K"], "--clip-model"),
+    (["--aesthetic-head", "AESTHETIC"], "--aesthetic-clip-pretrained"),
+    (["--pickscore-model", "yuvalkirstain/PickScore_v1"], "--pickscore-model"),
+    (["--pickscore-model", "PICKSCORE", "--pickscore-processor", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"],
+     "--pickscore-processor"),
+])
+def test_offline_a_download_fails_in_one_line_naming_the_option(assets, tmp_path, capsys, offline_hub, extra, option):
+    local = {"AESTHETIC": str(assets["aesthetic"]), "PICKSCORE": str(assets["pickscore"])}
+    out = tmp_path / "out"
+    args = _eval_args(assets, out, assets["full"])
+    for flag, value in zip(extra[::2], extra[1::2]):  # replaces the option's value, or appends it
+        value = local.get(value, value)
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"rpo-fast eval: error: {option}: "), err
+    if option != "--tuned":  # a tuned model is always local
+        assert "HF_HUB_OFFLINE is set" in err and ("local" in err or "download it" in err), err
+    assert not out.exists()
+
+
+def test_offline_an_open_clip_tag_in_the_hub_cache_is_used(assets, tmp_path, offline_hub, monkeypatch):
+    """Offline, a pretrained tag whose hub repo is in the cache is read from there."""
+    import shutil
+
+    import open_clip.pretrained
+
+    tag = {"cached": open_clip.pretrained._pcfg(hf_hub="rpo-test/tiny-clip/")}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, TINY_CLIP_NAME, tag)
+    revision = "0" * 40
+    repo = offline_hub / "models--rpo-test--tiny-clip"
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    shutil.copy(assets["clip"], repo / "snapshots" / revision / "open_clip_model.safetensors")
+    config = EvalConfig(base=str(assets["base"]), tuned=str(assets["base"]), prompts=str(assets["prompts"]),
+                        output_dir=str(tmp_path / "out"), generation=GenerationSettings(**FASTER), device="cpu",
+                        clip_model=TINY_CLIP_NAME, clip_pretrained="cached", grid_cell=32, progress=False)
+    from_file = EvalConfig(**{**config.__dict__, "clip_pretrained": str(assets["clip"]),
+                              "output_dir": str(tmp_path / "out_file")})
+    torch.testing.assert_close(evaluate(config).scores["base"]["clip_score"],
+                               evaluate(from_file).scores["base"]["clip_score"])
+
+
+def test_images_only_eval(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = _eval_args(assets, out, assets["full"], "--no-clip", "--guidance-scale", "1", "--height", "16",
+                      "--width", "16")
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "No metric was computed" in printed and "grid.png" in printed
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["summary"] == {} and "No metric was computed" in record["note"]
+    images = record["per_prompt"][2]["images"]
+    assert images == {"base": ["images/base/0002_0.png"], "tuned": ["images/tuned/0002_0.png"]}
+    assert len(list(out.glob("images/*/*.png"))) == 6 and (out / "grid.png").is_file()
+
+
+def test_one_scoring_bar_over_all_scorers(assets, capsys):
+    import re
+
+    config = EvalConfig(base="unused", tuned="unused", prompts="unused", output_dir="unused", clip_model=TINY_CLIP_NAME,
+                        clip_pretrained=str(assets["clip"]), aesthetic_head=str(assets["aesthetic"]),
+                        aesthetic_clip_model=TINY_CLIP_NAME, aesthetic_clip_pretrained=str(assets["clip"]),
+                        score_batch_size=2)
+    from rpo_fast.evaluation.evaluate import score_images
+
+    images = {"base": [[_image(1)], [_image(2)], [_image(3)]], "tuned": [[_image(4)], [_image(5)], [_image(6)]]}
+    scores = score_images(config, "cpu", PROMPTS, images)
+    assert sorted(scores["tuned"]) == ["aesthetic", "clip_score"]
+    counts = re.findall(r"scoring:[^\r\n]*? (\d+)/(\d+) \[", capsys.readouterr().err)
+    assert counts, "no progress bar"
+    assert {int(total) for _, total in counts} == {2 * 2 * 2}  # scorers x models x batches, from the start
+    assert [int(n) for n, _ in counts] == sorted(int(n) for n, _ in counts) and counts[-1][0] == "8"
+
+
+def test_help_shows_every_default(capsys):
+    import argparse
+
+    from rpo_fast.evaluation.cli import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert all(action.help for action in parser._actions), [a.dest for a in parser._actions if not a.help]
+    with pytest.raises(SystemExit):
+        cli_main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())  # after the usage lines
+    for option, default in (("--images-per-prompt", "1"), ("--num-inference-steps", "30"),
+                            ("--guidance-scale", "7.5"), ("--score-batch-size", "16"), ("--scorer-precision", "fp32")):
+        start = text.index(option + " ")
+        assert f"(default: {default})" in text[start:text.index(" --", start + len(option))], option
+
+
+# ----------------------------------------------------------------------------- the output folder
+
+
+def _fast_args(assets, out, *extra):
+    return _eval_args(assets, out, assets["full"], "--guidance-scale", "1", "--height", "16", "--width", "16",
+                      *extra)
+
+
+def test_an_earlier_eval_with_other_settings_is_refused_or_replaced(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli_main(_fast_args(assets, out, "--images-per-prompt", "2")) == 0
+    (out / "notes.txt").write_text("mine")
+    (out / "images" / "base" / "mine.png").write_bytes(b"")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert cli_main(_fast_args(assets, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite-output-dir" in err and "images_per_prompt" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # untouched
+    assert cli_main(_fast_args(assets, out, "--overwrite-output-dir")) == 0
+    assert "deleted the 16 files of an earlier eval" in capsys.readouterr().out  # 12 images, manifest, 3 reports
+    assert sorted(p.name for p in (out / "images" / "base").iterdir()) == ["0000_0.png", "0001_0.png", "0002_0.png",
+                                                                           "mine.png"]
+    assert len(list((out / "images" / "tuned").iterdir())) == 3 and (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_rerun_with_the_same_settings_reuses_the_saved_images(assets, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    evaluate_module = importlib.import_module("rpo_fast.evaluation.evaluate")
+    out = tmp_path / "out"
+    assert cli_main(_fast_args(assets, out, "--batch-size", "2")) == 0
+    first = {p: Image.open(p).tobytes() for p in out.glob("images/*/*.png")}
+    (out / "images" / "tuned" / "0001_0.png").unlink()  # as if interrupted before that image
+    loaded = []
+    real_load = evaluate_module.load_pipeline
+    monkeypatch.setattr(evaluate_module, "load_pipeline", lambda source, **kw: loaded.append(source) or
+                        real_load(source, **kw))
+    capsys.readouterr()
+    assert cli_main(_fast_args(assets, out, "--batch-size", "3")) == 0  # the batch size does not matter
+    printed = capsys.readouterr().out
+    assert "base model: reusing 3 of 3 images" in printed and "tuned model: reusing 2 of 3 images" in printed
+    assert loaded == [str(assets["base"])]  # loaded once, for the missing tuned image
+    second = {p: Image.open(p).tobytes() for p in out.glob("images/*/*.png")}
+    regenerated = out / "images" / "tuned" / "0001_0.png"
+    assert {p: b for p, b in second.items() if p != regenerated} == {p: b for p, b in first.items() if p != regenerated}
+    difference = np.abs(np.frombuffer(second[regenerated], np.uint8).astype(int)
+                        - np.frombuffer(first[regenerated], np.uint8).astype(int))
+    assert difference.max() <= 2  # the same seed: the same image, up to the rounding of another batch size
+    # a retrained model (its files changed) is not the same setting
+    unet_weights = next((assets["full"] / "unet").glob("*.safetensors"))
+    os.utime(unet_weights, ns=(unet_weights.stat().st_atime_ns, unet_weights.stat().st_mtime_ns + 10**9))
+    assert cli_main(_fast_args(assets, out)) == 2
+    assert "differing: tuned" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_scoring_keeps_the_images_and_says_how_to_continue(assets, tmp_path, capsys, monkeypatch):
+    from rpo_fast.evaluation import scorers
+
+    out = tmp_path / "out"
+    args = _fast_args(assets, out)
+
+    def interrupt(self, prompts, images):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(scorers.OpenClipMetrics, "__call__", interrupt)
+        assert cli_main(args) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [
+        f"rpo-fast eval: interrupted while scoring with CLIP (scorer 1 of 1); kept the 6 finished images in {out}; "
+        f"to continue: rpo-fast eval {shlex.join(args[1:])}"
+    ]
+    assert not (out / "metrics.json").exists() and not list(out.rglob("*.tmp"))
+    assert cli_main(args) == 0
+    assert "tuned model: reusing 3 of 3 images" in capsys.readouterr().out
 
 
 def test_embed_train_eval_workflow(assets, tmp_path):

@@ -4,8 +4,9 @@
 generation helpers and report writers are usable on their own.
 """
 
-from .evaluate import EvalConfig, EvalResult, evaluate
+from .evaluate import EvalConfig, EvalResult, EvalStage, evaluate
 from .generation import GenerationSettings, read_prompts
 from .report import summarize, win_rate
 
-__all__ = ["EvalConfig", "EvalResult", "GenerationSettings", "evaluate", "read_prompts", "summarize", "win_rate"]
+__all__ = ["EvalConfig", "EvalResult", "EvalStage", "GenerationSettings", "evaluate", "read_prompts", "summarize",
+           "win_rate"]

@@ -1,12 +1,17 @@
-"""``rpo-fast eval``: base vs tuned model on a prompt file; see :mod:`rpo_fast.evaluation.evaluate`."""
+"""``rpo-fast eval``: base vs tuned model on a prompt file; see :mod:`rpo_fast.evaluation.evaluate`.
+
+Ctrl-C ends it with one line saying where it was and how to continue: the same command,
+which reuses the images already saved."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from ..cli import interrupted, rerun_command
 from ..clip import PRECISIONS
-from .evaluate import EvalConfig, evaluate
+from .evaluate import EvalConfig, EvalStage, evaluate
+from .outputs import count_images
 from .generation import DTYPES, TUNED_KINDS, GenerationSettings
 
 
@@ -18,20 +23,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a pipeline folder, or a LoRA .safetensors file")
     models.add_argument("--tuned-type", choices=TUNED_KINDS, default="auto", help="how to read --tuned")
     models.add_argument("--lora-scale", type=float, default=1.0, help="LoRA adapter weight")
-    models.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    models.add_argument("--dtype", choices=list(DTYPES), default=None, help="pipeline dtype (default fp16 on CUDA, fp32 on CPU)")
+    models.add_argument("--device", default=None, help="torch device (None: cuda if available, else cpu)")
+    models.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="pipeline dtype (None: fp16 on CUDA, fp32 on CPU)")
     models.add_argument("--no-safety-checker", action="store_true", help="load SD1.5 pipelines without the safety checker")
 
     gen = parser.add_argument_group("generation")
     gen.add_argument("--prompts", required=True, help="prompt file: one prompt a line, or .jsonl with a 'prompt' key")
-    gen.add_argument("--output-dir", required=True, help="where images, metrics.json, report.md and grid.png go")
+    gen.add_argument("--output-dir", required=True,
+                     help="where images, metrics.json, report.md and grid.png go; an earlier eval there with the "
+                          "same settings is continued (its saved images reused)")
+    gen.add_argument("--overwrite-output-dir", action="store_true",
+                     help="delete an earlier eval with other settings in --output-dir (only its files) and start over")
     gen.add_argument("--seed", type=int, default=0, help="image k of prompt i uses seed + i * images_per_prompt + k")
-    gen.add_argument("--images-per-prompt", type=int, default=1)
-    gen.add_argument("--num-inference-steps", type=int, default=30)
-    gen.add_argument("--guidance-scale", type=float, default=7.5)
-    gen.add_argument("--height", type=int, default=None, help="default: the model's")
-    gen.add_argument("--width", type=int, default=None, help="default: the model's")
-    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--images-per-prompt", type=int, default=1, help="images generated per prompt and model")
+    gen.add_argument("--num-inference-steps", type=int, default=30, help="denoising steps per image")
+    gen.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale")
+    gen.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (None: the model's)")
+    gen.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (None: the model's)")
+    gen.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
     gen.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
 
     clip = parser.add_argument_group("CLIP score and style alignment (open_clip)")
@@ -59,8 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="load .pt checkpoints that hold pickled objects (only files from a trusted source)")
 
     out = parser.add_argument_group("scoring and output")
-    out.add_argument("--score-batch-size", type=int, default=16)
-    out.add_argument("--scorer-precision", choices=PRECISIONS, default="fp32")
+    out.add_argument("--score-batch-size", type=int, default=16, help="images per scorer call")
+    out.add_argument("--scorer-precision", choices=PRECISIONS, default="fp32", help="precision of the scorer models")
     out.add_argument("--grid-columns", type=int, default=8, help="prompts shown in grid.png")
     out.add_argument("--grid-cell", type=int, default=256, help="pixel size of a grid cell")
     out.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -84,16 +94,21 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         aesthetic_clip_pretrained=args.aesthetic_clip_pretrained, allow_pickle=args.allow_pickle,
         score_batch_size=args.score_batch_size,
         scorer_precision=args.scorer_precision, grid_columns=args.grid_columns, grid_cell=args.grid_cell,
-        progress=not args.no_progress,
+        progress=not args.no_progress, overwrite_output_dir=args.overwrite_output_dir,
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    stage = EvalStage()
     try:
-        result = evaluate(config_from_args(args))
+        result = evaluate(config_from_args(args), stage)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"rpo-fast eval: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        saved = count_images(stage.output_dir) if stage.output_dir else 0
+        kept = f"kept the {saved} finished images in {stage.output_dir}" if saved else "no image was saved"
+        return interrupted("eval", stage.reached(), kept, rerun_command(args))
     print(result.files["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in result.files.values()))
     return 0

@@ -16,15 +16,15 @@ device and at any batch size.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from PIL import Image
 
 from .._types import DTYPE_NAMES
+from .sources import check_local_or_hub, hub_alternative
 
 TUNED_KINDS = ("auto", "pipeline", "unet", "lora")
 DTYPES = DTYPE_NAMES  # --dtype names
@@ -77,7 +77,8 @@ def resolve_tuned(path, kind: str = "auto") -> Tuple[str, Path]:
         raise ValueError(f"--tuned-type: expected one of {list(TUNED_KINDS)}, got {kind!r}")
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"--tuned: nothing at {path}")
+        raise FileNotFoundError(f"--tuned: nothing at {path} (the tuned model is a local path: download a hub "
+                                "model first)")
     is_lora_file = path.is_file() and path.suffix in (".safetensors", ".bin")
     has_lora = path.is_dir() and (any(path.glob("*lora*.safetensors")) or any(path.glob("*lora*.bin")))
     found = {
@@ -99,6 +100,11 @@ _LAYOUTS = ("expected a pipeline folder with model_index.json, a folder with une
             "or LoRA weights: a folder with *lora*.safetensors or a .safetensors file")
 
 
+def check_base(source) -> None:
+    """``--base``: a local pipeline folder, or a hub id that can be fetched now (or is cached)."""
+    check_local_or_hub("--base", source, hub_alternative(str(source)))
+
+
 def load_pipeline(source, *, device="cpu", dtype: torch.dtype = torch.float32, disable_safety_checker: bool = False):
     """A StableDiffusionPipeline or StableDiffusionXLPipeline from a local folder or a hub id."""
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -106,14 +112,13 @@ def load_pipeline(source, *, device="cpu", dtype: torch.dtype = torch.float32, d
     source = str(source)
     kwargs = {"dtype": dtype}
     local = Path(source)
+    check_base(source)
     if local.exists():
         index = local / "model_index.json"
         if not index.is_file():
             raise ValueError(f"{source}: expected a diffusers pipeline folder with model_index.json")
         if disable_safety_checker and "safety_checker" in json.loads(index.read_text()):
             kwargs.update(safety_checker=None, requires_safety_checker=False)
-    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise FileNotFoundError(f"{source}: no such folder (and not a hub id of the form org/name)")
     elif disable_safety_checker:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
@@ -170,14 +175,19 @@ def image_seed(settings: GenerationSettings, prompt_index: int, k: int) -> int:
     return settings.seed + prompt_index * settings.images_per_prompt + k
 
 
-def generate(pipe, prompts: List[str], settings: GenerationSettings, *, desc: str = "generating",
-             progress: bool = True) -> List[List[Image.Image]]:
-    """``images[i][k]``: image k of prompt i, with the seeds of the module docstring."""
+def generate(pipe, prompts: List[str], settings: GenerationSettings, *,
+             images: Optional[List[List[Optional[Image.Image]]]] = None,
+             save: Optional[Callable[[int, int, Image.Image], None]] = None,
+             desc: str = "generating", progress: bool = True) -> List[List[Image.Image]]:
+    """``images[i][k]``: image k of prompt i, with the seeds of the module docstring. Images
+    already in ``images`` are kept, not generated again; ``save(i, k, image)`` gets each new
+    image as soon as its batch is done."""
     from tqdm.auto import tqdm
 
-    jobs = [(i, k) for i in range(len(prompts)) for k in range(settings.images_per_prompt)]
-    images: List[List[Optional[Image.Image]]] = [[None] * settings.images_per_prompt for _ in prompts]
-    with tqdm(total=len(jobs), desc=desc, unit="image", disable=not progress) as bar:
+    images = images or [[None] * settings.images_per_prompt for _ in prompts]
+    jobs = [(i, k) for i, row in enumerate(images) for k, image in enumerate(row) if image is None]
+    total = len(prompts) * settings.images_per_prompt
+    with tqdm(total=total, initial=total - len(jobs), desc=desc, unit="image", disable=not progress) as bar:
         for start in range(0, len(jobs), settings.batch_size):
             batch = jobs[start:start + settings.batch_size]
             generators = [torch.Generator("cpu").manual_seed(image_seed(settings, i, k)) for i, k in batch]
@@ -193,19 +203,7 @@ def generate(pipe, prompts: List[str], settings: GenerationSettings, *, desc: st
             )
             for (i, k), image in zip(batch, out.images):
                 images[i][k] = image
+                if save is not None:
+                    save(i, k, image)
             bar.update(len(batch))
     return images  # type: ignore[return-value]
-
-
-def save_images(images: List[List[Image.Image]], folder: Path, root: Path) -> List[List[str]]:
-    """Writes image k of prompt i to ``folder/IIII_K.png``; returns the paths relative to ``root``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, per_prompt in enumerate(images):
-        row = []
-        for k, image in enumerate(per_prompt):
-            file = folder / f"{i:04d}_{k}.png"
-            image.save(file)
-            row.append(os.path.relpath(file, root))
-        paths.append(row)
-    return paths

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
+import textwrap
 from pathlib import Path
 from typing import Dict, List, Optional
-
-import textwrap
 
 import torch
 from PIL import Image, ImageDraw
 
 from ..demo.stats import mean_ci
+from .outputs import atomic_write, write_text
 
 
 def per_prompt(scores: torch.Tensor) -> torch.Tensor:
@@ -49,7 +48,13 @@ def summarize(base: Dict[str, torch.Tensor], tuned: Dict[str, torch.Tensor]) -> 
     return summary
 
 
+NO_METRIC = ("No metric was computed (--no-clip and no other scorer): compare the images in images/base and "
+             "images/tuned, side by side in grid.png.\n")
+
+
 def markdown_table(summary: Dict[str, Dict[str, float]], num_prompts: int) -> str:
+    if not summary:
+        return NO_METRIC
     lines = [
         "| metric | base | tuned | tuned - base | 95% CI of the difference | tuned win rate |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -84,18 +89,12 @@ def image_grid(rows: Dict[str, List[Image.Image]], *, cell: int = 256, label_wid
     return grid
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(output_dir: Path, *, prompts: List[str], summary: Dict[str, Dict[str, float]],
                  base: Dict[str, torch.Tensor], tuned: Dict[str, torch.Tensor],
                  image_paths: Dict[str, List[List[str]]], settings: dict,
                  grid_rows: Optional[Dict[str, List[Image.Image]]] = None, grid_cell: int = 256) -> Dict[str, Path]:
-    """Writes ``metrics.json`` (summary, per-prompt scores, image paths, settings), ``report.md``
-    and ``grid.png``; returns their paths."""
+    """Writes ``metrics.json`` (summary, per-prompt scores, image paths, settings; an empty
+    summary when no metric was asked for), ``report.md`` and ``grid.png``; returns their paths."""
     output_dir.mkdir(parents=True, exist_ok=True)
     per_prompt_rows = []
     for i, prompt in enumerate(prompts):
@@ -106,18 +105,21 @@ def write_report(output_dir: Path, *, prompts: List[str], summary: Dict[str, Dic
             "images": {model: paths[i] for model, paths in image_paths.items()},
         })
     record = {"summary": summary, "num_prompts": len(prompts), "settings": settings, "per_prompt": per_prompt_rows}
+    if not summary:
+        record["note"] = NO_METRIC.strip()
     files = {"json": output_dir / "metrics.json", "markdown": output_dir / "report.md", "grid": output_dir / "grid.png"}
-    _atomic_write_text(files["json"], json.dumps(record, indent=2))
+    write_text(files["json"], json.dumps(record, indent=2))
     counts = {model: sum(len(p) for p in paths) for model, paths in image_paths.items()}
     header = [f"- base: `{settings.get('base')}`",
               f"- tuned: `{settings.get('tuned')}` (read as {settings.get('tuned_kind', 'auto')}: "
               f"`{settings.get('tuned_path', settings.get('tuned'))}`)",
               f"- images: {len(prompts)} prompts x {counts and max(counts.values()) // max(1, len(prompts))} per prompt; "
               + ", ".join(f"{n} from {model}" for model, n in counts.items()), ""]
-    _atomic_write_text(files["markdown"], "# Evaluation: base vs tuned\n\n" + "\n".join(header) + "\n"
-                       + markdown_table(summary, len(prompts)))
+    write_text(files["markdown"], "# Evaluation: base vs tuned\n\n" + "\n".join(header) + "\n"
+               + markdown_table(summary, len(prompts)))
     if grid_rows:
-        image_grid(grid_rows, cell=grid_cell, column_labels=prompts).save(files["grid"])
+        grid = image_grid(grid_rows, cell=grid_cell, column_labels=prompts)
+        atomic_write(files["grid"], lambda tmp: grid.save(tmp, format="PNG"))
     else:
         del files["grid"]
     return files

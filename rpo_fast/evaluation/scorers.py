@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..clip import check_open_clip_source, encode_images, encode_texts, load_open_clip
+from ..clip import encode_images, encode_texts, load_open_clip
+from .sources import check_local_or_hub, hub_alternative
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -195,8 +196,9 @@ class AestheticScorer:
 
 
 class PickScoreScorer:
-    """PickScore: a transformers CLIPModel folder (``yuvalkirstain/PickScore_v1``) and its
-    processor folder (``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``; defaults to the model folder)."""
+    """PickScore: a transformers CLIPModel (``yuvalkirstain/PickScore_v1``) and its processor
+    (``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``; defaults to the model), each a local folder or
+    a hub id."""
 
     names = ["pickscore"]
 
@@ -204,10 +206,9 @@ class PickScoreScorer:
         from transformers import AutoProcessor, CLIPModel
 
         processor_dir = processor_dir or model_dir
-        for what, folder in (("PickScore model", model_dir), ("PickScore processor", processor_dir)):
-            if not Path(folder).is_dir():
-                raise FileNotFoundError(f"{what}: no folder at {folder}")
-        if not (Path(model_dir) / "config.json").is_file():
+        for what, source in (("PickScore model", model_dir), ("PickScore processor", processor_dir)):
+            check_local_or_hub(what, source, hub_alternative(str(source)))
+        if Path(model_dir).is_dir() and not (Path(model_dir) / "config.json").is_file():
             raise ValueError(f"PickScore model: {model_dir} has no config.json (expected a save_pretrained folder)")
         self.processor = AutoProcessor.from_pretrained(str(processor_dir))
         self.model = CLIPModel.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
@@ -225,31 +226,13 @@ class PickScoreScorer:
 
 def check_scorer_paths(*, pickscore_model=None, pickscore_processor=None, hps_checkpoint=None, aesthetic_head=None,
                        style_images=None) -> None:
-    """Fails fast on a missing local path, before hours of generation."""
-    for what, value, want_dir in (("--pickscore-model", pickscore_model, True),
-                                  ("--pickscore-processor", pickscore_processor, True),
-                                  ("--hps-checkpoint", hps_checkpoint, False),
+    """Fails fast on a missing local path (or a PickScore hub id that cannot be fetched),
+    before hours of generation."""
+    for what, value in (("--pickscore-model", pickscore_model), ("--pickscore-processor", pickscore_processor)):
+        if value is not None:
+            check_local_or_hub(what, value, hub_alternative(value))
+    for what, value, want_dir in (("--hps-checkpoint", hps_checkpoint, False),
                                   ("--aesthetic-head", aesthetic_head, False),
                                   ("--style-images", style_images, True)):
-        if value is None:
-            continue
-        ok = os.path.isdir(value) if want_dir else os.path.isfile(value)
-        if not ok:
+        if value is not None and not (os.path.isdir(value) if want_dir else os.path.isfile(value)):
             raise FileNotFoundError(f"{what}: no {'folder' if want_dir else 'file'} at {value}")
-
-
-def check_open_clip_weights(what: str, model_name: str, pretrained: Optional[str]) -> None:
-    """Gets (or finds in the download cache) the weights of an open_clip pretrained tag now,
-    so that an offline machine fails here, in one line, and not after generating every image."""
-    check_open_clip_source(model_name, pretrained, what)
-    if pretrained is None or os.path.isfile(pretrained) or model_name.startswith(("hf-hub:", "local-dir:")):
-        return
-    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
-
-    try:
-        if not download_pretrained(get_pretrained_cfg(model_name.replace("/", "-"), pretrained)):
-            raise RuntimeError("open_clip knows no download for it")
-    except Exception as e:  # the hub client's many offline errors: all mean the same here
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{what}: cannot get the open_clip weights {pretrained!r} of {model_name} ({reason}); "
-                         "give a local checkpoint file instead") from None
