@@ -29,10 +29,12 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 def register_open_clip_configs(paths: Optional[Sequence[PathLike]]) -> List[str]:
     """Registers open_clip architecture JSON files (``{"embed_dim", "vision_cfg",
     "text_cfg"}``); each becomes a model name equal to its file stem. Returns the names."""
+    if not paths:
+        return []
     import open_clip
 
     names = []
-    for path in paths or ():
+    for path in paths:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"open_clip config: no file at {path}")
@@ -48,7 +50,7 @@ def register_open_clip_configs(paths: Optional[Sequence[PathLike]]) -> List[str]
     return names
 
 
-def _looks_like_path(value: str) -> bool:
+def looks_like_path(value: str) -> bool:
     return os.sep in value or value.startswith(".") or Path(value).suffix in (".pt", ".pth", ".bin", ".safetensors", ".npz")
 
 
@@ -71,34 +73,43 @@ def check_open_clip_source(model_name: str, pretrained: Optional[str], what: str
         raise ValueError(f"{what}: pretrained weights are needed: a tag such as 'laion2b_s32b_b79k' or a checkpoint file")
     if os.path.isfile(pretrained):
         return
-    if _looks_like_path(pretrained):
+    if looks_like_path(pretrained):
         raise FileNotFoundError(f"{what}: no checkpoint file at {pretrained}")
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained.lower().replace("-", "_") not in tags:  # open_clip's own tag normalization
         raise ValueError(f"{what}: {pretrained!r} is neither a checkpoint file nor a pretrained tag of {name} (tags: {tags})")
 
 
-def _download_source(model_name: str, pretrained: Optional[str]) -> Optional[Tuple[str, bool]]:
-    """What open_clip would download for this model and weights, and whether it has it already:
-    ``(hub repo or URL, cached)``; None when nothing is downloaded (a local file or folder, or
-    a name open_clip does not know: :func:`check_open_clip_source` reports those)."""
+_URL_CACHE = "~/.cache/clip"  # where open_clip keeps weights it downloads from a URL
+
+
+def _nothing_downloaded() -> bool:
+    """No model in the hub cache and nothing in open_clip's URL cache: answered without
+    importing open_clip (seconds)."""
+    from huggingface_hub import constants
+
+    url_cache = Path(_URL_CACHE).expanduser()
+    return (not any(Path(constants.HF_HUB_CACHE).expanduser().glob("models--*"))
+            and not (url_cache.is_dir() and any(url_cache.iterdir())))
+
+
+def _tag_source(model_name: str, tag: str) -> Tuple[Optional[str], bool]:
+    """The hub repo or URL open_clip downloads ``tag`` of ``model_name`` from (None if it
+    knows none), and whether it has been downloaded before."""
+    if _nothing_downloaded():
+        return None, False
     import open_clip
 
     from .hub import in_hub_cache
 
-    if model_name.startswith("hf-hub:"):
-        repo = model_name[len("hf-hub:"):]
-        return repo, in_hub_cache(repo)
-    if model_name.startswith("local-dir:") or not pretrained or os.path.isfile(pretrained):
-        return None
-    cfg = open_clip.get_pretrained_cfg(model_name.replace("/", "-"), pretrained)
+    cfg = open_clip.get_pretrained_cfg(model_name.replace("/", "-"), tag)
     if cfg.get("hf_hub"):  # 'org/name/' or 'org/name/file.bin'
         repo = os.path.split(cfg["hf_hub"])[0]
         return repo, in_hub_cache(repo)
     if cfg.get("url"):  # open_clip's own download folder (create_model without cache_dir)
         url = cfg["url"]
-        return url, os.path.isfile(os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url)))
-    return None
+        return url, os.path.isfile(os.path.join(os.path.expanduser(_URL_CACHE), os.path.basename(url)))
+    return None, False
 
 
 def require_open_clip_weights(model_name: str, pretrained: Optional[str], what: str = "--pretrained") -> None:
@@ -107,18 +118,20 @@ def require_open_clip_weights(model_name: str, pretrained: Optional[str], what: 
     the option ``what`` and the local-file alternative, instead of after open_clip's retries.
     Returns when they can be downloaded, or when they were downloaded before (the process then
     reads the hub cache without trying the network: ``rpo_fast.hub.require_download``)."""
-    from .hub import require_download
+    from .hub import in_hub_cache, offline_reason, require_download
 
-    source = _download_source(model_name, pretrained)
-    if source is None:
-        return
-    where, cached = source
     if model_name.startswith("hf-hub:"):
-        name, alternative = model_name, f"copy {where} where the hub can be reached and pass local-dir:FOLDER instead"
-    else:
-        name, alternative = pretrained, (f"pass a local checkpoint file path instead (open_clip_model.safetensors "
-                                         f"of {where}, downloaded where the hub can be reached)")
-    require_download(what, name, alternative, cached)
+        repo = model_name[len("hf-hub:"):]
+        require_download(what, model_name, f"copy {repo} where the hub can be reached and pass local-dir:FOLDER "
+                         "instead", cached=in_hub_cache(repo))
+        return
+    if (model_name.startswith("local-dir:") or not pretrained or os.path.isfile(pretrained)
+            or looks_like_path(pretrained) or offline_reason() is None):
+        return
+    where, cached = _tag_source(model_name, pretrained)
+    of = f"open_clip_model.safetensors of {where}" if where else "the weights of that open_clip tag"
+    require_download(what, pretrained, f"pass a local checkpoint file path instead ({of}, downloaded where the hub "
+                     "can be reached)", cached)
 
 
 def load_open_clip(model_name: str, pretrained: Optional[str], *, device="cpu", precision: str = "fp32",

@@ -97,7 +97,7 @@ def test_offline_pretrained_tag_fails_at_once_in_one_line(tmp_path, offline):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("rpo-fast embed: error: --pretrained: 'laion2b_s32b_b79k' is not a local path")
-    assert "local checkpoint file" in lines[0] and "laion/CLIP-ViT-H-14-laion2B-s32B-b79K" in lines[0]
+    assert "local checkpoint file" in lines[0]
     seconds = float(result.stdout.split("seconds ")[1])
     assert seconds < 5, (seconds, wall)
     assert not (tmp_path / "emb.safetensors.parts").exists()

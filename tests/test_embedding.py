@@ -108,6 +108,11 @@ def test_offline_weights_to_download_fail_at_once(tiny_clip, tmp_path, monkeypat
         monkeypatch.setenv(name, "1")  # (a cached name sets them all: restored after the test)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)
+    # nothing downloaded at all: answered without importing open_clip (seconds), so without its repo name
+    with pytest.raises(ValueError, match=r"^--clip-pretrained: 'laion2b_s32b_b79k' is not a local path .*HF_HUB_OFFLINE "
+                                         r"is set; pass a local checkpoint file path instead \(the weights of that"):
+        require_open_clip_weights("ViT-H-14", "laion2b_s32b_b79k", "--clip-pretrained")
+    (tmp_path / "models--other--model" / "snapshots" / "abc").mkdir(parents=True)  # something else downloaded
     with pytest.raises(ValueError, match=r"^--clip-pretrained: 'laion2b_s32b_b79k' is not a local path .*HF_HUB_OFFLINE "
                                          r"is set; pass a local checkpoint file path instead \(open_clip_model"
                                          r"\.safetensors of laion/CLIP-ViT-H-14-laion2B-s32B-b79K, "):

@@ -13,11 +13,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from ..clip import _looks_like_path, check_open_clip_source
+from ..clip import check_open_clip_source, looks_like_path, require_open_clip_weights
 from ..hub import in_hub_cache, require_download
-
-_OPEN_CLIP_URL_CACHE = "~/.cache/clip"  # where open_clip keeps weights it downloads from a url
-
 
 def check_local_or_hub(what: str, source: str, alternative: str) -> None:
     """``source`` is an existing local path, or a hub id (``org/name``) that can be fetched."""
@@ -34,44 +31,18 @@ def hub_alternative(repo_id: str) -> str:
             "and pass the folder")
 
 
-def _nothing_cached() -> bool:
-    from huggingface_hub import constants
-
-    url_cache = Path(_OPEN_CLIP_URL_CACHE).expanduser()
-    return (not any(Path(constants.HF_HUB_CACHE).expanduser().glob("models--*"))
-            and not (url_cache.is_dir() and any(url_cache.iterdir())))
-
-
-def _open_clip_tag_cached(model_name: str, tag: str) -> bool:
-    """Whether open_clip finds the weights of ``tag`` without downloading them."""
-    if _nothing_cached():  # answers without importing open_clip (seconds: torchvision, transformers)
-        return False
-    from open_clip.pretrained import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(model_name.replace("/", "-"), tag)
-    if cfg.get("file"):
-        return os.path.isfile(cfg["file"])
-    if cfg.get("hf_hub"):  # 'org/name/' or 'org/name/file', as open_clip splits it
-        return in_hub_cache(os.path.split(cfg["hf_hub"])[0])
-    url = cfg.get("url", "")
-    return bool(url) and os.path.isfile(os.path.join(os.path.expanduser(_OPEN_CLIP_URL_CACHE), os.path.basename(url)))
-
-
 def check_open_clip_weights(option: str, model_name: str, pretrained: Optional[str], hint: str = "") -> None:
     """The weights of open_clip ``model_name`` / ``pretrained`` (options ``{option}-model`` and
     ``{option}-pretrained``): a local file, or a tag fetched now (or found in the cache), so
     that an offline machine fails here and not after generating every image. ``hint`` ends
     the error message."""
     alternative = "pass a local checkpoint file instead" + hint
-    if model_name.startswith("hf-hub:"):  # open_clip reads config and weights from that hub repo
-        repo = model_name[len("hf-hub:"):]
-        require_download(f"{option}-model", repo, alternative, cached=in_hub_cache(repo))
+    hub_model = model_name.startswith("hf-hub:")
+    require_open_clip_weights(model_name, pretrained, f"{option}-model" if hub_model else f"{option}-pretrained")
+    if hub_model:  # open_clip reads config and weights from that hub repo
         return
-    is_tag = (pretrained and not os.path.isfile(pretrained) and not _looks_like_path(pretrained)
+    is_tag = (pretrained and not os.path.isfile(pretrained) and not looks_like_path(pretrained)
               and not model_name.startswith("local-dir:"))
-    if is_tag:
-        require_download(f"{option}-pretrained", pretrained, alternative,
-                         cached=_open_clip_tag_cached(model_name, pretrained))
     check_open_clip_source(model_name, pretrained, f"{option}-model / {option}-pretrained")
     if not is_tag:
         return
