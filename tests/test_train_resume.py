@@ -5,7 +5,6 @@ applies, refuses or takes each by its class (docs/training.md) and records what 
 
 import json
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import torch
 
 from rpo_fast.train import train
 from rpo_fast.train.checkpoint import find_checkpoint, list_checkpoints
+from cli_utils import continue_command, interrupt_when, run_cli
 from train_utils import one_thread, synthetic_pickapic, tiny_config, unet_weights
 
 SETTINGS = dict(method="rpo", lora=False, batch_pairs=2, gradient_accumulation_steps=2, max_steps=6,
@@ -71,10 +71,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_sd15_dir, tmp_
     assert not (out / "unet").exists()
     assert min(list_checkpoints(out)) >= 2  # only complete checkpoints are listed
 
-    resumed = subprocess.run([sys.executable, "-m", "rpo_fast.cli", "train", *_cli_args(config)], env=env,
-                             capture_output=True, text=True, timeout=300)
+    resumed = run_cli(["train", *_cli_args(config)], env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-
     _equal_weights(want, unet_weights(out / "unet"))
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # the replayed steps are logged once
@@ -84,28 +82,16 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_sd15_dir, tmp_
 def test_ctrl_c_ends_in_one_line_and_the_command_it_gives_continues(tiny_sd15_dir, tmp_path, straight):
     data, latents, want = straight
     out = tmp_path / "interrupted"
-    argv = [a for a in _cli_args(tiny_config(tiny_sd15_dir, data, out, latents, **SETTINGS))]
-    argv = argv[:-2]  # without --resume latest: the line must say how to continue
+    argv = _cli_args(tiny_config(tiny_sd15_dir, data, out, latents, **SETTINGS))[:-2]  # no --resume latest
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "rpo_fast.cli", "train", *argv], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not (out / "checkpoint-2").exists():
-        time.sleep(0.005)
-    assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.stderr.read()[-2000:]}"
-    os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends
-    err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130, err[-3000:]
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
-    line = err.strip().splitlines()[-1]
+    line = interrupt_when(["train", *argv], (out / "checkpoint-2").exists, env)
     assert line.startswith("rpo-fast train: interrupted at step "), line
     assert "checkpoint-" in line and "is kept" in line, line
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # nothing half-written
 
-    again = shlex.split(line.split("; to continue: ")[1])
+    again = continue_command(line)
     assert again[:2] == ["rpo-fast", "train"] and again[-2:] == ["--resume", "latest"], line
-    resumed = subprocess.run([sys.executable, "-m", "rpo_fast.cli", *again[1:]], env=env, capture_output=True,
-                             text=True, timeout=300)
+    resumed = run_cli(again[1:], env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _equal_weights(want, unet_weights(out / "unet"))
 
