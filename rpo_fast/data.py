@@ -30,6 +30,8 @@ from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Uni
 
 from PIL import Image
 
+from .atomic import write_atomic
+
 PathLike = Union[str, os.PathLike]
 
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
@@ -500,7 +502,5 @@ def write_pickapic_parquet(
         "label_0": pa.array(labels, pa.float64()),
         "label_1": pa.array([1.0 - x for x in labels], pa.float64()),
     })
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, row_group_size=row_group_size)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp, row_group_size=row_group_size))
     return path

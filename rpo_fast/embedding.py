@@ -41,6 +41,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 from PIL import Image
 
+from .atomic import write_atomic
 from .clip import EMBED_MODES, PRECISIONS, open_clip_embedder, register_open_clip_configs, require_open_clip_weights
 
 PathLike = Union[str, os.PathLike]
@@ -75,22 +76,11 @@ def _chunk_rows(num_rows: int, chunk_rows: int) -> List[range]:
     return [range(start, min(num_rows, start + chunk_rows)) for start in range(0, num_rows, chunk_rows)]
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename to ``path``: a reader sees the whole file or none, and an
-    interruption (Ctrl-C included) leaves no temporary file behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _atomic_save(tensors: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    _atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                                              metadata=metadata))
+    write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                             metadata=metadata))
 
 
 def _read_metadata(path: Path) -> Dict[str, str]:
@@ -273,7 +263,7 @@ def build_embedding_cache(
         parts.mkdir(parents=True, exist_ok=True)
         manifest = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "embedder": identity,
                     "rows": num_rows, "chunk_rows": chunk_rows, "data": data_settings}
-        _atomic_write(parts / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+        write_atomic(parts / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
 
     chunks = _chunk_rows(num_rows, chunk_rows)
     chunk_files = [_chunk_file(parts, c) for c in range(len(chunks))]

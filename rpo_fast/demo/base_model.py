@@ -37,6 +37,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..atomic import removed_on_failure
 from ..tiny import build_tokenizer, tiny_scheduler, tiny_text_encoder
 from .shapes import IMAGE_SIZE
 
@@ -195,10 +196,11 @@ def export_pipeline(init_dir: PathLike, unet_dir: PathLike, out_dir: PathLike) -
     pipe.unet = UNet2DConditionModel.from_pretrained(str(unet_dir), dtype=torch.float32)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    # fp16 on disk halves the committed size; every loader casts back to fp32
-    pipe.unet.to(torch.float16).save_pretrained(tmp / "unet")
-    pipe.text_encoder.to(torch.float16).save_pretrained(tmp / "text_encoder")
+    with removed_on_failure(tmp):
+        pipe.save_pretrained(tmp)
+        # fp16 on disk halves the committed size; every loader casts back to fp32
+        pipe.unet.to(torch.float16).save_pretrained(tmp / "unet")
+        pipe.text_encoder.to(torch.float16).save_pretrained(tmp / "text_encoder")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)

@@ -10,33 +10,22 @@ is refused unless it may delete the earlier eval's files (``--overwrite-output-d
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from PIL import Image
+
+from ..atomic import final_name, write_atomic
 
 MODELS = ("base", "tuned")
 MANIFEST = "eval_manifest.json"
 REPORT_FILES = ("metrics.json", "report.md", "grid.png")
 _IMAGE_NAME = re.compile(r"\d{4}_\d+\.png")
-_TMP = ".tmp"
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then a rename onto ``path``; nothing is left at either name if it fails."""
-    tmp = path.with_name(path.name + _TMP)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:  # Ctrl-C included: no half-written file stays behind
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def image_file(output_dir: Path, model: str, i: int, k: int) -> Path:
@@ -46,7 +35,7 @@ def image_file(output_dir: Path, model: str, i: int, k: int) -> Path:
 def save_image(output_dir: Path, model: str, i: int, k: int, image: Image.Image) -> None:
     path = image_file(output_dir, model, i, k)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def load_images(output_dir: Path, model: str, num_prompts: int, per_prompt: int) -> List[List[Optional[Image.Image]]]:
@@ -70,14 +59,14 @@ def _image_files(output_dir: Path) -> List[Path]:
     for model in MODELS:
         folder = output_dir / "images" / model
         if folder.is_dir():
-            found += [p for p in sorted(folder.iterdir()) if _IMAGE_NAME.fullmatch(p.name.removesuffix(_TMP))]
+            found += [p for p in sorted(folder.iterdir()) if _IMAGE_NAME.fullmatch(final_name(p.name))]
     return found
 
 
 def eval_files(output_dir: Path) -> List[Path]:
     """The files an eval wrote in ``output_dir`` (leftover temporary files included)."""
     names = {MANIFEST, *REPORT_FILES}
-    top = [p for p in sorted(output_dir.glob("*")) if p.is_file() and p.name.removesuffix(_TMP) in names]
+    top = [p for p in sorted(output_dir.glob("*")) if p.is_file() and final_name(p.name) in names]
     return top + _image_files(output_dir)
 
 

@@ -11,7 +11,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..demo.stats import mean_ci
-from .outputs import atomic_write, write_text
+from ..atomic import write_atomic
+from .outputs import write_text
 
 
 def per_prompt(scores: torch.Tensor) -> torch.Tensor:
@@ -119,7 +120,7 @@ def write_report(output_dir: Path, *, prompts: List[str], summary: Dict[str, Dic
                + markdown_table(summary, len(prompts)))
     if grid_rows:
         grid = image_grid(grid_rows, cell=grid_cell, column_labels=prompts)
-        atomic_write(files["grid"], lambda tmp: grid.save(tmp, format="PNG"))
+        write_atomic(files["grid"], lambda tmp: grid.save(tmp, format="PNG"))
     else:
         del files["grid"]
     return files

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import torch
 
-from .atomic import removed_on_failure
+from ..atomic import removed_on_failure
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"

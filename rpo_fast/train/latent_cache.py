@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..data import PreferenceDataset, content_hash
-from .atomic import write_atomic
+from ..atomic import write_atomic
 
 FORMAT_VERSION = 1
 CROP_POLICY = "resize-shorter-side-bilinear+center-crop"

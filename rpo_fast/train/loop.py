@@ -28,9 +28,9 @@ import torch.distributed as dist
 
 from .. import diffusion_dpo_loss, diffusion_rpo_loss, sft_loss
 from .._types import DTYPE_NAMES
+from ..atomic import write_atomic
 from ..data import SampledPreferenceDataset, load_preference_dataset
 from . import checkpoint as ckpt
-from .atomic import write_atomic
 from .batches import MicroBatches, PairBatch, PairSchedule, PromptTable, micro_batch_loader
 from .config import TrainConfig, config_to_dict, resume_differences
 from .forward import predict, unet_inputs

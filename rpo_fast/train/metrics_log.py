@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from .atomic import write_atomic
+from ..atomic import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..data import content_hash
-from .atomic import write_atomic
+from ..atomic import write_atomic
 from .batches import PairSchedule, assemble_batch
 from .forward import UNetInputs, per_sample_mse, predict, unet_inputs
 

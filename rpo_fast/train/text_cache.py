@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..data import content_hash
-from .atomic import write_atomic
+from ..atomic import write_atomic
 from .latent_cache import shard_name
 from .models import Models, encode_prompts, module_identity, sdxl_added_conditioning, tokenize
 
