@@ -698,8 +698,8 @@ def _report_start(run: Run) -> None:
     else:
         say(f"warning: resolution {config.resolution} px, but the model generates at {native} px: it will be tuned at a "
             f"size it is not used at (--resolution {native} trains at its own size)")
-    text = f", prompts {run.models.text_cache.folder}" if run.models.text_cache is not None else ""
-    say(f"caches: latents {run.cache.folder}{text}")
+    text = f", prompts {run.models.text_cache.folder.resolve()}" if run.models.text_cache is not None else ""
+    say(f"caches: latents {run.cache.folder.resolve()}{text}")
     say(f"output {run.output_dir}")
     if run.resumed_from is not None:
         point = run.resumed_from
