@@ -504,8 +504,8 @@ def test_text_cache_run_frees_the_encoders_and_trains_as_without(tiny_sd15_dir, 
     seen = []
     original = train_loop.prepare
 
-    def spy(config):
-        run = original(config)
+    def spy(config, **kwargs):
+        run = original(config, **kwargs)
         seen.append((run.models.text_cache is not None, len(run.models.text_encoders)))
         return run
 
