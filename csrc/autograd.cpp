@@ -56,20 +56,21 @@ class FusedLoss : public torch::autograd::Function<FusedLoss> {
                                const std::optional<at::Tensor>& ref_pred, const std::optional<at::Tensor>& ref_err,
                                const std::optional<at::Tensor>& emb_w, const std::optional<at::Tensor>& emb_l,
                                const std::optional<at::Tensor>& weights, int64_t method, int64_t loss_type,
-                               double beta, double tau) {
+                               double beta, double tau, double weight_scale) {
     // Undefined incoming gradients stay undefined (the backward checks): materialized, the
     // unused outputs' would be zero tensors allocated and filled on every backward.
     ctx->set_materialize_grads(false);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, metrics, coef] =
-        call_fused_loss(model_pred, target, ref_pred, ref_err, emb_w, emb_l, weights, method, loss_type, beta, tau);
+        call_fused_loss(model_pred, target, ref_pred, ref_err, emb_w, emb_l, weights, method, loss_type, beta, tau,
+                        weight_scale);
     ctx->save_for_backward({coef, model_pred, target});
     ctx->mark_non_differentiable({metrics, coef});
     return {loss, metrics, coef};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(11);
+    variable_list out(12);
     if (!grads[0].defined()) return out;
     const auto saved = ctx->get_saved_variables();  // raises if the graph was freed
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -82,10 +83,10 @@ class PairLoss : public torch::autograd::Function<PairLoss> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& model_err, const at::Tensor& ref_err,
                                const std::optional<at::Tensor>& weights, int64_t method, int64_t loss_type,
-                               double beta) {
+                               double beta, double weight_scale) {
     ctx->set_materialize_grads(false);  // see FusedLoss
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, metrics, coef] = call_pair_loss(model_err, ref_err, weights, method, loss_type, beta);
+    auto [loss, metrics, coef] = call_pair_loss(model_err, ref_err, weights, method, loss_type, beta, weight_scale);
     ctx->save_for_backward({coef});
     ctx->mark_non_differentiable({metrics, coef});
     return {loss, metrics, coef};
@@ -94,7 +95,7 @@ class PairLoss : public torch::autograd::Function<PairLoss> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     at::Tensor grad_err;
     if (grads[0].defined()) grad_err = ctx->get_saved_variables()[0] * grads[0];
-    return {grad_err, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad_err, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -106,8 +107,9 @@ std::tuple<at::Tensor, at::Tensor> sample_errors_autograd(const at::Tensor& mode
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_autograd(const at::Tensor& model_err, const at::Tensor& ref_err,
                                                                   const std::optional<at::Tensor>& weights,
-                                                                  int64_t method, int64_t loss_type, double beta) {
-  auto out = PairLoss::apply(model_err, ref_err, weights, method, loss_type, beta);
+                                                                  int64_t method, int64_t loss_type, double beta,
+                                                                  double weight_scale) {
+  auto out = PairLoss::apply(model_err, ref_err, weights, method, loss_type, beta, weight_scale);
   return {out[0], out[1], out[2]};
 }
 
@@ -115,9 +117,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_loss_autograd(
     const at::Tensor& model_pred, const at::Tensor& target, const std::optional<at::Tensor>& ref_pred,
     const std::optional<at::Tensor>& ref_err, const std::optional<at::Tensor>& emb_w,
     const std::optional<at::Tensor>& emb_l, const std::optional<at::Tensor>& weights, int64_t method,
-    int64_t loss_type, double beta, double tau) {
+    int64_t loss_type, double beta, double tau, double weight_scale) {
   auto out = FusedLoss::apply(model_pred, target, ref_pred, ref_err, emb_w, emb_l, weights, method, loss_type, beta,
-                              tau);
+                              tau, weight_scale);
   return {out[0], out[1], out[2]};
 }
 

@@ -40,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_loss(
     const at::Tensor& model_pred, const at::Tensor& target, const std::optional<at::Tensor>& ref_pred,
     const std::optional<at::Tensor>& ref_err, const std::optional<at::Tensor>& emb_w,
     const std::optional<at::Tensor>& emb_l, const std::optional<at::Tensor>& weights, int64_t method,
-    int64_t loss_type, double beta, double tau) {
+    int64_t loss_type, double beta, double tau, double weight_scale) {
   RPO_ASSERT(present(emb_w) == present(emb_l) && !(present(emb_w) && present(weights)) &&
                  !(present(ref_pred) && present(ref_err)),
              "fused_loss: emb_w needs emb_l; embeddings exclude weights, ref_pred excludes ref_err");
@@ -52,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_loss(
   } else if (present(weights)) {
     pair_weights = weights->to(at::kFloat).contiguous();
   }
-  return call_pair_loss(model_err, ref, pair_weights, method, loss_type, beta);
+  return call_pair_loss(model_err, ref, pair_weights, method, loss_type, beta, weight_scale);
 }
 
 }  // namespace

@@ -155,11 +155,11 @@ struct PairArgs {
 
 inline PairArgs prepare_pair_args(const at::Tensor& model_err, const at::Tensor& ref_err,
                                   const std::optional<at::Tensor>& weights, int64_t method, int64_t loss_type,
-                                  double beta) {
+                                  double beta, double weight_scale) {
   constexpr const char* op = "pair_loss";
   RPO_ASSERT(method >= math::kSft && method <= math::kRpo && loss_type >= math::kSigmoid && loss_type <= math::kIpo &&
-                 beta > 0.0,
-             op, ": method, loss_type or beta out of range");
+                 beta > 0.0 && weight_scale > 0.0,
+             op, ": method, loss_type, beta or weight_scale out of range");
   assert_errors(op, "model_err", model_err, -1);
   RPO_ASSERT(model_err.size(0) % 2 == 0, op, ": model_err must have shape (2M,)");
   PairArgs a;

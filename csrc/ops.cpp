@@ -22,13 +22,14 @@ std::string cpu_isa() { return cpu::selected_kernels().name; }
 TORCH_LIBRARY(rpo_fast, m) {
   m.def("sample_errors(Tensor model_pred, Tensor target, Tensor? ref_pred) -> (Tensor, Tensor)");
   m.def(
-      "pair_loss(Tensor model_err, Tensor ref_err, Tensor? weights, int method, int loss_type, float beta) "
-      "-> (Tensor, Tensor, Tensor)");
+      "pair_loss(Tensor model_err, Tensor ref_err, Tensor? weights, int method, int loss_type, float beta, "
+      "float weight_scale) -> (Tensor, Tensor, Tensor)");
   m.def("error_grad(Tensor coef, Tensor model_pred, Tensor target) -> Tensor");
   m.def("similarity_weights(Tensor emb_w, Tensor emb_l, float tau) -> Tensor");
   m.def(
       "fused_loss(Tensor model_pred, Tensor target, Tensor? ref_pred, Tensor? ref_err, Tensor? emb_w, "
-      "Tensor? emb_l, Tensor? weights, int method, int loss_type, float beta, float tau) -> (Tensor, Tensor, Tensor)");
+      "Tensor? emb_l, Tensor? weights, int method, int loss_type, float beta, float tau, float weight_scale) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def("cpu_isa() -> str", &rpo_fast::cpu_isa);
 }
 

@@ -68,6 +68,8 @@ RPO_HOST_DEVICE bool is_finite(double v) { return v - v == 0.0; }  // false for 
 
 // The inputs of the pair stage: per-sample errors of the 2M samples (winners [0, M),
 // losers [M, 2M)), optional (M, M) row-major weights (null: uniform 1/M), and the settings.
+// weight_scale multiplies every weight: M puts row-normalized weights on DPO's scale
+// (mean 1, so that a pair's own logit has DPO's strength at the same beta), 1 leaves them.
 struct PairProblem {
   const float* model_err;  // (2M,)
   const float* ref_err;    // (2M,); null for sft
@@ -76,10 +78,11 @@ struct PairProblem {
   int64_t method;
   int64_t loss_type;
   double beta;
+  double weight_scale;
 
   RPO_HOST_DEVICE double delta(int64_t k) const { return double(model_err[k]) - double(ref_err[k]); }
   RPO_HOST_DEVICE double weight(int64_t i, int64_t j) const {
-    return weights != nullptr ? double(weights[i * m + j]) : 1.0 / double(m);
+    return weight_scale * (weights != nullptr ? double(weights[i * m + j]) : 1.0 / double(m));
   }
   // z_ij = beta * (delta_l_j - delta_w_i): winner i against loser j.
   RPO_HOST_DEVICE double logit(int64_t i, int64_t j) const { return beta * (delta(m + j) - delta(i)); }

@@ -74,13 +74,14 @@ def _variants(kernels) -> Iterable[Tuple[object, Dict[str, str], Dict[str, objec
         for has_weights in (True, False):
             for block in sorted({k._tile_block(m) for m in _SIZES}):
                 yield (k._rpo_tile_kernel,
-                       dict(pair_ptrs, M="i32", beta="fp32", uniform_weight="fp32", coef_scale="fp32", nan="fp32"),
+                       dict(pair_ptrs, M="i32", beta="fp32", uniform_weight="fp32", weight_scale="fp32",
+                            coef_scale="fp32", nan="fp32"),
                        dict(LOSS_TYPE=loss_type, HAS_WEIGHTS=has_weights, BLOCK=block), 4, (), 0)
         for method in range(3):
             for block in sorted({k._finish_block(2 * m) for m in _SIZES}):
                 yield (k._pair_finish_kernel,
                        dict(pair_ptrs, loss_ptr="*fp32", metrics_ptr="*fp32", M="i32", beta="fp32",
-                            uniform_weight="fp32", nan="fp32"),
+                            uniform_weight="fp32", weight_scale="fp32", nan="fp32"),
                        dict(METHOD=method, LOSS_TYPE=loss_type, HAS_WEIGHTS=method == 2, BLOCK=block), 4, (), 0)
 
 

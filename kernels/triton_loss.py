@@ -3,7 +3,7 @@
 Importing this module registers, under ``torch.ops.rpo_fast``:
 
 * ``triton_sample_errors(model_pred, target, ref_pred)``: per-sample errors in one pass;
-* ``triton_pair_loss(model_err, ref_err, weights, method, loss_type, beta)``: the O(M^2)
+* ``triton_pair_loss(model_err, ref_err, weights, method, loss_type, beta, weight_scale)``: the O(M^2)
   stage (loss, metrics, ``coef = dloss/dmodel_err``);
 * ``triton_error_grad(coef, model_pred, target)``: the gradient write.
 
@@ -175,7 +175,7 @@ def _is_finite(x):
 @triton.jit
 def _rpo_tile_kernel(
     model_err_ptr, ref_err_ptr, weights_ptr, row_loss_ptr, coef_ptr,
-    M, beta, uniform_weight, coef_scale, nan,
+    M, beta, uniform_weight, weight_scale, coef_scale, nan,
     LOSS_TYPE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """The M x M contrast, tiled. Grid (cdiv(M, BLOCK), 2):
@@ -216,7 +216,7 @@ def _rpo_tile_kernel(
         if HAS_WEIGHTS:
             i = tl.where(is_col, other[None, :], own[:, None]).to(tl.int64)
             j = tl.where(is_col, own[:, None], other[None, :]).to(tl.int64)
-            w = tl.load(weights_ptr + i * M + j, mask=mask2, other=0.0)
+            w = tl.load(weights_ptr + i * M + j, mask=mask2, other=0.0) * weight_scale
             bad += tl.sum((mask2 & ~_is_finite(w)).to(tl.int32), axis=1)
         else:
             w = uniform_weight
@@ -232,7 +232,7 @@ def _rpo_tile_kernel(
 @triton.jit
 def _pair_finish_kernel(
     model_err_ptr, ref_err_ptr, weights_ptr, row_loss_ptr, coef_ptr, loss_ptr, metrics_ptr,
-    M, beta, uniform_weight, nan,
+    M, beta, uniform_weight, weight_scale, nan,
     METHOD: tl.constexpr, LOSS_TYPE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One program: everything O(M) of the pair stage. The loss (sum of row_loss for rpo,
@@ -298,7 +298,7 @@ def _pair_finish_kernel(
                 # NaN rows: a non-finite weight (the tile kernel's mark) or 0 * inf
                 nonfinite += (row_loss != row_loss).to(tl.int32)
                 if HAS_WEIGHTS:
-                    wdiag_sum += tl.load(weights_ptr + i.to(tl.int64) * (M + 1), mask=mask, other=0.0)
+                    wdiag_sum += tl.load(weights_ptr + i.to(tl.int64) * (M + 1), mask=mask, other=0.0) * weight_scale
         if METHOD == DPO:
             loss = tl.sum(loss_sum, axis=0) * inv_m
             weight_diag = nan
@@ -452,16 +452,18 @@ def triton_pair_loss(
     method: int,
     loss_type: int,
     beta: float,
+    weight_scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The O(M^2) stage: ``(loss 0-d, metrics (5,), coef = dloss/dmodel_err (2M,))``, float32,
-    as ``rpo_fast.reference.pair_loss`` defines them."""
+    as ``rpo_fast.reference.pair_loss`` defines them (``weight_scale`` multiplies every weight)."""
     n = model_err.shape[0]
     m = n // 2
     _assert_errors("model_err", model_err, 2 * m)
     torch._check(
-        m > 0 and method in (_types.SFT, _types.DPO, _types.RPO) and 0 <= loss_type < len(_types.LOSS_TYPES) and beta > 0,
-        lambda: f"rpo_fast::triton_pair_loss: M > 0, method, loss_type and beta > 0 in range, got M = {m}, "
-        f"{method}, {loss_type}, {beta}",
+        m > 0 and method in (_types.SFT, _types.DPO, _types.RPO) and 0 <= loss_type < len(_types.LOSS_TYPES) and beta > 0
+        and weight_scale > 0,
+        lambda: f"rpo_fast::triton_pair_loss: M > 0, method, loss_type, beta > 0 and weight_scale > 0 in range, got "
+        f"M = {m}, {method}, {loss_type}, {beta}, {weight_scale}",
     )
     if method != _types.SFT:
         _assert_errors("ref_err", ref_err, n)
@@ -478,7 +480,7 @@ def triton_pair_loss(
     metrics = torch.empty((5,), dtype=torch.float32, device=device)
     coef = torch.empty((n,), dtype=torch.float32, device=device)
     nan = float("nan")
-    uniform = 1.0 / m
+    uniform = weight_scale / m
     with _device_guard(model_err):
         row_loss = coef  # a placeholder pointer unless rpo
         if method == _types.RPO:
@@ -486,12 +488,12 @@ def triton_pair_loss(
             row_loss = torch.empty((m,), dtype=torch.float32, device=device)
             _rpo_tile_kernel[(triton.cdiv(m, block), 2)](
                 model_err, ref, w, row_loss, coef,
-                m, beta, uniform, 1.0 / (m * m), nan,
+                m, beta, uniform, weight_scale, 1.0 / (m * m), nan,
                 LOSS_TYPE=loss_type, HAS_WEIGHTS=has_weights, BLOCK=block, num_warps=4,
             )
         _pair_finish_kernel[(1,)](
             model_err, ref, w, row_loss, coef, loss, metrics,
-            m, beta, uniform, nan,
+            m, beta, uniform, weight_scale, nan,
             METHOD=method, LOSS_TYPE=loss_type, HAS_WEIGHTS=has_weights,
             BLOCK=_finish_block(n), num_warps=4,
         )
@@ -553,8 +555,8 @@ def _pair_backward(ctx, grad_loss, grad_metrics, grad_coef):
     """d loss / d model_err = coef, scaled by the incoming gradient."""
     (coef,) = ctx.saved_tensors
     if grad_loss is None:
-        return None, None, None, None, None, None
-    return coef * grad_loss, None, None, None, None, None
+        return None, None, None, None, None, None, None
+    return coef * grad_loss, None, None, None, None, None, None
 
 
 triton_sample_errors.register_fake(fake_sample_errors)

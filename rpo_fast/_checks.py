@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ._types import BACKENDS, KERNEL_DTYPES, LOSS_TYPES, METHODS
+from ._types import BACKENDS, KERNEL_DTYPES, LOSS_TYPES, METHODS, WEIGHT_NORMS
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -33,10 +33,17 @@ class LossInputs:
     beta: float
     tau: float
     loss_type: str
+    weight_norm: str = "mean"
 
     @property
     def num_pairs(self) -> int:
         return self.model_pred.shape[0] // 2
+
+    def weight_scale(self, contrast_pairs: int) -> float:
+        """What the pair stage multiplies the weights by, for a contrast of ``contrast_pairs``
+        pairs (the global batch): M for computed weights under ``weight_norm="mean"``, else 1."""
+        computed = self.method == "rpo" and self.weights is None
+        return float(contrast_pairs) if computed and self.weight_norm == "mean" else 1.0
 
 
 def _check_tensor(name: str, value, *, floating: bool = True) -> None:
@@ -97,6 +104,12 @@ def check_loss_type(loss_type) -> str:
     return loss_type
 
 
+def check_weight_norm(weight_norm) -> str:
+    if weight_norm not in WEIGHT_NORMS:
+        raise ValueError(f"weight_norm: expected one of {list(WEIGHT_NORMS)}, got {weight_norm!r}")
+    return weight_norm
+
+
 def check_method(method) -> str:
     if method not in METHODS:
         raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
@@ -137,6 +150,7 @@ def check_inputs(
     beta=2500.0,
     tau=0.5,
     loss_type="sigmoid",
+    weight_norm="mean",
     global_pairs: Optional[int] = None,
 ) -> LossInputs:
     """Validates one call. ``global_pairs`` is M of the global batch with a process group:
@@ -184,6 +198,7 @@ def check_inputs(
 
     if method == "dpo":
         return LossInputs(method, model_pred, target, ref_pred, ref_err, None, None, None, beta, tau, loss_type)
+    check_weight_norm(weight_norm)
 
     check_embeddings(emb_w, emb_l, num_pairs)
     same_device("emb_w", emb_w)
@@ -200,4 +215,5 @@ def check_inputs(
         # data-dependent branch would break the graph.
         if not torch.compiler.is_compiling() and bool((weights < 0).any()):
             raise ValueError("weights: expected non-negative values, got a negative entry")
-    return LossInputs(method, model_pred, target, ref_pred, ref_err, emb_w, emb_l, weights, beta, tau, loss_type)
+    return LossInputs(method, model_pred, target, ref_pred, ref_err, emb_w, emb_l, weights, beta, tau, loss_type,
+                      weight_norm)

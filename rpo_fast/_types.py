@@ -15,6 +15,11 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 # Order of the metrics vector returned by every backend's pair stage.
 METRIC_NAMES = ("implicit_acc", "reward_margin", "model_mse", "ref_mse", "weight_diag")
 BACKENDS = ("torch", "cpu", "cuda", "triton")
+# How RPO's computed weights (the uniform 1/M, or the row softmax of the similarities) are
+# scaled: "mean" (the default) by M, so that they average 1 and a pair's own logit has DPO's
+# strength at the same beta; "row" leaves each row summing to 1, the LLM RPO trainer's loss.
+# Explicit weights are used as given.
+WEIGHT_NORMS = ("mean", "row")
 # The fused kernels take these input dtypes, each input its own; float64 (gradcheck) stays on
 # the reference.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -30,7 +30,7 @@ class Backend:
     name: str
     # (model_pred, target, ref_pred | None) -> (model_err (2M,), ref_err (2M,) | None)
     sample_errors: Callable
-    # (model_err, ref_err | None, weights | None, method, loss_type, beta) -> (loss, metrics)
+    # (model_err, ref_err | None, weights | None, method, loss_type, beta, weight_scale) -> (loss, metrics)
     pair_loss: Callable
     # (emb_w, emb_l, tau) -> (M, M) float32 weights
     similarity_weights: Callable = reference_weights
@@ -49,7 +49,7 @@ def _fused_backend(name: str, ops_prefix: str) -> Backend:
         model_err, ref_err = errors_op(model_pred, target, ref_pred)
         return model_err, (ref_err if ref_pred is not None else None)
 
-    def pair_loss(model_err, ref_err, weights, method, loss_type, beta):
+    def pair_loss(model_err, ref_err, weights, method, loss_type, beta, weight_scale):
         if ref_err is None:
             ref_err = model_err.new_empty((0,))
         if weights is not None:
@@ -61,6 +61,7 @@ def _fused_backend(name: str, ops_prefix: str) -> Backend:
             method_code(method),
             loss_type_code(loss_type or "sigmoid"),
             float(beta),
+            float(weight_scale),
         )
         return loss, metrics
 
@@ -86,6 +87,7 @@ def _fused_backend(name: str, ops_prefix: str) -> Backend:
             loss_type_code(inputs.loss_type or "sigmoid"),
             float(inputs.beta),
             float(inputs.tau),
+            inputs.weight_scale(inputs.num_pairs),
         )
         return loss, metrics
 

@@ -41,7 +41,8 @@ def _staged(impl: Backend, inputs: LossInputs, process_group, world: int) -> Tup
     weights = inputs.weights
     if emb_w is not None:
         weights = impl.similarity_weights(emb_w, emb_l, inputs.tau)
-    loss, metrics = impl.pair_loss(model_err, ref_err, weights, inputs.method, inputs.loss_type, inputs.beta)
+    scale = inputs.weight_scale(model_err.shape[0] // 2)  # the gathered (global) batch
+    loss, metrics = impl.pair_loss(model_err, ref_err, weights, inputs.method, inputs.loss_type, inputs.beta, scale)
     return distributed.scale_gradient_for_averaging(loss, world), metrics
 
 
@@ -56,7 +57,13 @@ def _compute(inputs: LossInputs, backend: str, process_group, return_metrics: bo
     if not return_metrics:
         return loss
     values = metrics.detach().unbind()  # one op for all of them, not one per metric
-    return loss, {name: values[METRIC_NAMES.index(name)] for name in _METRICS_BY_METHOD[inputs.method]}
+    out = {name: values[METRIC_NAMES.index(name)] for name in _METRICS_BY_METHOD[inputs.method]}
+    # What scales a pair's own logit: beta, times the mean diagonal weight for rpo.
+    if inputs.method == "rpo":
+        out["effective_beta"] = out["weight_diag"] * inputs.beta
+    elif inputs.method == "dpo":
+        out["effective_beta"] = torch.full_like(out["reward_margin"], inputs.beta)
+    return loss, out
 
 
 def diffusion_rpo_loss(
@@ -71,6 +78,7 @@ def diffusion_rpo_loss(
     beta: float = 2500.0,
     tau: float = 0.5,
     loss_type: str = "sigmoid",
+    weight_norm: str = "mean",
     backend: str = "auto",
     process_group=None,
     return_metrics: bool = False,
@@ -78,17 +86,22 @@ def diffusion_rpo_loss(
     """Diffusion-RPO: every preferred sample contrasted with every dispreferred one.
 
     ``L = (1/M^2) sum_ij f(w_ij * beta * (dl_j - dw_i))`` with ``d = e_model - e_ref``.
-    Weights come from ``emb_w``/``emb_l`` (row softmax of cosine similarity over ``tau``),
-    from an explicit ``(M, M)`` ``weights``, or are uniform ``1/M``. With ``process_group``
-    the contrast spans the global batch of all ranks (equal M on every rank; explicit
-    ``weights`` are then ``(M W, M W)``).
+    Weights come from ``emb_w``/``emb_l`` (row softmax of cosine similarity over ``tau``)
+    or are uniform; ``weight_norm="mean"`` (the default) scales them by M to average 1, so
+    that a pair's own logit ``w_ii * beta * (dl_i - dw_i)`` has DPO's strength at the same
+    beta: carry a DPO beta over as it is. ``weight_norm="row"`` keeps each row summing to 1
+    (uniform ``1/M``), the LLM RPO trainer's definition: there a pair's own logit is about
+    beta/M. An explicit ``(M, M)`` ``weights`` is used as given. The metric
+    ``effective_beta`` is beta times the mean diagonal weight. With ``process_group`` the
+    contrast spans the global batch of all ranks (equal M on every rank; M is the global
+    batch; explicit ``weights`` are then ``(M W, M W)``).
     """
     global_pairs = None
     if process_group is not None and weights is not None and isinstance(model_pred, torch.Tensor) and model_pred.dim() > 0:
         global_pairs = model_pred.shape[0] // 2 * distributed.world_size(process_group)
     inputs = check_inputs(
         "rpo", model_pred, target, ref_pred, ref_err=ref_err, emb_w=emb_w, emb_l=emb_l,
-        weights=weights, beta=beta, tau=tau, loss_type=loss_type, global_pairs=global_pairs,
+        weights=weights, beta=beta, tau=tau, loss_type=loss_type, weight_norm=weight_norm, global_pairs=global_pairs,
     )
     return _compute(inputs, backend, process_group, return_metrics)
 

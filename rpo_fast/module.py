@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._checks import check_positive, check_loss_type, check_method
+from ._checks import check_positive, check_loss_type, check_method, check_weight_norm
 from .functional import diffusion_dpo_loss, diffusion_rpo_loss, sft_loss
 
 
@@ -24,6 +24,7 @@ class RPOLoss(nn.Module):
         beta: float = 2500.0,
         tau: float = 0.5,
         loss_type: str = "sigmoid",
+        weight_norm: str = "mean",
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -31,6 +32,7 @@ class RPOLoss(nn.Module):
         self.beta = check_positive("beta", beta)
         self.tau = check_positive("tau", tau)
         self.loss_type = check_loss_type(loss_type)
+        self.weight_norm = check_weight_norm(weight_norm)
         self.backend = backend
 
     def forward(
@@ -55,9 +57,10 @@ class RPOLoss(nn.Module):
             )
         return diffusion_rpo_loss(
             model_pred, target, ref_pred, ref_err=ref_err, emb_w=emb_w, emb_l=emb_l, weights=weights,
-            beta=self.beta, tau=self.tau, loss_type=self.loss_type, backend=self.backend,
+            beta=self.beta, tau=self.tau, loss_type=self.loss_type, weight_norm=self.weight_norm, backend=self.backend,
             process_group=process_group, return_metrics=return_metrics,
         )
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}, beta={self.beta}, tau={self.tau}, loss_type={self.loss_type!r}, backend={self.backend!r}"
+        return (f"method={self.method!r}, beta={self.beta}, tau={self.tau}, loss_type={self.loss_type!r}, "
+                f"weight_norm={self.weight_norm!r}, backend={self.backend!r}")

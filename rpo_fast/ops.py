@@ -7,9 +7,10 @@ Triton ones, prefixed ``triton_``, in kernels/triton_loss.py):
   One pass over the inputs: per-sample policy errors and reference errors, float32 ``(2M,)``
   each (the second is ``(0,)`` when ``ref_pred`` is None).
 * ``pair_loss(Tensor model_err, Tensor ref_err, Tensor? weights, int method, int loss_type,
-  float beta) -> (Tensor, Tensor, Tensor)``
+  float beta, float weight_scale) -> (Tensor, Tensor, Tensor)``
   The O(M^2) stage: loss (0-d), metrics ``(5,)`` in the order of ``_types.METRIC_NAMES``,
-  and ``coef = dloss/dmodel_err`` ``(2M,)``, all float32.
+  and ``coef = dloss/dmodel_err`` ``(2M,)``, all float32. ``weight_scale`` multiplies every
+  weight (the given ones, or the uniform 1/M): M puts row-softmax weights on DPO's scale.
 * ``error_grad(Tensor coef, Tensor model_pred, Tensor target) -> Tensor``
   The gradient write: ``coef[k] * 2 * (pred[k] - target[k]) / D`` in model_pred's dtype.
 
@@ -18,7 +19,7 @@ The C++ extension adds two ops:
 * ``similarity_weights(Tensor emb_w, Tensor emb_l, float tau) -> Tensor``: the ``(M, M)``
   weights of rpo_fast/weights.py, float32.
 * ``fused_loss(model_pred, target, ref_pred?, ref_err?, emb_w?, emb_l?, weights?, int method,
-  int loss_type, float beta, float tau) -> (loss, metrics, coef)``: the stages chained in
+  int loss_type, float beta, float tau, float weight_scale) -> (loss, metrics, coef)``: the stages chained in
   C++, one op and one autograd node for a loss call on one process (csrc/fused.cpp).
 
 One gradient design for every op and backend: the forward returns ``coef``, the backward
@@ -44,7 +45,7 @@ def fake_sample_errors(model_pred, target, ref_pred):
     return model_err, ref_err
 
 
-def fake_pair_loss(model_err, ref_err, weights, method, loss_type, beta):
+def fake_pair_loss(model_err, ref_err, weights, method, loss_type, beta, weight_scale):
     return (
         model_err.new_empty((), dtype=torch.float32),
         model_err.new_empty((5,), dtype=torch.float32),
@@ -56,8 +57,10 @@ def fake_error_grad(coef, model_pred, target):
     return torch.empty_like(model_pred)
 
 
-def fake_fused_loss(model_pred, target, ref_pred, ref_err, emb_w, emb_l, weights, method, loss_type, beta, tau):
-    return fake_pair_loss(model_pred.new_empty((model_pred.shape[0],), dtype=torch.float32), None, None, 0, 0, 1.0)
+def fake_fused_loss(model_pred, target, ref_pred, ref_err, emb_w, emb_l, weights, method, loss_type, beta, tau,
+                    weight_scale):
+    return fake_pair_loss(model_pred.new_empty((model_pred.shape[0],), dtype=torch.float32), None, None, 0, 0, 1.0,
+                          1.0)
 
 
 _cxx_registered = False

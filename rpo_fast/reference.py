@@ -56,10 +56,13 @@ def pair_loss(
     method: str,
     loss_type: str,
     beta: float,
+    weight_scale: float = 1.0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Loss and the metrics vector (order of ``_types.METRIC_NAMES``) from per-sample errors.
 
     ``model_err`` and ``ref_err`` have shape ``(2M,)``: winners first, then losers.
+    ``weight_scale`` multiplies the weights (given, or the uniform 1/M): M under
+    ``weight_norm="mean"`` (``_checks.LossInputs.weight_scale``).
     Non-finite errors or weights give a NaN loss (a contract: never a silently finite one).
     """
     num_pairs = model_err.shape[0] // 2
@@ -80,7 +83,7 @@ def pair_loss(
     else:
         if weights is None:
             weights = torch.full((num_pairs, num_pairs), 1.0 / num_pairs, dtype=model_err.dtype, device=model_err.device)
-        weights = weights.detach().to(model_err.dtype)
+        weights = weights.detach().to(model_err.dtype) * weight_scale
         finite = finite & torch.isfinite(weights).all()
         z = beta * (delta_l[None, :] - delta_w[:, None])  # z[i, j]: winner i against loser j
         loss = elementwise_loss(weights * z, loss_type, beta).mean()

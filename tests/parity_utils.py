@@ -85,7 +85,8 @@ def make_inputs(
 TEST_BETA = 100.0
 
 
-def run_loss(method: str, backend: str, inputs, *, use_ref_err: bool = False, loss_type: str = "sigmoid", beta: float = TEST_BETA):
+def run_loss(method: str, backend: str, inputs, *, use_ref_err: bool = False, loss_type: str = "sigmoid",
+             beta: float = TEST_BETA, weight_norm: str = "mean"):
     """Loss, metrics and d loss / d model_pred for one backend."""
     pred = inputs["model_pred"].detach().clone().requires_grad_(True)
     target, ref_pred = inputs["target"], inputs["ref_pred"]
@@ -102,7 +103,8 @@ def run_loss(method: str, backend: str, inputs, *, use_ref_err: bool = False, lo
     else:
         loss, metrics = rpo_fast.diffusion_rpo_loss(
             pred, target, ref_pred, ref_err=ref_err, emb_w=inputs["emb_w"], emb_l=inputs["emb_l"],
-            weights=inputs["weights"], beta=beta, loss_type=loss_type, backend=backend, return_metrics=True,
+            weights=inputs["weights"], beta=beta, loss_type=loss_type, weight_norm=weight_norm, backend=backend,
+            return_metrics=True,
         )
     loss.backward()
     return loss.detach(), metrics, pred.grad
@@ -115,12 +117,12 @@ def reference_in_float64(method: str, inputs, **kwargs):
     return run_loss(method, "torch", as64, **kwargs)
 
 
-def pair_reference64(model_err, ref_err, weights, method, loss_type, beta):
+def pair_reference64(model_err, ref_err, weights, method, loss_type, beta, weight_scale=1.0):
     """The reference pair stage in float64 on given per-sample errors: loss, metrics and
     coef = dloss/dmodel_err (zeros where the loss does not depend on a sample)."""
     e = model_err.double().requires_grad_(True)
     w = None if weights is None else weights.double()
-    loss, metrics = reference.pair_loss(e, ref_err.double(), w, method, loss_type, beta)
+    loss, metrics = reference.pair_loss(e, ref_err.double(), w, method, loss_type, beta, weight_scale)
     (coef,) = torch.autograd.grad(loss, e, allow_unused=True)
     return loss.detach(), metrics, coef if coef is not None else torch.zeros_like(e)
 
@@ -159,7 +161,7 @@ class Conditioning:
     """Absolute error bounds that rounding each per-sample error to float32 alone causes,
     to first order (gradient and Hessian of the float64 reference's pair loss)."""
 
-    def __init__(self, method, inputs, loss_type, beta):
+    def __init__(self, method, inputs, loss_type, beta, weight_norm="mean"):
         inputs = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         pred, target = inputs["model_pred"].double(), inputs["target"].double()
         model_err = errors64(pred, target)
@@ -167,10 +169,12 @@ class Conditioning:
         weights = inputs["weights"]
         if inputs["emb_w"] is not None:
             weights = similarity_weights(inputs["emb_w"].double(), inputs["emb_l"].double())
+        computed = inputs["weights"] is None  # uniform or from embeddings: scaled by M under "mean"
+        scale = float(len(model_err) // 2) if computed and weight_norm == "mean" else 1.0
         weights = None if weights is None else weights.double()
 
         def loss_of(e):
-            return reference.pair_loss(e, ref_err, weights, method, loss_type, beta)[0]
+            return reference.pair_loss(e, ref_err, weights, method, loss_type, beta, scale)[0]
 
         # The errors a kernel rounds: model and ref (a precomputed ref_err is float32 too).
         step = ERROR_ROUNDINGS * UNIT_ROUNDOFF * (model_err.abs() + ref_err.abs())
@@ -184,21 +188,22 @@ class Conditioning:
 
 
 def check_parity(method, inputs, *, backend, loss_type="sigmoid", use_ref_err=False, beta=TEST_BETA,
-                 grad_rtol=GRAD_RTOL):
+                 grad_rtol=GRAD_RTOL, weight_norm="mean"):
     """Runs ``backend`` and the float64 reference on ``inputs`` and compares loss, metrics
     and gradient. ``grad_rtol``: per gradient dtype (a backend may need a looser bf16 one,
     see test_triton_kernels)."""
-    loss, metrics, grad = run_loss(method, backend, inputs, use_ref_err=use_ref_err, loss_type=loss_type, beta=beta)
-    ref_loss, ref_metrics, ref_grad = reference_in_float64(
-        method, inputs, use_ref_err=use_ref_err, loss_type=loss_type, beta=beta
-    )
-    cond = Conditioning(method, inputs, loss_type, beta)
+    settings = dict(use_ref_err=use_ref_err, loss_type=loss_type, beta=beta, weight_norm=weight_norm)
+    loss, metrics, grad = run_loss(method, backend, inputs, **settings)
+    ref_loss, ref_metrics, ref_grad = reference_in_float64(method, inputs, **settings)
+    cond = Conditioning(method, inputs, loss_type, beta, weight_norm)
     dtype = inputs["model_pred"].dtype
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert_within(loss, ref_loss, cond.loss_atol, 1e-5, "loss")
     assert set(metrics) == set(ref_metrics)
     for name, value in metrics.items():
         atol = cond.margin_atol if name == "reward_margin" else 0.0
+        if name == "effective_beta" and method == "rpo":
+            atol = 1e-5 * beta  # float32 weights times beta
         assert_within(value, ref_metrics[name], atol, 1e-5, name)
     assert grad.dtype == dtype and grad.shape == inputs["model_pred"].shape
     assert grad.device == inputs["model_pred"].device
@@ -214,9 +219,10 @@ PAIR_STAGE_CASES = [("sft", False), ("dpo", False), ("rpo", False), ("rpo", True
 PAIR_STAGE_IDS = ["sft", "dpo", "rpo_uniform", "rpo_weights"]
 
 
-def check_pair_stage(pair_op, method, with_weights, loss_type, pairs, device="cpu"):
+def check_pair_stage(pair_op, method, with_weights, loss_type, pairs, device="cpu", weight_scale=1.0):
     """The O(M^2) stage alone, given float32 errors, against float64 on the same errors, at
-    the training beta 2500: a bare rtol 1e-5 (no per-sample rounding to propagate)."""
+    the training beta 2500: a bare rtol 1e-5 (no per-sample rounding to propagate).
+    ``weight_scale``: what the weights are multiplied by (M under weight_norm="mean")."""
     gen = torch.Generator().manual_seed(pairs)
     ref_err = 0.1 + torch.rand(2 * pairs, generator=gen)
     model_err = ref_err + 2e-4 * torch.randn(2 * pairs, generator=gen)
@@ -224,9 +230,10 @@ def check_pair_stage(pair_op, method, with_weights, loss_type, pairs, device="cp
     sent_ref = ref_err if method != "sft" else torch.empty(0)
     loss, metrics, coef = pair_op(
         model_err.to(device), sent_ref.to(device), None if weights is None else weights.to(device),
-        method_code(method), loss_type_code(loss_type), 2500.0,
+        method_code(method), loss_type_code(loss_type), 2500.0, weight_scale,
     )
-    ref_loss, ref_metrics, ref_coef = pair_reference64(model_err, ref_err, weights, method, loss_type, 2500.0)
+    ref_loss, ref_metrics, ref_coef = pair_reference64(model_err, ref_err, weights, method, loss_type, 2500.0,
+                                                       weight_scale)
     assert loss.shape == () and metrics.shape == (5,) and coef.shape == (2 * pairs,)
     assert_within(loss, ref_loss, 0.0, 1e-5, "loss")
     for i, name in enumerate(METRIC_NAMES):
@@ -242,7 +249,7 @@ def check_hinge_slope_at_the_kink(pair_op, device="cpu"):
     for method in ("dpo", "rpo"):
         weights = torch.eye(2) * 2 if method == "rpo" else None
         _, _, coef = pair_op(model_err.to(device), ref_err.to(device), None if weights is None else weights.to(device),
-                             method_code(method), loss_type_code("hinge"), 2.0)
+                             method_code(method), loss_type_code("hinge"), 2.0, 1.0)
         _, _, ref_coef = pair_reference64(model_err, ref_err, weights, method, "hinge", 2.0)
         assert torch.equal(coef.double().cpu(), ref_coef), method
 
@@ -251,11 +258,11 @@ def check_sigmoid_stable_for_large_logits(pair_op, device="cpu"):
     """|z| ~ 1e4: softplus must neither overflow nor lose the tiny loss of a right call."""
     model_err = torch.tensor([1.0, 5.0, 5.0, 1.0])  # pair 0 favoured, pair 1 not
     ref_err = torch.ones(4)
-    loss, _, coef = pair_op(model_err.to(device), ref_err.to(device), None, 1, 0, 2500.0)
+    loss, _, coef = pair_op(model_err.to(device), ref_err.to(device), None, 1, 0, 2500.0, 1.0)
     ref_loss, _, ref_coef = pair_reference64(model_err, ref_err, None, "dpo", "sigmoid", 2500.0)
     assert_within(loss, ref_loss, 0.0, 1e-6, "loss")
     assert_within(coef, ref_coef, 0.0, 1e-6, "coef")
-    small = pair_op(torch.tensor([1.0, 1.01], device=device), torch.ones(2, device=device), None, 1, 0, 2500.0)[0]
+    small = pair_op(torch.tensor([1.0, 1.01], device=device), torch.ones(2, device=device), None, 1, 0, 2500.0, 1.0)[0]
     assert 0 < float(small) == pytest.approx(math.log1p(math.exp(-25.0)), rel=1e-6)
 
 
@@ -265,11 +272,11 @@ def check_non_finite_pair_stage(pair_op, device="cpu"):
     model_err = torch.tensor([1.0, 2.0, 3.0, float("nan")], device=device)
     ref_err = torch.tensor([1.0, 2.1, 3.0, 4.0], device=device)
     for method in (1, 2):  # dpo, rpo
-        loss, _, coef = pair_op(model_err, ref_err, None, method, 0, 10.0)
+        loss, _, coef = pair_op(model_err, ref_err, None, method, 0, 10.0, 1.0)
         assert loss.isnan() and coef.isnan().all(), method
     weights = torch.tensor([[1.0, float("inf")], [0.5, 0.5]])
     finite_err = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    loss, metrics, coef = pair_op(finite_err.to(device), ref_err, weights.to(device), 2, 0, 10.0)
+    loss, metrics, coef = pair_op(finite_err.to(device), ref_err, weights.to(device), 2, 0, 10.0, 1.0)
     ref_loss, ref_metrics, _ = pair_reference64(finite_err, ref_err.cpu(), weights, "rpo", "sigmoid", 10.0)
     assert loss.isnan() and ref_loss.isnan() and coef.isnan().all()
     assert_within(metrics, ref_metrics, 0.0, 1e-6, "metrics")
@@ -358,10 +365,11 @@ def check_fused_matches_stages(method, weights, use_ref_err, dtype, device="cpu"
     if weights == "embeddings":
         stage_weights = ops.similarity_weights(inputs["emb_w"], inputs["emb_l"], 0.5)
     codes = (method_code(method), loss_type_code("sigmoid"), TEST_BETA)
-    staged = ops.pair_loss(model_err, ref_err, stage_weights, *codes)
+    scale = 5.0 if weights != "explicit" else 1.0  # weight_norm "mean": M times the computed weights
+    staged = ops.pair_loss(model_err, ref_err, stage_weights, *codes, scale)
     leaf = pred.detach().clone().requires_grad_(True)
     fused = ops.fused_loss(leaf, target, ref_pred, given_ref_err, inputs["emb_w"], inputs["emb_l"],
-                           inputs["weights"], *codes, 0.5)
+                           inputs["weights"], *codes, 0.5, scale)
     for name, a, b in zip(("loss", "metrics", "coef"), fused, staged):
         assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), name
     (grad,) = torch.autograd.grad(fused[0], leaf, retain_graph=True)

@@ -194,9 +194,9 @@ def test_pair_loss_is_thread_independent():
     gen = torch.Generator().manual_seed(9)
     model_err, ref_err = torch.rand(2, 600, generator=gen)
     weights = torch.rand(300, 300, generator=gen)
-    first = ops.pair_loss(model_err, ref_err, weights, 2, 0, 2500.0)
+    first = ops.pair_loss(model_err, ref_err, weights, 2, 0, 2500.0, 1.0)
     with torch_threads(1):
-        single = ops.pair_loss(model_err, ref_err, weights, 2, 0, 2500.0)
+        single = ops.pair_loss(model_err, ref_err, weights, 2, 0, 2500.0, 1.0)
     for a, b in zip(first, single):
         assert torch.equal(a, b)
 
@@ -215,12 +215,13 @@ def test_ops_assert_what_their_kernels_rely_on():
         lambda: ops.sample_errors(x, x, x[:, :2]),
         lambda: ops.error_grad(torch.ones(3), x, x),
         lambda: ops.error_grad(torch.ones(4, dtype=torch.float64), x, x),
-        lambda: ops.pair_loss(torch.ones(4), torch.ones(3), None, 2, 0, 1.0),
-        lambda: ops.pair_loss(torch.ones(3), torch.ones(3), None, 2, 0, 1.0),
-        lambda: ops.pair_loss(torch.ones(4), torch.ones(4), None, 3, 0, 1.0),
-        lambda: ops.pair_loss(torch.ones(4), torch.ones(4), torch.ones(3, 3), 2, 0, 1.0),
+        lambda: ops.pair_loss(torch.ones(4), torch.ones(3), None, 2, 0, 1.0, 1.0),
+        lambda: ops.pair_loss(torch.ones(3), torch.ones(3), None, 2, 0, 1.0, 1.0),
+        lambda: ops.pair_loss(torch.ones(4), torch.ones(4), None, 3, 0, 1.0, 1.0),
+        lambda: ops.pair_loss(torch.ones(4), torch.ones(4), torch.ones(3, 3), 2, 0, 1.0, 1.0),
+        lambda: ops.pair_loss(torch.ones(4), torch.ones(4), None, 2, 0, 1.0, 0.0),
         lambda: ops.similarity_weights(torch.randn(2, 5), torch.randn(1, 5), 0.5),
-        lambda: ops.fused_loss(x, x, x, torch.ones(4), None, None, None, 2, 0, 1.0, 0.5),
+        lambda: ops.fused_loss(x, x, x, torch.ones(4), None, None, None, 2, 0, 1.0, 0.5, 1.0),
     ]
     for call in bad_calls:
         with pytest.raises(RuntimeError, match=r"rpo_fast::.*\(internal check failed\)"):

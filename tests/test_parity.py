@@ -115,10 +115,11 @@ def test_parity_every_method_and_loss_type(kernels, method, loss_type, pairs):
 @pytest.mark.parametrize("use_ref_err", [False, True], ids=["ref_pred", "ref_err"])
 @pytest.mark.parametrize("weights", ["embeddings", "explicit", "uniform"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_parity_rpo_weights_and_reference_kinds(kernels, weights, use_ref_err, pairs, loss_type):
+@pytest.mark.parametrize("weight_norm", ["mean", "row"])
+def test_parity_rpo_weights_and_reference_kinds(kernels, weights, use_ref_err, pairs, loss_type, weight_norm):
     inputs = make_inputs(pairs, SMALL, device=kernels.device, seed=10 + pairs,
                          with_embeddings=weights == "embeddings", with_weights=weights == "explicit")
-    check_parity(kernels, "rpo", inputs, use_ref_err=use_ref_err, loss_type=loss_type)
+    check_parity(kernels, "rpo", inputs, use_ref_err=use_ref_err, loss_type=loss_type, weight_norm=weight_norm)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -297,10 +298,13 @@ def test_sample_errors_without_reference_and_deterministic(kernels):
 @pytest.mark.parametrize("pairs", [1, 5, 64, 100, 300])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("method,with_weights", PAIR_STAGE_CASES, ids=PAIR_STAGE_IDS)
-def test_pair_loss_stage_at_training_beta(kernels, method, with_weights, loss_type, pairs):
+@pytest.mark.parametrize("weight_norm", ["mean", "row"])
+def test_pair_loss_stage_at_training_beta(kernels, method, with_weights, loss_type, pairs, weight_norm):
     """M = 100 spans two of triton's 64-wide tiles, M = 64 fills exactly one; M = 300 is five of
-    the C++ backends' 128-index tiles (rpo_math.h), the last one partly filled."""
-    check_pair_stage(kernels.pair_loss, method, with_weights, loss_type, pairs, device=kernels.device)
+    the C++ backends' 128-index tiles (rpo_math.h), the last one partly filled. ``mean``
+    scales the weights by M (what the losses pass for computed weights), ``row`` leaves them."""
+    check_pair_stage(kernels.pair_loss, method, with_weights, loss_type, pairs, device=kernels.device,
+                     weight_scale=float(pairs) if weight_norm == "mean" else 1.0)
 
 
 def test_hinge_slope_is_zero_at_the_kink(kernels):
@@ -319,7 +323,7 @@ def test_a_non_finite_input_in_a_late_tile_makes_every_coefficient_nan(kernels, 
     model_err, ref_err = torch.rand(2, 2 * m, generator=gen)
     weights = torch.rand(m, m, generator=gen)
     {"model_err": model_err, "ref_err": ref_err}.get(where, weights[m - 1])[-1] = float("nan")
-    loss, _, coef = kernels.pair_loss(model_err.to(dev), ref_err.to(dev), weights.to(dev), 2, 0, 2500.0)
+    loss, _, coef = kernels.pair_loss(model_err.to(dev), ref_err.to(dev), weights.to(dev), 2, 0, 2500.0, 1.0)
     assert loss.isnan() and coef.isnan().all(), where
 
 
@@ -328,11 +332,11 @@ def test_non_finite_inputs_give_nan_loss_and_coef(kernels):
     check_non_finite_pair_stage(kernels.pair_loss, device=kernels.device)
     dev = kernels.device
     inf_ref = torch.tensor([1.0, float("inf"), 3.0, 4.0], device=dev)
-    loss, _, coef = kernels.pair_loss(torch.ones(4, device=dev), inf_ref, None, 2, 1, 10.0)
+    loss, _, coef = kernels.pair_loss(torch.ones(4, device=dev), inf_ref, None, 2, 1, 10.0, 1.0)
     assert loss.isnan() and coef.isnan().all()
     # sft has no finiteness rule: NaN flows through the mean, as in the reference.
     model_err = torch.tensor([1.0, 2.0, 3.0, float("nan")], device=dev)
-    loss, metrics, coef = kernels.pair_loss(model_err, torch.empty(0, device=dev), None, 0, 0, 10.0)
+    loss, metrics, coef = kernels.pair_loss(model_err, torch.empty(0, device=dev), None, 0, 0, 10.0, 1.0)
     assert float(loss) == pytest.approx(1.5) and metrics[2].isnan()
     assert torch.equal(coef.cpu(), torch.tensor([0.5, 0.5, 0, 0]))
 
@@ -348,7 +352,9 @@ def test_gradient_is_error_grad_of_the_coefficients(kernels, method):
     inputs = make_inputs(4, SMALL, device=kernels.device, seed=9)
     pred, target, ref = inputs["model_pred"], inputs["target"], inputs["ref_pred"] if method != "sft" else None
     model_err, ref_err = kernels.sample_errors(pred, target, ref)
-    _, _, coef = kernels.pair_loss(model_err, ref_err, None, method_code(method), loss_type_code("sigmoid"), TEST_BETA)
+    scale = 4.0 if method == "rpo" else 1.0  # weight_norm "mean": uniform weights times M
+    _, _, coef = kernels.pair_loss(model_err, ref_err, None, method_code(method), loss_type_code("sigmoid"), TEST_BETA,
+                                   scale)
     for scale in (1.0, 0.25, 3.0):
         leaf = pred.detach().clone().requires_grad_(True)
         if method == "sft":
@@ -382,17 +388,17 @@ def _opcheck_cases(kernels: Kernels):
     cases = [
         (getattr(ops, f"{prefix}sample_errors").default, (pred, target, ref)),
         (getattr(ops, f"{prefix}sample_errors").default, (pred, target, None)),
-        (getattr(ops, f"{prefix}pair_loss").default, (errors, ref_err, weights, 2, 0, 10.0)),
-        (getattr(ops, f"{prefix}pair_loss").default, (errors, ref_err, None, 2, 2, 10.0)),
+        (getattr(ops, f"{prefix}pair_loss").default, (errors, ref_err, weights, 2, 0, 10.0, 1.0)),
+        (getattr(ops, f"{prefix}pair_loss").default, (errors, ref_err, None, 2, 2, 10.0, 3.0)),
         (getattr(ops, f"{prefix}error_grad").default, (coef, pred.detach(), target)),
     ]
     if kernels.name != "triton":  # the C++ extension's two more ops
         emb = torch.randn(6, 8, generator=gen).to(dev)
         cases += [
             (ops.similarity_weights.default, (emb[:3], emb[3:], 0.5)),
-            (ops.fused_loss.default, (pred, target, ref, None, emb[:3], emb[3:], None, 2, 0, 10.0, 0.5)),
-            (ops.fused_loss.default, (pred, target, None, ref_err, None, None, weights, 2, 1, 10.0, 0.5)),
-            (ops.fused_loss.default, (pred, target, ref, None, None, None, None, 2, 0, 10.0, 0.5)),
+            (ops.fused_loss.default, (pred, target, ref, None, emb[:3], emb[3:], None, 2, 0, 10.0, 0.5, 3.0)),
+            (ops.fused_loss.default, (pred, target, None, ref_err, None, None, weights, 2, 1, 10.0, 0.5, 1.0)),
+            (ops.fused_loss.default, (pred, target, ref, None, None, None, None, 2, 0, 10.0, 0.5, 3.0)),
         ]
     return cases
 

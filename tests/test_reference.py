@@ -78,9 +78,13 @@ def test_metrics_by_hand():
     assert metrics["reward_margin"].item() == pytest.approx((3.0 + 0.0) / 2)
     assert metrics["model_mse"].item() == pytest.approx(5.0 / 4)
     assert metrics["ref_mse"].item() == pytest.approx(0.0)
-    assert metrics["weight_diag"].item() == pytest.approx(0.5)  # uniform 1/M
+    # weight_norm "mean" (the default): uniform weights 1, so a pair's own logit has beta itself
+    assert metrics["weight_diag"].item() == pytest.approx(1.0) and metrics["effective_beta"].item() == pytest.approx(2.0)
+    _, row = diffusion_rpo_loss(pred, target, ref, beta=beta, weight_norm="row", return_metrics=True)
+    assert row["weight_diag"].item() == pytest.approx(0.5) and row["effective_beta"].item() == pytest.approx(1.0)
     _, dpo_metrics = diffusion_dpo_loss(pred, target, ref, beta=beta, return_metrics=True)
-    assert set(dpo_metrics) == {"implicit_acc", "reward_margin", "model_mse", "ref_mse"}
+    assert set(dpo_metrics) == {"implicit_acc", "reward_margin", "model_mse", "ref_mse", "effective_beta"}
+    assert dpo_metrics["effective_beta"].item() == beta
     assert all(v.dim() == 0 and not v.requires_grad for v in dpo_metrics.values())
 
 
@@ -103,25 +107,75 @@ def test_rpo_with_one_pair_equals_dpo(loss_type):
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_rpo_without_weights_is_uniform_one_over_m(loss_type):
+@pytest.mark.parametrize("weight_norm,weight", [("mean", 1.0), ("row", 0.2)])
+def test_rpo_without_weights_is_uniform(loss_type, weight_norm, weight):
     m = 5
     pred, target, ref, _, _ = random_batch(m)
-    uniform = torch.full((m, m), 1.0 / m, dtype=torch.float64)
-    implicit = diffusion_rpo_loss(pred, target, ref, beta=50.0, loss_type=loss_type)
+    uniform = torch.full((m, m), weight, dtype=torch.float64)  # mean: 1 (average 1); row: 1/M (rows sum to 1)
+    implicit = diffusion_rpo_loss(pred, target, ref, beta=50.0, loss_type=loss_type, weight_norm=weight_norm)
     explicit = diffusion_rpo_loss(pred, target, ref, weights=uniform, beta=50.0, loss_type=loss_type)
     torch.testing.assert_close(implicit, explicit, rtol=1e-12, atol=0)
 
 
-def test_embedding_weights_match_similarity_weights():
+@pytest.mark.parametrize("weight_norm,scale", [("mean", 4.0), ("row", 1.0)])
+def test_embedding_weights_match_similarity_weights(weight_norm, scale):
     m = 4
     pred, target, ref, emb_w, emb_l = random_batch(m)
     weights = similarity_weights(emb_w, emb_l, tau=0.3)
     cos = torch.nn.functional.cosine_similarity(emb_w[:, None, :], emb_l[None, :, :], dim=-1)
     torch.testing.assert_close(weights, torch.softmax(cos / 0.3, dim=1))
     torch.testing.assert_close(weights.sum(1), torch.ones(m, dtype=torch.float64))
-    a = diffusion_rpo_loss(pred, target, ref, emb_w=emb_w, emb_l=emb_l, tau=0.3, beta=50.0)
-    b = diffusion_rpo_loss(pred, target, ref, weights=weights, beta=50.0)
+    a = diffusion_rpo_loss(pred, target, ref, emb_w=emb_w, emb_l=emb_l, tau=0.3, beta=50.0, weight_norm=weight_norm)
+    b = diffusion_rpo_loss(pred, target, ref, weights=weights * scale, beta=50.0)  # explicit: used as given
     torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+def llm_rpo_trainer_loss(e_model, e_ref, emb, tau, beta):
+    """The paired RPO loss of the LLM RPO trainer (Yin et al. 2024, trainers.py, RPOTrainer),
+    written out again for diffusion: a sample's log-probability ratio is minus its error
+    difference (Diffusion-DPO), logits_ij = ratio_w_i - ratio_l_j, weights a row softmax of
+    -(1 - cos)/tau over the prompts' embeddings, or ones without embeddings; the loss the
+    mean over i of the mean over j of -log sigmoid(beta * w_ij * logits_ij)."""
+    m = len(e_model) // 2
+    ratio = -(e_model - e_ref)
+    logits = ratio[:m, None] - ratio[None, m:]
+    if emb is None:
+        weights = torch.ones_like(logits)
+    else:
+        unit = torch.nn.functional.normalize(emb, dim=1)
+        weights = torch.softmax(-(1 - unit @ unit.T) / tau, dim=1)
+    return -torch.nn.functional.logsigmoid(beta * logits * weights).mean(-1).mean()
+
+
+def test_the_llm_rpo_trainers_loss():
+    """Its definition, per convention: with prompt embeddings it is weight_norm "row" (its
+    softmax rows sum to 1); without, its weights are ones, weight_norm "mean"'s uniform."""
+    m = 6
+    pred, target, ref, emb, _ = random_batch(m)
+    e_model = (pred - target).pow(2).flatten(1).mean(1)
+    e_ref = (ref - target).pow(2).flatten(1).mean(1)
+    want = llm_rpo_trainer_loss(e_model, e_ref, emb, tau=0.5, beta=40.0)
+    got = diffusion_rpo_loss(pred, target, ref, emb_w=emb, emb_l=emb, tau=0.5, beta=40.0, weight_norm="row")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    want = llm_rpo_trainer_loss(e_model, e_ref, None, tau=0.5, beta=40.0)
+    torch.testing.assert_close(diffusion_rpo_loss(pred, target, ref, beta=40.0), want, rtol=1e-12, atol=0)
+
+
+def test_weight_norm_mean_gives_a_pair_dpos_strength():
+    """At the start of training (policy = reference) every logit is 0. With uniform weights,
+    RPO under weight_norm "mean" pulls on every sample as DPO does at the same beta; under
+    "row" with 1/M of it: the trap of carrying a DPO beta over to row-normalized weights."""
+    m = 8
+    _, target, ref, _, _ = random_batch(m)
+
+    def grad(loss_fn, **kwargs):
+        pred = ref.clone().requires_grad_(True)
+        loss_fn(pred, target, ref, beta=2500.0, **kwargs).backward()
+        return pred.grad
+
+    dpo = grad(diffusion_dpo_loss)
+    torch.testing.assert_close(grad(diffusion_rpo_loss), dpo, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad(diffusion_rpo_loss, weight_norm="row"), dpo / m, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("method", ["rpo", "dpo", "sft"])

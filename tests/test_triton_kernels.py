@@ -70,10 +70,11 @@ def test_ops_assert_what_their_kernels_rely_on(monkeypatch):
     bad_calls = [
         lambda: ops.triton_sample_errors(x.double(), x, None),
         lambda: ops.triton_sample_errors(x, x[:2], None),
-        lambda: ops.triton_pair_loss(torch.ones(4), torch.ones(3), None, 2, 0, 1.0),
-        lambda: ops.triton_pair_loss(torch.ones(3), torch.ones(3), None, 2, 0, 1.0),
-        lambda: ops.triton_pair_loss(torch.ones(4), torch.ones(4), None, 3, 0, 1.0),
-        lambda: ops.triton_pair_loss(torch.ones(4), torch.ones(4), torch.ones(3, 3), 2, 0, 1.0),
+        lambda: ops.triton_pair_loss(torch.ones(4), torch.ones(3), None, 2, 0, 1.0, 1.0),
+        lambda: ops.triton_pair_loss(torch.ones(3), torch.ones(3), None, 2, 0, 1.0, 1.0),
+        lambda: ops.triton_pair_loss(torch.ones(4), torch.ones(4), None, 3, 0, 1.0, 1.0),
+        lambda: ops.triton_pair_loss(torch.ones(4), torch.ones(4), torch.ones(3, 3), 2, 0, 1.0, 1.0),
+        lambda: ops.triton_pair_loss(torch.ones(4), torch.ones(4), None, 2, 0, 1.0, 0.0),
         lambda: ops.triton_error_grad(torch.ones(3), x, x),
     ]
     for call in bad_calls:

@@ -83,8 +83,8 @@ std::tuple<at::Tensor, at::Tensor> sample_errors_cpu(const at::Tensor& model_pre
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_cpu(const at::Tensor& model_err, const at::Tensor& ref_err,
                                                              const std::optional<at::Tensor>& weights, int64_t method,
-                                                             int64_t loss_type, double beta) {
-  const PairArgs a = prepare_pair_args(model_err, ref_err, weights, method, loss_type, beta);
+                                                             int64_t loss_type, double beta, double weight_scale) {
+  const PairArgs a = prepare_pair_args(model_err, ref_err, weights, method, loss_type, beta, weight_scale);
   const auto f32 = model_err.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({}, f32);
   at::Tensor metrics = at::empty({math::kNumMetrics}, f32);
@@ -98,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_cpu(const at::Tensor& m
   math::PairProblem p{a.model_err.const_data_ptr<float>(),
                       a.ref_err.defined() ? a.ref_err.const_data_ptr<float>() : nullptr,
                       a.weights.defined() ? a.weights.const_data_ptr<float>() : nullptr,
-                      m, method, loss_type, beta};
+                      m, method, loss_type, beta, weight_scale};
   // Tiles over threads (for a large global batch), indices in order within a tile, partials
   // combined in tile order (rpo_math.h): the result does not depend on the threads.
   const int64_t tiles = math::pair_tiles(m);

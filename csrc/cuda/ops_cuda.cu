@@ -289,8 +289,8 @@ std::tuple<at::Tensor, at::Tensor> sample_errors_cuda(const at::Tensor& model_pr
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_cuda(const at::Tensor& model_err, const at::Tensor& ref_err,
                                                               const std::optional<at::Tensor>& weights, int64_t method,
-                                                              int64_t loss_type, double beta) {
-  const PairArgs a = prepare_pair_args(model_err, ref_err, weights, method, loss_type, beta);
+                                                              int64_t loss_type, double beta, double weight_scale) {
+  const PairArgs a = prepare_pair_args(model_err, ref_err, weights, method, loss_type, beta, weight_scale);
   const c10::cuda::CUDAGuard guard(model_err.device());
   const auto f32 = model_err.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({}, f32);
@@ -304,7 +304,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_loss_cuda(const at::Tensor& 
   const math::PairProblem p{a.model_err.const_data_ptr<float>(),
                             a.ref_err.defined() ? a.ref_err.const_data_ptr<float>() : nullptr,
                             a.weights.defined() ? a.weights.const_data_ptr<float>() : nullptr,
-                            a.m, method, loss_type, beta};
+                            a.m, method, loss_type, beta, weight_scale};
   const int64_t tiles = math::pair_tiles(a.m);
   at::Tensor partials = at::empty({tiles * int64_t(sizeof(math::TilePartial))}, model_err.options().dtype(at::kByte));
   auto* tile_ptr = reinterpret_cast<math::TilePartial*>(partials.mutable_data_ptr());
