@@ -110,3 +110,5 @@ def test_module_checks_hyperparameters():
         rpo_fast.RPOLoss(beta=0)
     with pytest.raises(ValueError, match="loss_type"):
         rpo_fast.RPOLoss(loss_type="l2")
+    with pytest.raises(ValueError, match=r"weight_norm: expected one of \['mean', 'row'\], got 'rows'"):
+        rpo_fast.RPOLoss(weight_norm="rows")

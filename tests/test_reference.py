@@ -267,7 +267,9 @@ def test_module_matches_functional():
     torch.testing.assert_close(module(pred, target, ref, emb_w=emb_w, emb_l=emb_l), expected)
     torch.testing.assert_close(rpo_fast.RPOLoss("dpo", beta=40.0)(pred, target, ref), diffusion_dpo_loss(pred, target, ref, beta=40.0))
     torch.testing.assert_close(rpo_fast.RPOLoss("sft")(pred, target), sft_loss(pred, target))
-    assert "method='rpo'" in repr(module)
+    assert "method='rpo'" in repr(module) and "weight_norm='mean'" in repr(module)
+    row = rpo_fast.RPOLoss("rpo", beta=40.0, weight_norm="row")
+    torch.testing.assert_close(row(pred, target, ref), diffusion_rpo_loss(pred, target, ref, beta=40.0, weight_norm="row"))
 
 
 def test_available_backends_lists_torch():

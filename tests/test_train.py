@@ -129,8 +129,8 @@ def test_rpo_with_an_embedding_cache(run_training, data_dir, tmp_path):
     result = run_training(method="rpo", lora=True, embeddings=str(path), batch_pairs=4)
     uniform = run_training(method="rpo", lora=True, batch_pairs=4)
     diag = [x["weight_diag"] for x in _metrics_lines(result)]
-    assert all(d != pytest.approx(0.25) for d in diag)  # not the uniform 1/M
-    assert [x["weight_diag"] for x in _metrics_lines(uniform)] == [pytest.approx(0.25)] * 2
+    assert all(d != pytest.approx(1.0) for d in diag)  # not the uniform weights (1 each: --weight-norm mean)
+    assert [x["weight_diag"] for x in _metrics_lines(uniform)] == [pytest.approx(1.0)] * 2
 
 
 def test_export_reloads_into_pipelines_and_generates(run_training, tiny_sd15_dir, tiny_sdxl_dir):
@@ -551,14 +551,21 @@ def test_the_same_command_trains_the_same_model_on_a_cold_or_a_warm_cache(tiny_s
 
 
 def test_the_start_says_what_the_defaults_do(tiny_sd15_dir, data_dir, latent_root, tmp_path, capsys):
-    # rpo without --embeddings: uniform weights, and their strength on dpo's scale; no
-    # --resolution: the model's own size (the tiny UNet's 8 latents x the VAE's 2 = 16 px)
+    # rpo without --embeddings: uniform weights, and their strength on dpo's scale (beta itself
+    # with --weight-norm mean, beta/M with row); no --resolution: the model's own size (the
+    # tiny UNet's 8 latents x the VAE's 2 = 16 px)
     config = tiny_config(tiny_sd15_dir, data_dir, tmp_path / "a", latent_root, method="rpo", resolution=None,
                          batch_pairs=4, max_steps=1)
     result = train(config)
     out = capsys.readouterr().out
     assert "resolution 16 px (the model's native size)" in out, out
-    assert "uniform weights 1/M (no --embeddings), M = 4 pairs" in out and "= 625 (dpo at beta 625" in out, out
+    assert "uniform weights (no --embeddings; --weight-norm mean, M = 4 pairs a contrast)" in out, out
+    assert "= 2500 (dpo at beta 2500 has that per-pair strength)" in out, out
+    lines = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["effective_beta"] == 2500.0  # logged every step, as the loss reports it
+    train(tiny_config(tiny_sd15_dir, data_dir, tmp_path / "r", latent_root, method="rpo", weight_norm="row",
+                      batch_pairs=4, max_steps=1))
+    assert "= 625 (dpo at beta 625 has that per-pair strength)" in capsys.readouterr().out
     assert "data " + str(data_dir) + ": 16 pairs used; 1 unreadable" in out, out
     assert f"caches: latents {latent_root}" in out and "prompts " in out, out
     assert f"output {result.output_dir}" in out and f"model {tiny_sd15_dir} (sd15), training the whole UNet" in out

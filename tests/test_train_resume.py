@@ -150,3 +150,19 @@ def test_more_epochs_on_resume_are_recorded_as_the_steps_they_resolve_to(tiny_sd
     state = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())
     assert {c["option"]: (c["old"], c["new"], c["from_step"]) for c in state["config_changes"]} == {
         "num_train_epochs": (1, 2, 3), "max_steps": (2, 4, 3)}
+
+
+def test_a_checkpoint_from_before_weight_norm_resumes_with_rows_summing_to_one(tiny_sd15_dir, tmp_path, straight):
+    data, latents, _ = straight
+    common = dict(method="rpo", lora=True, checkpoint_every=2)
+    with one_thread():
+        train(tiny_config(tiny_sd15_dir, data, tmp_path / "run", latents, max_steps=2, **common))
+        state_file = tmp_path / "run" / "checkpoint-2" / "trainer_state.json"
+        state = json.loads(state_file.read_text())
+        del state["config"]["weight_norm"]  # what an older rpo-fast wrote: it trained with "row"
+        state_file.write_text(json.dumps(state))
+        with pytest.raises(ValueError, match="weight_norm: checkpoint 'row' vs now 'mean'"):
+            train(tiny_config(tiny_sd15_dir, data, tmp_path / "run", latents, max_steps=3, resume="latest", **common))
+        resumed = train(tiny_config(tiny_sd15_dir, data, tmp_path / "run", latents, max_steps=3, resume="latest",
+                                    weight_norm="row", **common))
+    assert resumed.steps == 3

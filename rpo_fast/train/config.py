@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from .._types import LOSS_TYPES, METHODS
+from .._types import LOSS_TYPES, METHODS, WEIGHT_NORMS
 
 MODEL_TYPES = ("auto", "sd15", "sdxl")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -91,11 +91,16 @@ class TrainConfig:
     # -- objective --------------------------------------------------------------------------
     method: str = _opt("rpo", "rpo | dpo | sft", choices=METHODS)
     loss_type: str = _opt("sigmoid", "per-pair loss: sigmoid | hinge | ipo", choices=LOSS_TYPES)
-    beta: float = _opt(2500.0, "beta of the pair logit (2500 here = 5000 in the original Diffusion-DPO code)",
+    beta: float = _opt(2500.0, "beta of the pair logit (2500 here = 5000 in the original Diffusion-DPO code); rpo "
+                       "with --weight-norm mean (the default) takes a dpo beta as it is",
                        convert_aliases={"--beta_dpo": (_beta_from_beta_dpo,
                                                        "diffusers' beta_dpo, converted: beta = beta_dpo / 2 (the "
                                                        "diffusers examples scale the logit by -0.5 * beta_dpo)")})
     tau: float = _opt(0.5, "RPO temperature of the similarity weights")
+    weight_norm: str = _opt("mean", "rpo: mean (the default) scales the weights (the row softmax of the similarities, "
+                            "or the uniform ones) to average 1, so that each pair's own logit has dpo's strength at "
+                            "the same --beta; row keeps each row summing to 1, as the LLM RPO trainer does (a pair's "
+                            "own logit then has about beta/M)", choices=WEIGHT_NORMS)
     sft_weight: float = _opt(0.0, "dpo / rpo: add this times the SFT loss of the preferred images (keeps the "
                              "model denoising them well once the preference loss saturates; 0: off)")
     embeddings: Optional[str] = _opt(None, "embedding cache (rpo-fast embed) for the RPO weights; "

@@ -364,6 +364,8 @@ def _resume_point(config: TrainConfig, output_dir: Path, world: int, fingerprint
         return None
     state = ckpt.read_trainer_state(path)
     recorded = dict(state.get("config", {}))
+    if recorded.get("method") == "rpo":  # written before weight_norm existed: rows summed to 1
+        recorded.setdefault("weight_norm", "row")
     if config.max_steps is None:  # from --num-train-epochs: compared once resolved (resolve_max_steps)
         recorded.pop("max_steps", None)
     found = resume_differences(recorded, config)
@@ -471,7 +473,7 @@ def compute_loss(run: Run, batch: PairBatch):
             rows = batch.rows.to(device)
             emb = {"emb_w": run.emb_w[rows], "emb_l": run.emb_l[rows]}
         loss, metrics = diffusion_rpo_loss(model_pred, inputs.target, **ref_kwargs, **emb, tau=config.tau,
-                                           process_group=run.group, **common)
+                                           weight_norm=config.weight_norm, process_group=run.group, **common)
     if config.sft_weight:  # dpo / rpo only (TrainConfig refuses it for sft)
         sft = sft_loss(model_pred, inputs.target, backend=config.backend)
         loss = loss + config.sft_weight * sft
@@ -719,26 +721,29 @@ def _report_start(run: Run) -> None:
 
 
 def objective_summary(run: Run, batches: int = 32) -> str:
-    """The method and its effective per-pair strength. RPO's weights are a row softmax (each
-    row sums to 1), so a pair's own logit is scaled by beta times its diagonal weight: 1/M for
-    uniform weights, measured on the first ``batches`` micro-batches for similarity weights."""
+    """The method and its effective per-pair strength: a pair's own logit is scaled by beta
+    times its diagonal weight. With --weight-norm mean the weights average 1 (uniform: 1
+    exactly, dpo's strength); with row each row sums to 1 (uniform: 1/M). Similarity weights
+    are measured on the first ``batches`` micro-batches."""
     config = run.config
     if config.method == "sft":
         return "sft: the denoising error of the preferred images (no reference, no beta)"
     text = f"{config.method}, beta {config.beta:g}"
     if config.method == "rpo":
         m = run.schedule.global_pairs
+        scale = m if config.weight_norm == "mean" else 1
+        norm = f"--weight-norm {config.weight_norm}, M = {m} pairs a contrast"
         if run.emb_w is None:
-            diagonal, how = 1.0 / m, f"uniform weights 1/M (no --embeddings), M = {m} pairs a contrast"
+            diagonal, how = scale / m, f"uniform weights (no --embeddings; {norm})"
         else:
             from ..weights import similarity_weights
 
             count = min(batches, run.schedule.micro_batches_per_epoch)
-            diagonal = float(torch.stack([
+            diagonal = scale * float(torch.stack([
                 similarity_weights(run.emb_w[idx], run.emb_l[idx], config.tau).diagonal().mean()
                 for idx in (torch.as_tensor(run.schedule.global_rows(u)[1], device=run.emb_w.device)
                             for u in range(count))]).mean())
-            how = (f"similarity weights (tau {config.tau:g}, M = {m}): mean diagonal weight {diagonal:.3f} over "
+            how = (f"similarity weights (tau {config.tau:g}; {norm}): mean diagonal weight {diagonal:.3g} over "
                    f"{count} batch(es)")
         effective = config.beta * diagonal
         text += (f" with {how}; each pair's own logit is scaled by beta x weight = {effective:.4g} (dpo at beta "
