@@ -88,10 +88,12 @@ def _eager_fn(method: str) -> Callable[[LossInputs], torch.Tensor]:
 
 def _backend_fn(method: str, backend: str) -> Callable[[LossInputs], torch.Tensor]:
     # return_metrics: a trainer logs them; the fused kernels produce them in the same pass.
+    # weight_norm "row": the function the eager loss writes (the LLM RPO trainer's weights); the
+    # default "mean" runs the same kernels with one more factor on the weights.
     if method == "rpo":
         return lambda x: rpo_fast.diffusion_rpo_loss(
             x.model_pred, x.target, x.ref_pred, emb_w=x.emb_w, emb_l=x.emb_l, beta=BETA, tau=TAU,
-            backend=backend, return_metrics=True,
+            weight_norm="row", backend=backend, return_metrics=True,
         )[0]
     return lambda x: rpo_fast.diffusion_dpo_loss(
         x.model_pred, x.target, x.ref_pred, beta=BETA, backend=backend, return_metrics=True
