@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 import torch.nn.functional as F
 
@@ -22,3 +24,17 @@ def similarity_weights(emb_w: torch.Tensor, emb_l: torch.Tensor, tau: float = 0.
     l = F.normalize(emb_l.detach().to(dtype), dim=-1)
     weights = torch.softmax((w @ l.T) / tau, dim=-1)
     return weights if emb_w.dtype == torch.float64 else weights.float()
+
+
+def mean_diagonal_weight(emb_w: torch.Tensor, emb_l: torch.Tensor, batches: Iterable[torch.Tensor], tau: float = 0.5,
+                         weight_norm: str = "mean") -> float:
+    """The mean diagonal weight ``w_ii`` over contrasts of the given row ``batches`` (index
+    tensors into the embeddings, one per contrast): what scales a pair's own logit beside beta.
+    Under ``weight_norm="mean"`` the weights are M times the row softmax (the losses' default)."""
+    diagonals = []
+    for rows in batches:
+        scale = len(rows) if weight_norm == "mean" else 1
+        diagonals.append(scale * similarity_weights(emb_w[rows], emb_l[rows], tau).diagonal().mean())
+    if not diagonals:
+        raise ValueError("batches: expected at least one batch of rows")
+    return float(torch.stack(diagonals).mean())

@@ -731,18 +731,15 @@ def objective_summary(run: Run, batches: int = 32) -> str:
     text = f"{config.method}, beta {config.beta:g}"
     if config.method == "rpo":
         m = run.schedule.global_pairs
-        scale = m if config.weight_norm == "mean" else 1
         norm = f"--weight-norm {config.weight_norm}, M = {m} pairs a contrast"
         if run.emb_w is None:
-            diagonal, how = scale / m, f"uniform weights (no --embeddings; {norm})"
+            diagonal, how = 1.0 if config.weight_norm == "mean" else 1.0 / m, f"uniform weights (no --embeddings; {norm})"
         else:
-            from ..weights import similarity_weights
+            from ..weights import mean_diagonal_weight
 
             count = min(batches, run.schedule.micro_batches_per_epoch)
-            diagonal = scale * float(torch.stack([
-                similarity_weights(run.emb_w[idx], run.emb_l[idx], config.tau).diagonal().mean()
-                for idx in (torch.as_tensor(run.schedule.global_rows(u)[1], device=run.emb_w.device)
-                            for u in range(count))]).mean())
+            rows = (torch.as_tensor(run.schedule.global_rows(u)[1], device=run.emb_w.device) for u in range(count))
+            diagonal = mean_diagonal_weight(run.emb_w, run.emb_l, rows, config.tau, config.weight_norm)
             how = (f"similarity weights (tau {config.tau:g}; {norm}): mean diagonal weight {diagonal:.3g} over "
                    f"{count} batch(es)")
         effective = config.beta * diagonal
