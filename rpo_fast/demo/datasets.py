@@ -78,21 +78,33 @@ def write_pretrain_data(folder: PathLike, *, per_scene: int = 24, seed: int = 0,
     return _write(folder, rows, meta)
 
 
+def prefers_style(scene, by_size: bool = False) -> bool:
+    """Whether ``scene``'s preferred drawing is the style (else plain): always, or with
+    ``by_size`` only for large shapes (the quality benchmark's condition where the preference
+    depends on a property of the caption)."""
+    return scene.size == "large" if by_size else True
+
+
 def write_style_data(folder: PathLike, *, split: str = "train", per_scene: int = 8, seed: int = 0,
-                     style: str = "sketch", split_seed: int = 0) -> Path:
-    """Preference pairs (``style`` preferred over ``plain``) for the captions of ``split``."""
+                     style: str = "sketch", split_seed: int = 0, by_size: bool = False) -> Path:
+    """Preference pairs for the captions of ``split``: ``style`` preferred over ``plain``, or
+    with ``by_size`` for large shapes only and ``plain`` preferred for small ones."""
     scenes = split_scenes(split_seed)
     if split not in scenes:
         raise ValueError(f"split: expected one of {list(scenes)}, got {split!r}")
     folder = Path(folder)
     meta = {"kind": "style", "split": split, "per_scene": per_scene, "seed": seed, "style": style,
             "split_seed": split_seed, "version": 1}
+    if by_size:
+        meta["by_size"] = True
     if _up_to_date(folder, meta):
         return folder
     rng = random.Random(seed + 2)
     rows = []
     for scene, layout in scene_samples(scenes[split], per_scene, seed):
         preferred, other = render(scene, layout, style), render(scene, layout, "plain")
+        if not prefers_style(scene, by_size):
+            preferred, other = other, preferred
         rows.append((scene.caption, preferred, other, 1.0) if rng.random() < 0.5
                     else (scene.caption, other, preferred, 0.0))
     return _write(folder, rows, meta)
