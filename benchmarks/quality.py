@@ -69,7 +69,8 @@ PREDICTIONS = {
          "pushes a winner up or a loser down, whatever its weight. RPO against DPO: a tie.",
 }
 RULES = (
-    "Setting: per condition and method, effective betas {betas} at learning rate {lr}, training seed {grid_seed}, "
+    "Setting: per condition and method, effective betas {betas} at the condition's learning rate ({lr}), training "
+    "seed {grid_seed}, "
     "scored on the validation captions ({validation_samples} samples each, final checkpoint); the chosen one is the "
     "highest score among those keeping fidelity at least {keep:.0%} of the base's, else the most faithful. SFT has "
     "no beta: one setting.",
@@ -90,7 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-pairs", type=int, default=FinetuneSettings.batch_pairs)
     parser.add_argument("--lora-rank", type=int, default=FinetuneSettings.lora_rank)
-    parser.add_argument("--learning-rate", type=float, default=FinetuneSettings.learning_rate)
+    parser.add_argument("--learning-rates", nargs=2, type=float, default=[FinetuneSettings.learning_rate, 1e-3],
+                        metavar=("H", "P"), help="learning rate of every method in conditions H and P (P's from the "
+                        "pilot in docs/demo.md: at H's, no method learned P in the steps)")
     parser.add_argument("--effective-betas", nargs="+", type=float, default=[1000.0, 3000.0, 9000.0],
                         help="grid of DPO and RPO, on one scale: beta times the mean diagonal weight")
     parser.add_argument("--pairs-per-caption", nargs=2, type=int, default=[8, 2], metavar=("H", "P"),
@@ -179,8 +182,8 @@ class Job:
         evals = f"v{s.samples[self.split]}x{s.inference_steps}g{s.guidance_scale:g}"
         curve = f"c{s.checkpoints}" if self.split == "test" else "c1"
         return (f"{self.condition}{s.pairs_per_caption[self.condition]}-{self.method}-beff{self.beta_eff:g}"
-                f"-lr{s.learning_rate:g}-r{s.lora_rank}-s{s.steps}-bp{s.batch_pairs}-seed{self.seed}-{self.split}"
-                f"-{curve}-{evals}")
+                f"-lr{s.learning_rate[self.condition]:g}-r{s.lora_rank}-s{s.steps}-bp{s.batch_pairs}-seed{self.seed}"
+                f"-{self.split}-{curve}-{evals}")
 
 
 @dataclass
@@ -192,7 +195,7 @@ class Setup:
     steps: int
     batch_pairs: int
     lora_rank: int
-    learning_rate: float
+    learning_rate: Dict[str, float]  # per condition
     checkpoints: int
     samples: Dict[str, int]
     inference_steps: int
@@ -220,7 +223,7 @@ def run_job(setup: Setup, job: Job) -> Dict:
     kind = EMBEDDING_OF.get(job.method)
     beta = setup.beta(job) if job.method != "sft" else 0.0
     settings = FinetuneSettings(method="sft" if job.method == "sft" else "dpo" if job.method == "dpo" else "rpo",
-                                beta=beta or 1.0, learning_rate=setup.learning_rate, steps=setup.steps,
+                                beta=beta or 1.0, learning_rate=setup.learning_rate[job.condition], steps=setup.steps,
                                 batch_pairs=setup.batch_pairs, lora_rank=setup.lora_rank, sft_weight=0.0,
                                 seed=job.seed)
     out = Path(setup.work) / "train" / job.name(setup)
@@ -241,7 +244,10 @@ def run_job(setup: Setup, job: Job) -> Dict:
 def _run_in_worker(setup: Setup, job: Job) -> Dict:
     import torch
 
+    from rpo_fast.cli import quiet_library_progress
+
     torch.set_num_threads(1)
+    quiet_library_progress()  # the libraries' bars of parallel runs would interleave with the benchmark's
     return run_job(setup, job)
 
 
@@ -333,11 +339,13 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     start = time.perf_counter()
     work = Path(args.work)
-    setup = Setup(args.model_dir, str(work), args.steps, args.batch_pairs, args.lora_rank, args.learning_rate,
+    setup = Setup(args.model_dir, str(work), args.steps, args.batch_pairs, args.lora_rank,
+                  dict(zip(CONDITIONS, args.learning_rates)),
                   args.checkpoints, {"validation": args.validation_samples, "test": args.test_samples},
                   args.inference_steps, args.guidance_scale, dict(zip(CONDITIONS, args.pairs_per_caption)))
     progress = not args.no_progress
-    rules = [r.format(betas=args.effective_betas, lr=args.learning_rate, grid_seed=args.seeds[0],
+    lrs = ", ".join(f"{c} {lr:g}" for c, lr in zip(CONDITIONS, args.learning_rates))
+    rules = [r.format(betas=args.effective_betas, lr=lrs, grid_seed=args.seeds[0],
                       validation_samples=args.validation_samples, keep=1 - MAX_FIDELITY_DROP,
                       num_seeds=len(args.seeds)) for r in RULES]
     print("[bench-quality] rules, fixed before the run:\n  " + "\n  ".join(rules))
@@ -405,7 +413,7 @@ def _condition_report(condition: str, setup: Setup, base: Dict, grid: Dict, grid
                                                 for r in records]))} for s in steps]
         mean, half = mean_ci(scores)
         results[method] = {
-            "beta_eff": jobs[0].beta_eff, "beta": records[0]["beta"], "learning_rate": setup.learning_rate,
+            "beta_eff": jobs[0].beta_eff, "beta": records[0]["beta"], "learning_rate": setup.learning_rate[condition],
             "score": {"mean": mean, "ci95": half, "per_seed": scores},
             "final_score": _summary([p["score"] for p in final]),
             "final_fidelity": _summary([p["fidelity"] for p in final]),
@@ -443,9 +451,11 @@ def format_report(report: Dict) -> str:
         f"{p['test_samples']} samples at {p['checkpoints']} checkpoints (DDIM {p['inference_steps']} steps, guidance "
         f"{p['guidance_scale']:g}), {len(p['seeds'])} paired training seeds {p['seeds']}. Machine: {report['machine']}; "
         f"{report['seconds'] / 60:.0f} minutes.", "",
-        "- **H**: outlines preferred for every caption, 8 pairs a caption; score: the style rate.",
-        "- **P**: outlines preferred for large shapes, fills for small ones, 2 pairs a caption; score: the "
-        "preferred-style rate (right shape and colour, in the style the caption's size prefers).", "",
+        f"- **H**: outlines preferred for every caption, {p['pairs_per_caption'][0]} pairs a caption, learning rate "
+        f"{p['learning_rates'][0]:g}; score: the style rate.",
+        f"- **P**: outlines preferred for large shapes, fills for small ones, {p['pairs_per_caption'][1]} pairs a "
+        f"caption, learning rate {p['learning_rates'][1]:g}; score: the preferred-style rate (right shape and colour, "
+        "in the style the caption's size prefers).", "",
         "Rules, fixed before the run:", "", *[f"{i + 1}. {r}" for i, r in enumerate(report["rules"])], "",
         "Predictions, written with the rules:", "",
         *[f"- {c}: {text}" for c, text in report["predictions"].items()], "",
