@@ -12,25 +12,30 @@ Stages, on a machine with a CUDA device:
 2. **tests**: the kernel suites (parity of ``cuda`` and ``triton`` with the reference for
    every method, loss type and dtype, ``opcheck``, ``torch.compile(fullgraph=True)``, the
    gpu-marked launches and streams), with the Triton interpreter off;
-3. **bench**: the loss benchmark on the GPU (``benchmarks.run --only loss -k M16``): SD1.5 and
+3. **check**: ``rpo-fast check --device cuda`` at SD1.5's latent shape, bf16 and fp32: every
+   GPU backend probed against the float64 reference (the first-use check's probe) and timed,
+   forward and backward; which is right and which is fastest (what ``--backend auto`` picks);
+4. **bench**: the loss benchmark on the GPU (``benchmarks.run --only loss -k M16``): SD1.5 and
    SDXL latents, M = 16 (the target rows; the whole grid's 32 inductor compilations would not
    fit the stage's time), fp32 and bf16, rpo and dpo; eager, compiled, triton, cuda, and a
    device copy for the roofline;
-4. **train**: with diffusers present, the gpu-marked training tests (a tiny SD UNet compiled,
+5. **train**: with diffusers present, the gpu-marked training tests (a tiny SD UNet compiled,
    bf16, LoRA / full / precomputed reference, and its throughput);
-5. **timing**: with diffusers present, a DPO step's components on the real SD1.5 and SDXL
+6. **timing**: with diffusers present, a DPO step's components on the real SD1.5 and SDXL
    architectures with random weights (``benchmarks.step_timing``): the official trainer's and
    rpo-fast's configurations per pair, beside docs/step-budget.md's estimates.
 
-Without a GPU every stage that needs none still runs (a dry run: the script, the test
-collection, the benchmark's code path on CPU tensors, the report writer) and the command
-exits 0 saying so; CI runs it (tests/test_gpu_check.py). Writes ``gpu-check.json`` and
+Without a GPU every stage that needs none still runs, at a scale that takes seconds (a dry run:
+the script, the test collection, ``rpo-fast check`` and the benchmark's code path on CPU tensors,
+the step timing on scaled-down configs, the report writer) and the command exits 0 saying so,
+in well under a minute on 2 busy cores; CI runs it (tests/test_gpu_check.py). Writes ``gpu-check.json`` and
 ``gpu-check.md`` (and the benchmark's files) to the output folder and prints a summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import shutil
@@ -42,11 +47,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Seconds per stage: 110 + 150 + 140 + 60 + 80 = 540 s, the 9 minutes the check may take
+# Seconds per stage: 110 + 120 + 40 + 130 + 60 + 80 = 540 s, the 9 minutes the check may take
 # (the device tool's 10-minute command limit leaves a minute for the venv and the report).
-LIMITS = {"build": 110, "tests": 150, "bench": 140, "train": 60, "timing": 80}
+LIMITS = {"build": 110, "tests": 120, "check": 40, "bench": 130, "train": 60, "timing": 80}
+# The dry run's stages, each a few seconds' work, 5 to 10 times that as their limits.
+DRY_LIMITS = {"build": 0, "tests": 30, "check": 30, "bench": 40, "train": 30, "timing": 40}
 KERNEL_TESTS = ["tests/test_parity.py", "tests/test_cuda_kernels.py", "tests/test_triton_kernels.py",
-                "tests/test_compile.py", "tests/test_checks.py"]
+                "tests/test_compile.py", "tests/test_checks.py", "tests/test_verify.py"]
 WHEEL_PACKAGES = ["diffusers", "pytest", "pluggy", "iniconfig", "pytest-benchmark", "py-cpuinfo", "pytest-timeout"]
 TAIL = 4000  # characters of each stage's output kept in the report
 
@@ -80,11 +87,9 @@ def _machine() -> Dict:
 
     info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
             "cores": os.cpu_count(), "gpu": None}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
+    try:  # the installed version, without importing it (seconds on a busy machine)
+        info["triton"] = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
         info["triton"] = None
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
@@ -126,14 +131,27 @@ def run_check(out: Path, wheels: Path, work: Path) -> Dict:
 
     # pytest without the project's addopts (they need pytest-benchmark and deselect gpu tests)
     pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-W", "ignore::DeprecationWarning"]
-    env: Dict[str, str] = {}
+    # The dry run's stages on one thread: a 2-core machine with the other core busy would make
+    # every parallel region wait for its descheduled second thread (measured: twice as slow).
+    env: Dict[str, str] = {} if gpu else {"OMP_NUM_THREADS": "1"}
     if python is None:
         stages.append(_skipped("tests", "the build failed"))
     elif gpu:
         env_gpu = {**env, "TRITON_INTERPRET": "0"}
         stages.append(_run("tests", [*pytest, "-m", "not slow", *KERNEL_TESTS], LIMITS["tests"], env_gpu))
     else:
-        stages.append(_run("tests", [*pytest, "--collect-only", "-m", "gpu", *KERNEL_TESTS], LIMITS["tests"], env))
+        stages.append(_run("tests", [*pytest, "--collect-only", "-m", "gpu", *KERNEL_TESTS], DRY_LIMITS["tests"], env))
+
+    limits = LIMITS if gpu else DRY_LIMITS
+    if python is None:
+        stages.append(_skipped("check", "the build failed"))
+    else:  # GPU: SD1.5's latents, 16 pairs, both training precisions; dry: the same code, toy sizes, once
+        sizes = (["--pairs", "16", "--shape", "4", "64", "64"] if gpu else
+                 ["--pairs", "2", "--shape", "4", "8", "8", "--repeats", "1", "--method", "rpo"])
+        checks = [[python, "-m", "rpo_fast.cli", "check", "--device", "cuda" if gpu else "cpu", *sizes, "--dtype", d]
+                  for d in (("bf16", "fp32") if gpu else ("fp32",))]
+        script = " && ".join(" ".join(f"'{a}'" for a in c) for c in checks)
+        stages.append(_run("check", ["bash", "-c", script], limits["check"], env))
 
     bench_out = work / "bench"  # copied next to the report below
     if python is None:
@@ -141,25 +159,27 @@ def run_check(out: Path, wheels: Path, work: Path) -> Dict:
     else:
         profile = ["-k", "M16"] if gpu else ["--smoke"]
         stages.append(_run("bench", [python, "-m", "benchmarks.run", "--only", "loss", *profile, "--out", str(bench_out),
-                                     "--name", "gpu-check-loss"], LIMITS["bench"], env))
+                                     "--name", "gpu-check-loss"], limits["bench"], env))
 
-    has_diffusers = python is not None and subprocess.run(
-        [python, "-c", "import diffusers"], capture_output=True).returncode == 0
+    has_diffusers = python is not None and subprocess.run(  # found, not imported: seconds saved
+        [python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('diffusers') is None)"],
+        capture_output=True).returncode == 0
     if python is None or not has_diffusers:  # the two stages that train
         why = "diffusers is not installed (make gpu-wheels)" if python else "the build failed"
         stages += [_skipped("train", why), _skipped("timing", why)]
     else:
         # the dry run: the training tests collected, the step timed on scaled-down configs on the CPU
         train = ["-m", "gpu"] if gpu else ["--collect-only", "-m", "gpu"]
-        sizes = [] if gpu else ["--tiny", "--repeats", "1"]
-        stages.append(_run("train", [*pytest, *train, "tests/test_train.py"], LIMITS["train"], env))
+        # (the dry run: SD1.5's scaled-down configs, one call each; tests/test_step_timing.py runs SDXL's)
+        sizes = [] if gpu else ["--tiny", "--models", "sd15", "--repeats", "1", "--warmups", "0"]
+        stages.append(_run("train", [*pytest, *train, "tests/test_train.py"], limits["train"], env))
         stages.append(_run("timing", [python, "-m", "benchmarks.step_timing", *sizes, "--json",
-                                      str(out / "step-timing.json")], LIMITS["timing"], env))
+                                      str(out / "step-timing.json")], limits["timing"], env))
 
     # the benchmark's files next to the report, flat (the machine returns files from one folder)
     for path in sorted(bench_out.glob("gpu-check-loss*")) if bench_out.is_dir() else []:
         shutil.copy(path, out / path.name)
-    report = {"dry_run": not gpu, "machine": machine, "limits_s": LIMITS, "stages": stages,
+    report = {"dry_run": not gpu, "machine": machine, "limits_s": limits, "stages": stages,
               "seconds": round(sum(s["seconds"] for s in stages), 1),
               "ok": all(s["status"] == "ok" or s["status"].startswith("skipped") for s in stages)}
     (out / "gpu-check.json").write_text(json.dumps(report, indent=1))

@@ -1,7 +1,7 @@
 """The components of a DPO training step, timed on the real SD1.5 (512 px) and SDXL (1024 px)
 architectures: what docs/step-budget.md estimates on paper, measured on a GPU.
 
-    python -m benchmarks.step_timing [--models sd15 sdxl] [--pairs 1] [--repeats 3] [--json F] [--tiny]
+    python -m benchmarks.step_timing [--models sd15 sdxl] [--pairs 1] [--repeats 3] [--warmups 1] [--json F] [--tiny]
 
 The models are built from the published configs of benchmarks/step_budget.py with random
 weights (the time of a pass does not depend on the weights' values, so nothing is downloaded),
@@ -65,10 +65,11 @@ def configs(xl: bool, tiny: bool) -> Dict[str, object]:
     return {"unet": unet, "vae": vae, "texts": texts}
 
 
-def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Milliseconds of ``fn``: the median of ``repeats`` calls after one warm-up call."""
+def timed(fn: Callable[[], object], repeats: int, device: torch.device, warmups: int = 1) -> float:
+    """Milliseconds of ``fn``: the median of ``repeats`` calls after ``warmups`` calls."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
+    for _ in range(warmups):
+        fn()
     sync()
     times = []
     for _ in range(repeats):
@@ -80,7 +81,7 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float
 
 
 def measure(model: str, *, pairs: int = 1, repeats: int = 3, device: Optional[torch.device] = None,
-            tiny: bool = False) -> Dict[str, float]:
+            tiny: bool = False, warmups: int = 1) -> Dict[str, float]:
     """Milliseconds of each component of one micro-batch of ``pairs`` pairs of ``model``
     (``sd15`` or ``sdxl``) on ``device`` (default: CUDA if present, else the CPU)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -97,7 +98,7 @@ def measure(model: str, *, pairs: int = 1, repeats: int = 3, device: Optional[to
     n, s = 2 * pairs, cfg["unet"]["sample_size"]
     pixels = s * 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
     autocast = lambda: torch.autocast(device.type, dtype=low)
-    run = lambda f: timed(f, repeats, device)
+    run = lambda f: timed(f, repeats, device, warmups)
     ms: Dict[str, float] = {}
     gen = torch.Generator(device="cpu").manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(device)
@@ -215,17 +216,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--models", nargs="+", choices=("sd15", "sdxl"), default=["sd15", "sdxl"])
     p.add_argument("--pairs", type=int, default=1, help="pairs per micro-batch (the official launchers: 1)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per component, after one warm-up")
+    p.add_argument("--warmups", type=int, default=1, help="untimed calls per component first (a dry run: 0)")
     p.add_argument("--tiny", action="store_true", help="scaled-down configs (a dry run of the code on any device)")
     p.add_argument("--json", type=Path, default=None, help="write the results here (and the tables as .md beside)")
     args = p.parse_args(argv)
-    if args.pairs < 1 or args.repeats < 1:
-        p.error("--pairs and --repeats: expected whole numbers >= 1")
+    if args.pairs < 1 or args.repeats < 1 or args.warmups < 0:
+        p.error("--pairs and --repeats: expected whole numbers >= 1; --warmups: >= 0")
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # its notes on casting random-weight models with .to()
     results = {}
     for model in args.models:
-        ms = measure(model, pairs=args.pairs, repeats=args.repeats, tiny=args.tiny)
+        ms = measure(model, pairs=args.pairs, repeats=args.repeats, tiny=args.tiny, warmups=args.warmups)
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
         results[model] = {"pairs": args.pairs, "device": device + (", tiny configs" if args.tiny else ""),
                           "torch": torch.__version__,

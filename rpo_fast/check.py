@@ -1,57 +1,165 @@
-"""``rpo-fast check``: every loss with every available backend on one small random batch.
+"""``rpo-fast check``: which loss backends are right on this device, and which is fastest.
 
-A quick look that the installed backends agree with the reference, with their metrics.
+For each method asked, every backend that runs on ``--device`` is probed against the float64
+reference (rpo_fast/verify.py: loss, metrics and gradient on a small deterministic call) and
+timed at the user's shapes (forward and backward, interleaved across backends, median of
+``--repeats``). The trainer runs the same measurement once on CUDA with ``--backend auto``.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import sys
 import time
+from dataclasses import asdict, dataclass, replace
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .dispatch import available_backends
-from .functional import diffusion_dpo_loss, diffusion_rpo_loss, sft_loss
+from . import verify
+from ._types import DTYPE_NAMES, METHODS
+from .dispatch import _backend, _runs_on, available_backends
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pairs", type=int, default=4, help="M, preference pairs in the batch")
-    parser.add_argument("--shape", type=int, nargs="+", default=[4, 32, 32], help="per-sample shape S (C H W)")
-    parser.add_argument("--beta", type=float, default=2500.0)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--method", nargs="+", choices=METHODS, default=["rpo", "dpo", "sft"],
+                        help="losses to check (default: all three)")
+    parser.add_argument("--pairs", type=int, default=4, help="M, preference pairs in the timed batch")
+    parser.add_argument("--shape", type=int, nargs="+", default=[4, 32, 32],
+                        help="per-sample shape S of the timed batch (C H W: SD1.5 at 512 px is 4 64 64)")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per backend")
 
 
-def make_batch(pairs: int, shape, dtype: torch.dtype, device: str, seed: int):
+@dataclass
+class Measurement:
+    backend: str
+    correct: bool
+    worst: str  # the quantity closest to (or past) its tolerance: "gradient 1.2e-09 / 3e-08"
+    ms: float  # median forward + backward at the timed shape
+
+
+def timed_batch(pairs: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device, seed: int = 0):
     """Predictions whose errors differ from the reference's by ~1e-4, as in training."""
     gen = torch.Generator().manual_seed(seed)
     target = torch.randn(2 * pairs, *shape, generator=gen)
     ref_pred = target + torch.randn(2 * pairs, *shape, generator=gen)
     model_pred = ref_pred + 1e-2 * torch.randn(2 * pairs, *shape, generator=gen)
     emb = torch.randn(2 * pairs, 16, generator=gen)
-    to = dict(dtype=dtype, device=device)
-    return model_pred.to(**to), target.to(**to), ref_pred.to(**to), emb[:pairs].to(device), emb[pairs:].to(device)
+    on = dict(dtype=dtype, device=device)
+    return model_pred.to(**on), target.to(**on), ref_pred.to(**on), emb[:pairs].to(device), emb[pairs:].to(device)
+
+
+def measure(method: str, device: torch.device, pairs: int, shape: Sequence[int], dtype: torch.dtype,
+            repeats: int = 10, reference: str = "ref_pred", weights: str = "embeddings",
+            backends: Optional[List[str]] = None) -> List[Measurement]:
+    """Probes and times every backend that runs on ``device`` (or ``backends``)."""
+    names = backends or [b for b in available_backends() if _runs_on(b, device)
+                         and (b == "torch" or dtype in (torch.float32, torch.bfloat16, torch.float16))]
+    weights = weights if method == "rpo" else "none"
+    reference = reference if method != "sft" else "none"
+    model_pred, target, ref_pred, emb_w, emb_l = timed_batch(pairs, shape, dtype, device)
+    inputs = verify.probe_inputs(verify.CallClass("torch", device.type, method, dtype, reference, weights,
+                                                  "sigmoid", "mean"), device)
+    timed = replace(
+        inputs, model_pred=model_pred, target=target, ref_pred=ref_pred if reference == "ref_pred" else None,
+        ref_err=(ref_pred.double() - target.double()).pow(2).flatten(1).mean(1).float() if reference == "ref_err" else None,
+        emb_w=emb_w if weights == "embeddings" else None, emb_l=emb_l if weights == "embeddings" else None,
+        weights=torch.rand(pairs, pairs, device=device) if weights == "explicit" else None)
+    findings = {}
+    for name in names:
+        call = verify.CallClass.of(name, inputs)
+        found = verify.compare(lambda i: verify.run_backend(_backend(name), i), inputs, verify._grad_rtol(call),
+                               verify.SLACK)
+        findings[name] = found
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for name in names:  # warm-up: first launches, compilation
+        for _ in range(2):
+            verify.run_backend(_backend(name), timed)
+    for _ in range(repeats):  # interleaved, so that a busy moment hits every backend alike
+        for name in names:
+            _sync(device)
+            start = time.perf_counter()
+            verify.run_backend(_backend(name), timed)
+            _sync(device)
+            times[name].append(1e3 * (time.perf_counter() - start))
+    out = []
+    for name in names:
+        worst = max(findings[name], key=lambda f: f.distance / max(f.tolerance, 1e-300))
+        out.append(Measurement(name, all(f.ok for f in findings[name]),
+                               f"{worst.what} {worst.distance:.2g} / {worst.tolerance:.2g}",
+                               statistics.median(times[name])))
+    return out
+
+
+def fastest(measurements: List[Measurement]) -> str:
+    """The fastest backend whose probe was right (``torch`` if none)."""
+    right = [m for m in measurements if m.correct]
+    return min(right, key=lambda m: m.ms).backend if right else "torch"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def format_table(measurements: List[Measurement]) -> List[str]:
+    base = next((m.ms for m in measurements if m.backend == "torch"), None)
+    lines = [f"  {'backend':8s} {'correct':8s} {'worst (distance / tolerance)':34s} {'ms':>9s}  vs torch"]
+    for m in measurements:
+        ratio = f"{base / m.ms:.2f}x" if base else ""
+        lines.append(f"  {m.backend:8s} {'yes' if m.correct else 'NO':8s} {m.worst:34s} {m.ms:9.3f}  {ratio}")
+    return lines
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from .machine import cpu_model
+
+    return cpu_model()
+
+
+def _device(arg: str) -> torch.device:
+    try:
+        device = torch.device(arg)
+    except RuntimeError:
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {arg!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {arg!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {arg}: no CUDA device here (torch.cuda.is_available() is False)")
+    return device
 
 
 def run(args: argparse.Namespace) -> int:
-    dtype = getattr(torch, args.dtype)
-    model_pred, target, ref_pred, emb_w, emb_l = make_batch(args.pairs, args.shape, dtype, args.device, args.seed)
-    backends = [b for b in available_backends() if b != "cuda" or args.device.startswith("cuda")]
-    print(f"M={args.pairs} S={tuple(args.shape)} {args.dtype} on {args.device}; backends: {', '.join(backends)}")
-    losses = {
-        "rpo": lambda pred, b: diffusion_rpo_loss(pred, target, ref_pred, emb_w=emb_w, emb_l=emb_l, beta=args.beta, backend=b, return_metrics=True),
-        "dpo": lambda pred, b: diffusion_dpo_loss(pred, target, ref_pred, beta=args.beta, backend=b, return_metrics=True),
-        "sft": lambda pred, b: (sft_loss(pred, target, backend=b), {}),
-    }
-    for method, fn in losses.items():
-        for backend in backends:
-            pred = model_pred.detach().clone().requires_grad_(True)
-            start = time.perf_counter()
-            loss, metrics = fn(pred, backend)
-            loss.backward()
-            elapsed_ms = 1e3 * (time.perf_counter() - start)
-            shown = " ".join(f"{k}={v.item():.5g}" for k, v in metrics.items())
-            print(f"{method:4s} {backend:7s} loss={loss.item():.6f} |grad|={pred.grad.float().norm().item():.5g} "
-                  f"({elapsed_ms:.1f} ms) {shown}")
-    return 0
+    try:
+        device = _device(args.device)
+        for name in ("pairs", "repeats"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name}: expected a positive integer, got {getattr(args, name)}")
+        if any(s < 1 for s in args.shape):
+            raise ValueError(f"--shape: expected positive sizes, got {' '.join(map(str, args.shape))}")
+    except ValueError as e:
+        print(f"rpo-fast check: error: {e}", file=sys.stderr)
+        return 2
+    dtype = DTYPE_NAMES[args.dtype]
+    print(f"rpo-fast check on {device_name(device)} ({device}): timed at M={args.pairs}, S={tuple(args.shape)}, "
+          f"{args.dtype}, forward + backward, median of {args.repeats}; probed against the float64 reference "
+          f"({verify.PROBE_PAIRS} pairs of {verify.PROBE_SHAPE}, within {verify.SLACK:g}x the rounding bound)")
+    wrong = False
+    for method in args.method:
+        found = measure(method, device, args.pairs, args.shape, dtype, args.repeats)
+        print(f"{method}:")
+        print("\n".join(format_table(found)))
+        print(f"  fastest correct: {fastest(found)}")
+        wrong |= not all(m.correct for m in found)
+    if wrong:
+        print(f"a backend disagrees with the reference: please report it {verify.REPORT}")
+    return 1 if wrong else 0
+
+
+def as_records(measurements: List[Measurement]) -> List[Dict]:
+    return [asdict(m) for m in measurements]

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from . import distributed
+from . import distributed, verify
 from ._checks import LossInputs, check_inputs
 from ._types import METRIC_NAMES
 from .dispatch import Backend, pick_device_dtypes, resolve
@@ -46,14 +46,19 @@ def _staged(impl: Backend, inputs: LossInputs, process_group, world: int) -> Tup
     return distributed.scale_gradient_for_averaging(loss, world), metrics
 
 
-def _compute(inputs: LossInputs, backend: str, process_group, return_metrics: bool) -> LossResult:
-    device, dtypes = pick_device_dtypes(inputs.model_pred, inputs.target, inputs.ref_pred)
-    impl = resolve(backend, device, dtypes)
+def apply(impl: Backend, inputs: LossInputs, process_group=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The loss and the metrics vector of backend ``impl``: its fused op where it has one and
+    nothing is gathered, else stage by stage."""
     world = distributed.world_size(process_group)
     if world == 1 and impl.fused_loss is not None:
-        loss, metrics = impl.fused_loss(inputs)
-    else:
-        loss, metrics = _staged(impl, inputs, process_group, world)
+        return impl.fused_loss(inputs)
+    return _staged(impl, inputs, process_group, world)
+
+
+def _compute(inputs: LossInputs, backend: str, process_group, return_metrics: bool) -> LossResult:
+    device, dtypes = pick_device_dtypes(inputs.model_pred, inputs.target, inputs.ref_pred)
+    impl = verify.checked(resolve(backend, device, dtypes), inputs, process_group)
+    loss, metrics = apply(impl, inputs, process_group)
     if not return_metrics:
         return loss
     values = metrics.detach().unbind()  # one op for all of them, not one per metric

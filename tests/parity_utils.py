@@ -28,16 +28,14 @@ import torch
 
 import rpo_fast
 from rpo_fast import reference
+from rpo_fast._checks import LossInputs
 from rpo_fast._types import METRIC_NAMES, loss_type_code, method_code
+# The rounding bounds are the product's own (its first-use check holds a GPU backend to them):
+from rpo_fast.verify import ERROR_ROUNDINGS, GRAD_ATOL, GRAD_RTOL, UNIT_ROUNDOFF, Tolerances, errors64  # noqa: F401
 from rpo_fast.weights import similarity_weights
 
 SMALL = (4, 7, 9)  # D = 252: divides no vector width or block size
 SD_LIKE = (4, 64, 64)  # an SD1.5 latent
-UNIT_ROUNDOFF = 2.0**-24
-ERROR_ROUNDINGS = 4  # float32 roundings allowed on one per-sample error (measured: ~2)
-GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-# Half the smallest fp16 subnormal: a gradient entry that small may round to zero.
-GRAD_ATOL = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 2.0**-25}
 
 
 def make_inputs(
@@ -127,11 +125,6 @@ def pair_reference64(model_err, ref_err, weights, method, loss_type, beta, weigh
     return loss.detach(), metrics, coef if coef is not None else torch.zeros_like(e)
 
 
-def errors64(pred, target):
-    """Per-sample mean squared errors in float64."""
-    return (pred.double() - target.double()).pow(2).flatten(1).mean(1)
-
-
 @contextlib.contextmanager
 def torch_threads(count: int):
     """torch's intra-op threads set to ``count`` inside the block."""
@@ -157,34 +150,11 @@ def assert_within(actual, expected, atol, rtol, what):
     )
 
 
-class Conditioning:
-    """Absolute error bounds that rounding each per-sample error to float32 alone causes,
-    to first order (gradient and Hessian of the float64 reference's pair loss)."""
-
-    def __init__(self, method, inputs, loss_type, beta, weight_norm="mean"):
-        inputs = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-        pred, target = inputs["model_pred"].double(), inputs["target"].double()
-        model_err = errors64(pred, target)
-        ref_err = errors64(inputs["ref_pred"], target)
-        weights = inputs["weights"]
-        if inputs["emb_w"] is not None:
-            weights = similarity_weights(inputs["emb_w"].double(), inputs["emb_l"].double())
-        computed = inputs["weights"] is None  # uniform or from embeddings: scaled by M under "mean"
-        scale = float(len(model_err) // 2) if computed and weight_norm == "mean" else 1.0
-        weights = None if weights is None else weights.double()
-
-        def loss_of(e):
-            return reference.pair_loss(e, ref_err, weights, method, loss_type, beta, scale)[0]
-
-        # The errors a kernel rounds: model and ref (a precomputed ref_err is float32 too).
-        step = ERROR_ROUNDINGS * UNIT_ROUNDOFF * (model_err.abs() + ref_err.abs())
-        coef = torch.autograd.functional.jacobian(loss_of, model_err)
-        hess = torch.autograd.functional.hessian(loss_of, model_err)
-        self.loss_atol = float((coef.abs() * step).sum())
-        self.margin_atol = 2 * float(step.mean())
-        coef_atol = hess.abs() @ step + 8 * UNIT_ROUNDOFF * coef.abs()
-        scale = (2.0 * (pred - target) / pred[0].numel()).abs()
-        self.grad_atol = coef_atol.view(-1, *([1] * (pred.dim() - 1))) * scale
+def Conditioning(method, inputs, loss_type, beta, weight_norm="mean") -> Tolerances:
+    """rpo_fast.verify.Tolerances of a parity-test batch (a dict from ``make_inputs``)."""
+    return Tolerances(LossInputs(method, inputs["model_pred"], inputs["target"], inputs["ref_pred"], None,
+                                 inputs["emb_w"], inputs["emb_l"], inputs["weights"], beta, 0.5, loss_type,
+                                 weight_norm))
 
 
 def check_parity(method, inputs, *, backend, loss_type="sigmoid", use_ref_err=False, beta=TEST_BETA,

@@ -86,7 +86,7 @@ def test_sdist_installs_into_a_fresh_venv_and_trains(tmp_path, tiny_sd15_dir):
 
     check = _run([cli, "check", "--shape", "4", "8", "8"], env=env, cwd=tmp_path)
     assert check.returncode == 0, check.stderr[-3000:]
-    assert "rpo  cpu" in check.stdout and str(env_dir) in _run(
+    assert "fastest correct: cpu" in check.stdout and str(env_dir) in _run(
         [str(py), "-c", "import rpo_fast._C, rpo_fast; print(rpo_fast._C.__file__)"], env=env, cwd=tmp_path).stdout
 
     data = tmp_path / "data"

@@ -574,3 +574,26 @@ def test_the_start_says_what_the_defaults_do(tiny_sd15_dir, data_dir, latent_roo
     out = capsys.readouterr().out
     assert "warning: resolution 32 px, but the model generates at 16 px" in out, out
     assert "objective dpo, beta 2500" in out, out
+
+
+def test_auto_on_a_probed_device_measures_the_backends_and_records_its_choice(run_training, tiny_sd15_dir, data_dir,
+                                                                               latent_root, tmp_path, monkeypatch,
+                                                                               capsys):
+    """The path --backend auto takes on CUDA, run on the CPU: every backend that runs there is
+    probed and timed once at the run's shapes; the fastest right one trains, and the choice and
+    the timings are kept in the run's folder. Without it (the CPU default) nothing is measured."""
+    from rpo_fast import verify
+
+    assert not (run_training(method="rpo", lora=True).output_dir / "loss_backend.json").exists()
+    monkeypatch.setattr(verify, "DEVICE_TYPES", {"cpu", "cuda"})
+    verify.reset()
+    result = train(tiny_config(tiny_sd15_dir, data_dir, tmp_path / "run", latent_root, method="rpo", lora=True))
+    record = json.loads((result.output_dir / "loss_backend.json").read_text())
+    measured = {m["backend"]: m for m in record["measurements"]}
+    assert set(measured) >= {"torch", "cpu"} and all(m["correct"] and m["ms"] > 0 for m in measured.values())
+    assert record["chosen"] == min(measured.values(), key=lambda m: m["ms"])["backend"]
+    assert record["method"] == "rpo" and record["dtype"] == "float32" and len(record["shape"]) == 3
+    assert f"rpo-fast train: loss backend {record['chosen']} (--backend auto, measured on" in capsys.readouterr().out
+    if record["chosen"] != "torch":  # the loss ran the chosen backend, probed on first use
+        assert [c.backend for c in verify._DECIDED] == [record["chosen"]]
+    verify.reset()

@@ -105,7 +105,8 @@ class TrainConfig:
                              "model denoising them well once the preference loss saturates; 0: off)")
     embeddings: Optional[str] = _opt(None, "embedding cache (rpo-fast embed) for the RPO weights; "
                                      "unset: uniform weights 1/M")
-    backend: str = _opt("auto", "loss backend: auto | torch | cpu | cuda | triton", on_resume="apply")
+    backend: str = _opt("auto", "loss backend: auto | torch | cpu | cuda | triton (auto on CUDA: the fastest "
+                                "right one, measured at the first step, in loss_backend.json)", on_resume="apply")
 
     # -- model and reference ----------------------------------------------------------------
     lora: bool = _opt(False, "train LoRA adapters on the UNet instead of all its weights")

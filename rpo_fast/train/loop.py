@@ -132,6 +132,7 @@ class Run:
     model_type: str = "sd15"
     native_resolution: Optional[int] = None  # the size the model generates at (None: its configs do not say)
     config_changes: List[Dict[str, Any]] = field(default_factory=list)  # options changed on resume (ResumePoint)
+    loss_backend: str = "auto"  # what the loss calls get: --backend, or on CUDA auto's measured choice
 
     def autocast(self):
         return _autocast(self.device, self.config.mixed_precision)
@@ -302,6 +303,9 @@ def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase:
     if resume is not None:
         _restore(run, resume)
 
+    on_phase("choosing the loss backend")
+    run.loss_backend = _choose_loss_backend(run)
+
     # Wrap for data parallelism, then compile (DDP first lets dynamo split graphs at buckets).
     if world > 1 and not config.fsdp:
         run.ddp = torch.nn.parallel.DistributedDataParallel(  # gradients as views of the buckets: not held twice
@@ -312,6 +316,40 @@ def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase:
         if reference is not None and reference.model is not None:
             reference.forward = torch.compile(reference.model, mode=config.compile_mode)
     return run
+
+
+def _choose_loss_backend(run: Run) -> str:
+    """``--backend auto`` on a device whose kernels the CPU tests cannot vouch for (CUDA): every
+    backend that runs there probed against the reference and timed at this run's shapes, once;
+    the fastest correct one is used, rank 0's choice on every rank, and the measurement kept in
+    ``loss_backend.json``. Otherwise the configured backend (auto's fixed order on the CPU)."""
+    import json
+
+    from .. import check, verify
+
+    config = run.config
+    if config.backend != "auto" or run.device.type not in verify.DEVICE_TYPES:
+        return config.backend
+    record: List[Any] = [None]
+    if run.rank == 0:
+        shape = run.cache.latent_shape
+        dtype = _weight_dtype(config.mixed_precision)
+        method = config.method
+        found = check.measure(method, run.device, config.batch_pairs, shape, dtype,
+                              reference="ref_err" if run.reference is not None and run.reference.kind == "precomputed"
+                              else "ref_pred",
+                              weights="embeddings" if run.emb_w is not None else "uniform")
+        record[0] = {"chosen": check.fastest(found), "device": check.device_name(run.device), "method": method,
+                     "pairs": config.batch_pairs, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
+                     "measurements": check.as_records(found)}
+        write_atomic(run.output_dir / "loss_backend.json",
+                     lambda tmp: tmp.write_text(json.dumps(record[0], indent=1) + "\n"))
+        timings = ", ".join(f"{m.backend} {m.ms:.3g} ms{'' if m.correct else ' (WRONG)'}" for m in found)
+        print(f"rpo-fast train: loss backend {record[0]['chosen']} (--backend auto, measured on {record[0]['device']}: "
+              f"{timings}; in loss_backend.json)")
+    if run.world > 1:
+        dist.broadcast_object_list(record, src=0, group=run.group)
+    return record[0]["chosen"]
 
 
 def _reference(config: TrainConfig, unet, models, cache, prompts, schedule: PairSchedule, fingerprint: str,
@@ -457,13 +495,14 @@ def compute_loss(run: Run, batch: PairBatch):
             ref_kwargs["ref_pred"] = run.reference.ref_pred(inputs, run.autocast)
     with run.autocast():
         model_pred = predict(run.forward_model, inputs)
-    common = dict(beta=config.beta, loss_type=config.loss_type, backend=config.backend, return_metrics=True)
+    backend = run.loss_backend
+    common = dict(beta=config.beta, loss_type=config.loss_type, backend=backend, return_metrics=True)
     if config.method == "sft":
         # sft_loss takes the (2M, ...) layout and averages its first half; only the winners
         # went through the UNet, so the second half is a detached copy that adds no gradient.
         pred = torch.cat([model_pred, model_pred.detach()])
         target = torch.cat([inputs.target, inputs.target])
-        loss = sft_loss(pred, target, backend=config.backend)
+        loss = sft_loss(pred, target, backend=backend)
         metrics = {}
     elif config.method == "dpo":
         loss, metrics = diffusion_dpo_loss(model_pred, inputs.target, **ref_kwargs, **common)
@@ -475,7 +514,7 @@ def compute_loss(run: Run, batch: PairBatch):
         loss, metrics = diffusion_rpo_loss(model_pred, inputs.target, **ref_kwargs, **emb, tau=config.tau,
                                            weight_norm=config.weight_norm, process_group=run.group, **common)
     if config.sft_weight:  # dpo / rpo only (TrainConfig refuses it for sft)
-        sft = sft_loss(model_pred, inputs.target, backend=config.backend)
+        sft = sft_loss(model_pred, inputs.target, backend=backend)
         loss = loss + config.sft_weight * sft
         metrics = {**metrics, "sft_loss": sft.detach()}
     return loss, metrics
