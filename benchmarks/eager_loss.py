@@ -8,7 +8,7 @@ dispreferred halves, the reference the same way under ``no_grad``, then
 trainers log. The RPO form is the same code with the M x M contrast and the similarity weights.
 
 ``beta_dpo`` is those trainers' beta: ``-0.5 * beta_dpo`` equals rpo-fast's ``beta`` when
-``beta_dpo = 2 * beta`` (DESIGN.md section 1), so both compute the same loss.
+``beta_dpo = 2 * beta`` (docs/loss.md), so both compute the same loss.
 """
 
 from __future__ import annotations

@@ -316,6 +316,16 @@ def paired(a: Sequence[float], b: Sequence[float]) -> Dict:
 # --------------------------------------------------------------------------- the benchmark
 
 
+def _shown_path(path: str) -> str:
+    """A path as the results record it: relative to the repository when inside it (no machine's
+    absolute paths in committed files)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def _check(args: argparse.Namespace) -> None:
     for name in ("steps", "batch_pairs", "validation_samples", "test_samples", "inference_steps", "checkpoints",
                  "workers"):
@@ -369,7 +379,8 @@ def run(args: argparse.Namespace) -> int:
     runs = run_jobs(setup, test_jobs, args.workers, progress, "seeds (test)")
 
     report = {
-        "protocol": {k: v for k, v in vars(args).items() if k not in ("out", "work", "no_progress")},
+        "protocol": {**{k: v for k, v in vars(args).items() if k not in ("out", "work", "no_progress")},
+                     "model_dir": _shown_path(args.model_dir)},
         "rules": rules, "predictions": {c: PREDICTIONS[c] for c in args.conditions},
         "machine": f"{cpu_model()}, {cpu_cores()} cores, {args.workers} runs in parallel at 1 torch thread each, "
                    f"torch {torch.__version__}",

@@ -1,6 +1,6 @@
 // The arithmetic of the pair stage that the CPU and the CUDA kernels share.
 //
-// DESIGN.md section 1 and rpo_fast/reference.py::pair_loss are the definition; this header
+// docs/loss.md and rpo_fast/reference.py::pair_loss are the definition; this header
 // is that definition per element, so that both backends compute the same numbers and the
 // CPU tests exercise the code the GPU runs. Everything here is a pure function of its
 // arguments: no allocation, no loops over memory that a backend would parallelize
@@ -31,7 +31,7 @@ constexpr int kNumMetrics = 5;
 
 RPO_HOST_DEVICE double quiet_nan() { return std::numeric_limits<double>::quiet_NaN(); }
 
-// f(x) of DESIGN.md. NaN in gives NaN out for every type (like torch).
+// f(x) of docs/loss.md. NaN in gives NaN out for every type (like torch).
 RPO_HOST_DEVICE double loss_element(double x, int64_t loss_type, double beta) {
   if (loss_type == kSigmoid) {
     // -log(sigmoid(x)) = softplus(-x) = max(-x, 0) + log1p(exp(-|x|)): no overflow for any x.

@@ -152,7 +152,7 @@ def _log1p(u):
 
 @triton.jit
 def _loss_and_slope(x, beta, LOSS_TYPE: tl.constexpr):
-    """The per-element loss f(x) and f'(x) of DESIGN.md (reference.elementwise_loss)."""
+    """The per-element loss f(x) and f'(x) of docs/loss.md (reference.elementwise_loss)."""
     if LOSS_TYPE == SIGMOID:  # sigmoid: -log(sigmoid(x)) = softplus(-x), stable for any |x|
         e = tl.exp(-tl.abs(x))
         f = tl.maximum(-x, 0.0, propagate_nan=tl.PropagateNan.ALL) + _log1p(e)

@@ -1,7 +1,7 @@
 """Input validation for the public losses.
 
 Every check runs before any work and raises ``ValueError`` or ``TypeError`` with a message
-that names the argument and what was expected (DESIGN.md section 1 is the contract).
+that names the argument and what was expected (docs/loss.md is the contract).
 The checks look only at metadata (shape, dtype, device), never at values, so they cost
 nothing on the GPU and are traced away by ``torch.compile``.
 """

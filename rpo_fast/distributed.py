@@ -1,4 +1,4 @@
-"""Global-batch contrast across data-parallel ranks (DESIGN.md section 1, "Global batch").
+"""Global-batch contrast across data-parallel ranks (docs/loss.md, "Global batch").
 
 Each rank gathers every rank's per-sample errors and embeddings, so the M x M contrast
 matrix spans the global batch. Only the local rows keep their autograd history: every rank

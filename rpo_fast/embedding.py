@@ -1,7 +1,7 @@
 """CLIP embeddings of preference pairs for the RPO weights, cached by dataset row.
 
 Diffusion-RPO weighs the contrast between preferred pair i and dispreferred pair j by the
-cosine similarity of their (prompt, image) embeddings (DESIGN.md section 1). Embedding a
+cosine similarity of their (prompt, image) embeddings (docs/loss.md). Embedding a
 large dataset with a large CLIP takes hours, so it happens once, here, and the trainer
 reads the result with :func:`load_embedding_cache` and looks up ``emb_w[idx], emb_l[idx]``.
 

@@ -2,7 +2,7 @@
 
 Tensors follow the Diffusion-DPO layout: ``model_pred``, ``target`` and ``ref_pred`` have
 shape ``(2M, *S)``, rows ``[0, M)`` preferred, rows ``[M, 2M)`` dispreferred.
-See DESIGN.md section 1 for the exact definitions.
+See docs/loss.md for the exact definitions.
 
 Non-finite values (NaN or inf) anywhere in the inputs, weights or embeddings give a
 non-finite loss: never a silently finite one. A training loop should check

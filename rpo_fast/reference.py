@@ -1,4 +1,4 @@
-"""The ``torch`` backend: DESIGN.md section 1 written in plain PyTorch, for clarity.
+"""The ``torch`` backend: docs/loss.md written in plain PyTorch, for clarity.
 
 This is the ground truth every kernel backend is tested against. Gradients come from
 autograd; the reference, the target, the weights and the embeddings are detached, so only
@@ -39,7 +39,7 @@ def sample_errors(
 
 
 def elementwise_loss(x: torch.Tensor, loss_type: str, beta: float) -> torch.Tensor:
-    """The per-element loss ``f`` of DESIGN.md: sigmoid, hinge or ipo."""
+    """The per-element loss ``f`` of docs/loss.md: sigmoid, hinge or ipo."""
     if loss_type == "sigmoid":
         return F.softplus(-x)  # -log(sigmoid(x)), stable for any |x|
     if loss_type == "hinge":

@@ -92,6 +92,9 @@ def test_pretrain_builds_a_loadable_base(short_pretrained_base):
     unet = base_model.load_pipeline(out).unet
     assert next(unet.parameters()).dtype == torch.float32
     assert unet.config.in_channels == 3 and unet.config.sample_size == shapes.IMAGE_SIZE
+    # the folder it was built in is not recorded (the base is committed; loading sets the path anew)
+    for config in [out / "model_index.json", *out.glob("*/config.json")]:
+        assert "_name_or_path" not in json.loads(config.read_text()), config
 
 
 # Needs the committed, fully pretrained base (rpo_fast/demo/base): fails until it exists.

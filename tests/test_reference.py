@@ -1,4 +1,4 @@
-"""The torch reference against hand computation, and the properties DESIGN.md section 1 states."""
+"""The torch reference against hand computation, and the properties docs/loss.md states."""
 
 import math
 
@@ -12,7 +12,7 @@ LOSS_TYPES = ["sigmoid", "hinge", "ipo"]
 
 
 def f_scalar(x: float, loss_type: str, beta: float) -> float:
-    """The per-element loss of DESIGN.md, in plain Python floats."""
+    """The per-element loss of docs/loss.md, in plain Python floats."""
     if loss_type == "sigmoid":
         return math.log1p(math.exp(-x)) if x > -30 else -x
     if loss_type == "hinge":
@@ -21,7 +21,7 @@ def f_scalar(x: float, loss_type: str, beta: float) -> float:
 
 
 def rpo_by_hand(pred, target, ref, weights, beta, loss_type):
-    """DESIGN.md's RPO formula with Python loops over nested lists of per-sample values."""
+    """docs/loss.md's RPO formula with Python loops over nested lists of per-sample values."""
     m = len(pred) // 2
     err = [sum((p - t) ** 2 for p, t in zip(pr, tg)) / len(pr) for pr, tg in zip(pred, target)]
     ref_err = [sum((p - t) ** 2 for p, t in zip(pr, tg)) / len(pr) for pr, tg in zip(ref, target)]

@@ -29,6 +29,7 @@ stored in fp16, 3.4 MB); ``rpo-fast demo --pretrain`` rebuilds it from nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -201,10 +202,20 @@ def export_pipeline(init_dir: PathLike, unet_dir: PathLike, out_dir: PathLike) -
         # fp16 on disk halves the committed size; every loader casts back to fp32
         pipe.unet.to(torch.float16).save_pretrained(tmp / "unet")
         pipe.text_encoder.to(torch.float16).save_pretrained(tmp / "text_encoder")
+        _drop_build_paths(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+def _drop_build_paths(folder: Path) -> None:
+    """diffusers records the folder a model was loaded from (``_name_or_path``) in the configs it
+    saves: an absolute path of this machine in committed files, and unused (loading sets it anew)."""
+    for path in [folder / "model_index.json", *folder.glob("*/config.json")]:
+        config = json.loads(path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_pipeline(model_dir: PathLike = BASE_DIR, tuned: Optional[PathLike] = None, device: str = "cpu",

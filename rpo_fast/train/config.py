@@ -43,7 +43,7 @@ ON_RESUME = {
 
 
 def _beta_from_beta_dpo(value: str) -> float:
-    """diffusers' DPO examples scale the logit by -0.5 * beta_dpo; here by beta (DESIGN.md)."""
+    """diffusers' DPO examples scale the logit by -0.5 * beta_dpo; here by beta (docs/loss.md)."""
     try:
         return float(value) / 2
     except ValueError:
