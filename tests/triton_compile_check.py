@@ -6,7 +6,7 @@ checks that the streaming kernels read their inputs with 128-bit vector loads wh
 launch sees aligned pointers and 16-divisible lengths (as at SD/SDXL latent sizes), and that
 no fp32 division is approximate.
 
-    python -m rpo_fast.kernels.compile_check [--arch 90]
+    python tests/triton_compile_check.py [--arch 90]      # a CI tool, not part of the package
 
 Must run without ``TRITON_INTERPRET=1`` (the kernels must be ``JITFunction`` objects);
 exits non-zero on the first failure.
@@ -108,7 +108,7 @@ def compile_all(arch: int = 90, verbose: bool = True) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import triton_loss
+    from rpo_fast.kernels import triton_loss
 
     if not isinstance(triton_loss._partial_sq_err_kernel, triton.runtime.JITFunction):
         raise RuntimeError("compile_check: run it without TRITON_INTERPRET=1 (the kernels are interpreted)")
