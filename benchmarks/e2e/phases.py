@@ -6,7 +6,8 @@ baseline (benchmarks/e2e/baseline.py), phase by phase, in one process.
 Both loops are built on the same tiny SD1.5 pipeline and data (benchmarks/e2e/assets.py), dpo,
 fp32, a frozen reference; their steps alternate, so the host's drift reaches both alike (the
 side-by-side runs of benchmarks/e2e/official.py, one process per run, spread by a third on a
-shared VM). Each phase is the wall time of the functions that make it, wrapped for the run;
+shared VM). rpo-fast's phases are the trainer's own marks (rpo_fast/train/phases.py); the
+baseline's, the wall time of the functions that make it, wrapped for the run;
 "backward and the rest" is the step less the phases. Prints a table per resolution, ms, the
 median over the timed steps. With glibc's default thresholds, a phase that allocates and frees
 much (a gradient-free forward) can fault memory back in that the step before returned to the
@@ -35,7 +36,7 @@ REST = "backward and the rest"
 
 
 class PhaseClock:
-    """Seconds spent in the wrapped functions since the last ``reset``, per phase name."""
+    """Seconds spent in the baseline's wrapped functions since the last ``reset``, per phase name."""
 
     def __init__(self):
         self.seconds: Dict[str, float] = collections.defaultdict(float)
@@ -58,32 +59,22 @@ class PhaseClock:
         self.seconds.clear()
 
 
-def _phases(name: str, loop) -> List[tuple]:
-    """(owner, attribute, phase) of what ``loop``'s step calls; gradient clipping, which both
-    call as ``torch.nn.utils.clip_grad_norm_``, is timed around each step on its own."""
-    if name == "baseline":
-        return [(loop, "_batch", "batch assembly"), (loop.vae, "encode", "VAE encoding"),
-                (loop.text_encoder, "forward", "text encoder"), (loop.unet, "forward", "policy UNet forward"),
-                (loop.ref_unet, "forward", "reference UNet forward"), (baseline, "eager_dpo_loss", "loss forward"),
-                (loop.optimizer, "step", "optimizer")]
-    import rpo_fast.train.loop as train_loop
-
-    return [(train_loop, "unet_inputs", "batch assembly"),
-            (loop.run.reference, "ref_pred", "reference UNet forward"),
-            (train_loop, "predict", "policy UNet forward"), (train_loop, "diffusion_dpo_loss", "loss forward"),
-            (loop.run.optimizer, "step", "optimizer")]
+def _baseline_phases(loop) -> List[tuple]:
+    """(owner, attribute, phase) of what the baseline's step calls (the benchmark's own loop and
+    the libraries' objects it holds; rpo-fast's step marks its phases itself)."""
+    return [(loop, "_batch", "batch assembly"), (loop.vae, "encode", "VAE encoding"),
+            (loop.text_encoder, "forward", "text encoder"), (loop.unet, "forward", "policy UNet forward"),
+            (loop.ref_unet, "forward", "reference UNet forward"), (baseline, "eager_dpo_loss", "loss forward"),
+            (loop.optimizer, "step", "optimizer"), (torch.nn.utils, "clip_grad_norm_", "gradient clipping")]
 
 
-def _timed_step(loop, clock: PhaseClock, samples: Dict[str, List[float]]) -> None:
-    """One step of ``loop``, its phases appended to ``samples``."""
+def _timed_step(loop, clock, samples: Dict[str, List[float]]) -> None:
+    """One step of ``loop``, its phases (``clock.seconds``: the baseline's wrappers, or
+    rpo-fast's own ``run.phases``) appended to ``samples``."""
     clock.reset()
-    unclip = clock.wrap(torch.nn.utils, "clip_grad_norm_", "gradient clipping")
-    try:
-        start = time.perf_counter()
-        loop.step()
-        total = time.perf_counter() - start
-    finally:
-        unclip()
+    start = time.perf_counter()
+    loop.step()
+    total = time.perf_counter() - start
     for phase, seconds in clock.seconds.items():
         samples[phase].append(seconds)
     samples[REST].append(total - sum(clock.seconds.values()))
@@ -105,8 +96,10 @@ def profile(resolution: int, pairs: int, steps: int, warmup: int, workdir: Path)
         for _ in range(warmup):
             loop.step()
     samples = {name: collections.defaultdict(list) for name in loops}
-    clocks = {name: PhaseClock() for name in loops}
-    undo = [clocks[name].wrap(*where) for name, loop in loops.items() for where in _phases(name, loop)]
+    clocks = {"baseline": PhaseClock(), "rpo-fast": loops["rpo-fast"].run.phases}
+    # (clip_grad_norm_ is torch's, called by both loops: the baseline's clock is reset before each
+    # of its steps and read after it, so rpo-fast's calls in between never reach its samples)
+    undo = [clocks["baseline"].wrap(*where) for where in _baseline_phases(loops["baseline"])]
     try:
         with warnings.catch_warnings():  # torch warns when optimizer.step is replaced after its scheduler was built
             warnings.filterwarnings("ignore", message="Seems like `optimizer.step\\(\\)` has been overridden")

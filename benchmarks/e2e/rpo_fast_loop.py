@@ -4,13 +4,12 @@
 CUDA) and ``train_step`` its real optimizer step, so what is timed is what ``rpo-fast train``
 runs. With ``precompute_ref`` the reference errors of every step are computed during set-up;
 the time of that pass is measured here (``ref_precompute_s``) so that throughput can be
-reported with it spread over the steps it serves.
+reported with it spread over the steps it serves: the trainer's own phase clock
+(rpo_fast/train/phases.py) times it.
 """
 
 from __future__ import annotations
 
-import functools
-import time
 from pathlib import Path
 from typing import Dict
 
@@ -25,7 +24,6 @@ class RpoFastLoop:
         from rpo_fast.train import loop as train_loop
 
         self._train_loop = train_loop
-        self._ref_precompute_s = 0.0
         self.total_steps = total_steps
         workdir = Path(workdir)
         config = TrainConfig(
@@ -36,23 +34,9 @@ class RpoFastLoop:
             checkpoint_every=0, save_final=False, progress=False, log_every=total_steps,
             lr_scheduler="constant",  # as the baseline
         )
-        original = train_loop.precompute_reference_errors
-
-        @functools.wraps(original)
-        def timed_precompute(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                self._ref_precompute_s += time.perf_counter() - start
-
-        train_loop.precompute_reference_errors = timed_precompute
-        try:
-            self.run = train_loop.prepare(config)
-        finally:
-            train_loop.precompute_reference_errors = original
+        self.run = train_loop.prepare(config)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         self.batches = train_loop.step_batches(self.run, 0, total_steps)
 
     def step(self) -> float:
@@ -62,7 +46,9 @@ class RpoFastLoop:
         reference = self.run.reference
         return {
             "reference": reference.kind if reference is not None else None,
-            "ref_precompute_s": self._ref_precompute_s,
+            # the precomputed pass, as the trainer's own clock timed it (set-up of the other references: 0 here)
+            "ref_precompute_s": (self.run.phases.seconds["reference set-up"]
+                                 if reference is not None and reference.kind == "precomputed" else 0.0),
             "compiled": self.run.forward_model is not self.run.unet,
             "loss_backend": self.run.config.backend,
         }

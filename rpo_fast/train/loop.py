@@ -41,6 +41,7 @@ from .models import (Models, add_lora, detect_model_type, load_models, load_trai
 from .optim import make_optimizer
 from .preflight import check_inputs, check_output_dir, clear_run
 from . import sharding
+from .phases import PhaseClock
 from .ref_model import REF_ERRORS_FILE, Reference, frozen_copy, precompute_reference_errors, table_key
 from .text_cache import build_text_cache
 
@@ -133,6 +134,7 @@ class Run:
     native_resolution: Optional[int] = None  # the size the model generates at (None: its configs do not say)
     config_changes: List[Dict[str, Any]] = field(default_factory=list)  # options changed on resume (ResumePoint)
     loss_backend: str = "auto"  # what the loss calls get: --backend, or on CUDA auto's measured choice
+    phases: PhaseClock = field(default_factory=PhaseClock)  # where the time goes, marked here (phases.py)
 
     def autocast(self):
         return _autocast(self.device, self.config.mixed_precision)
@@ -264,8 +266,10 @@ def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase:
         models.text_encoders = []
     unet = models.unet.to(device)
     on_phase("computing the reference errors" if config.precompute_ref else "setting up the reference")
-    reference = _reference(config, unet, models, cache, prompts, schedule, dataset.fingerprint, cache.folder.name,
-                           device, output_dir, rank, world, group)
+    phases = PhaseClock()
+    with phases("reference set-up"):
+        reference = _reference(config, unet, models, cache, prompts, schedule, dataset.fingerprint,
+                               cache.folder.name, device, output_dir, rank, world, group)
     if config.lora:
         if config.mixed_precision != "no" and device.type == "cuda":
             unet.to(weight_dtype)  # frozen base weights in the low precision, adapters stay fp32
@@ -295,7 +299,7 @@ def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase:
         skipped_pairs=int(len(dataset) - readable.sum()), owns_process_group=owns_group,
         dataset_fingerprint=dataset.fingerprint, dropped_ties=dataset.dropped_ties,
         skipped=_skipped_rows(dataset, cache.valid, readable, config.embeddings) if rank == 0 else [],
-        model_type=model_type, native_resolution=native,
+        model_type=model_type, native_resolution=native, phases=phases,
     )
 
     # Resume: weights, optimizer, LR schedule, RNG states, data position, counters.
@@ -485,16 +489,25 @@ def _save_checkpoint(run: Run) -> Path:
 
 def compute_loss(run: Run, batch: PairBatch):
     """Forward one micro-batch; returns (loss, metrics dict of 0-dim tensors)."""
-    config, device = run.config, run.device
-    inputs = unet_inputs(run.models, batch, device, config.resolution, winners_only=config.method == "sft")
+    config, device, phase = run.config, run.device, run.phases
+    with phase("batch assembly"):
+        inputs = unet_inputs(run.models, batch, device, config.resolution, winners_only=config.method == "sft")
     ref_kwargs: Dict[str, torch.Tensor] = {}
     if config.method != "sft":
-        if run.reference.kind == "precomputed":
-            ref_kwargs["ref_err"] = run.reference.ref_err(batch.epoch, batch.rows, device)
-        else:
-            ref_kwargs["ref_pred"] = run.reference.ref_pred(inputs, run.autocast)
-    with run.autocast():
+        with phase("reference UNet forward"):
+            if run.reference.kind == "precomputed":
+                ref_kwargs["ref_err"] = run.reference.ref_err(batch.epoch, batch.rows, device)
+            else:
+                ref_kwargs["ref_pred"] = run.reference.ref_pred(inputs, run.autocast)
+    with phase("policy UNet forward"), run.autocast():
         model_pred = predict(run.forward_model, inputs)
+    with phase("loss forward"):
+        return _loss(run, model_pred, inputs, ref_kwargs, batch)
+
+
+def _loss(run: Run, model_pred: torch.Tensor, inputs, ref_kwargs: Dict[str, torch.Tensor], batch: PairBatch):
+    """The configured objective on one micro-batch's predictions: (loss, metrics)."""
+    config, device = run.config, run.device
     backend = run.loss_backend
     common = dict(beta=config.beta, loss_type=config.loss_type, backend=backend, return_metrics=True)
     if config.method == "sft":
@@ -555,26 +568,19 @@ def train_step(run: Run, batches: Iterator[PairBatch], read: bool = True) -> Dic
 
     if run.grad_scaler is not None:
         run.grad_scaler.unscale_(run.optimizer)
-    if config.max_grad_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm, foreach=True)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None], foreach=True)
+    with run.phases("gradient clipping"):
+        if config.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(run.params, config.max_grad_norm, foreach=True)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None], foreach=True)
     if hasattr(norm, "full_tensor"):  # sharded under FSDP
         norm = norm.full_tensor()
     # fp16: inf gradients are the grad scaler's business (it skips the step and lowers the scale).
     finite = torch.stack([values[names.index("loss")].isfinite(),
                           norm.isfinite() if run.grad_scaler is None else torch.ones_like(norm, dtype=torch.bool)])
     run.unsettled.append((run.step + 1, finite))
-    if _skips_on_device(run):
-        run.optimizer.found_inf = (~finite.all()).float()  # read by the fused kernel: no update, state kept
-        run.optimizer.step()
-    elif bool(finite.all()):  # the host decides: a sync
-        if run.grad_scaler is not None:
-            run.grad_scaler.step(run.optimizer)
-        else:
-            run.optimizer.step()
-    else:
-        run.optimizer.zero_grad(set_to_none=True)
+    with run.phases("optimizer"):
+        _optimizer_step(run, finite)
     if run.grad_scaler is not None:
         run.grad_scaler.update()
     with warnings.catch_warnings():  # a skipped first step: the schedule still advances with the step count
@@ -589,6 +595,20 @@ def train_step(run: Run, batches: Iterator[PairBatch], read: bool = True) -> Dic
     metrics["lr"] = run.lr_scheduler.get_last_lr()[0]
     metrics["nonfinite_steps"] = run.nonfinite_steps
     return metrics
+
+
+def _optimizer_step(run: Run, finite: torch.Tensor) -> None:
+    """The update, unless the loss or the gradient is not finite (then no update, state kept)."""
+    if _skips_on_device(run):
+        run.optimizer.found_inf = (~finite.all()).float()  # read by the fused kernel: no update, state kept
+        run.optimizer.step()
+    elif bool(finite.all()):  # the host decides: a sync
+        if run.grad_scaler is not None:
+            run.grad_scaler.step(run.optimizer)
+        else:
+            run.optimizer.step()
+    else:
+        run.optimizer.zero_grad(set_to_none=True)
 
 
 def _skips_on_device(run: Run) -> bool:
