@@ -34,18 +34,18 @@ def _seed():
     torch.manual_seed(0)
 
 
-# Tiny SD1.5-like / SDXL-like pipelines saved once per session (rpo_fast.tiny), for the tests
+# Tiny SD1.5-like / SDXL-like pipelines saved once per session (benchmarks/tiny_models.py), for the tests
 # that load models through the real from_pretrained code (training, export and reload).
 @pytest.fixture(scope="session")
 def tiny_sd15_dir(tmp_path_factory):
-    from rpo_fast.tiny import build_tiny_sd15
+    from benchmarks.tiny_models import build_tiny_sd15
 
     return build_tiny_sd15(tmp_path_factory.mktemp("tiny-sd15"))
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory):
-    from rpo_fast.tiny import build_tiny_sdxl
+    from benchmarks.tiny_models import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
 

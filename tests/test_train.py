@@ -413,7 +413,7 @@ def test_speed_and_memory_options(run_training, tiny_sd15_dir, data_dir, latent_
     for a, b in zip(_metrics_lines(with_workers), _metrics_lines(run_training(method="rpo", lora=False))):
         assert a["loss"] == b["loss"] and a["model_mse"] == b["model_mse"]
     # a v-prediction model: the target is the velocity
-    from rpo_fast.tiny import build_tiny_sd15
+    from benchmarks.tiny_models import build_tiny_sd15
 
     v_model = build_tiny_sd15(tmp_path_factory.mktemp("tiny-sd15-v"), prediction_type="v_prediction")
     v_run = train(tiny_config(v_model, data_dir, tmp_path_factory.mktemp("v-run"), latent_root, method="dpo", lora=True))

@@ -64,7 +64,7 @@ def save_tiny_pickscore(folder: Path, seed: int = 0) -> Path:
     """A tiny transformers CLIPModel plus a CLIPProcessor, saved with save_pretrained."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from rpo_fast.tiny import build_tokenizer
+    from rpo_fast.demo.components import build_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(folder / "_tokenizer", num_merges=500)

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from rpo_fast.data import write_pickapic_parquet
-from rpo_fast.tiny import build_tiny_sd15
+from benchmarks.tiny_models import build_tiny_sd15
 
 PROMPTS = ("a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen, studio photo", "an astronaut riding a horse")
 

@@ -42,7 +42,7 @@ from benchmarks.e2e.harness import child_env
 # tensors, and the options' differences show as their bytes. "default": glibc as a run gets it.
 ALLOCATORS = {"default": {}, "released": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 
-# rpo_fast.tiny's builders' settings per size (both architectures; SDXL has two text encoders,
+# benchmarks/tiny_models.py's builders' settings per size (both architectures; SDXL has two text encoders,
 # each of this width, and cross-attends to their concatenation).
 SIZES = {
     "tiny": {},
@@ -108,7 +108,7 @@ def configurations():
 
 def build_models(work: Path, size: str) -> dict:
     """{"sd15": folder, "sdxl": folder} of ``size``, built once per workdir."""
-    from rpo_fast.tiny import build_tiny_sd15, build_tiny_sdxl
+    from benchmarks.tiny_models import build_tiny_sd15, build_tiny_sdxl
 
     models = {"sd15": tiny_model(work) if size == "tiny" else work / f"{size}-sd15", "sdxl": work / f"{size}-sdxl"}
     for name, build in (("sd15", build_tiny_sd15), ("sdxl", build_tiny_sdxl)):

@@ -3,7 +3,7 @@
 Components, all stock diffusers/transformers classes so that the unmodified trainer
 (:mod:`rpo_fast.train`) and ``StableDiffusionPipeline`` run it:
 
-* tokenizer + CLIP text encoder from :mod:`rpo_fast.tiny` (random, frozen, as in SD
+* tokenizer + CLIP text encoder from :mod:`rpo_fast.demo.components` (random, frozen, as in SD
   fine-tuning): 10000 BPE merges, so every word of the task's captions is one token
   ("triangle" is two);
 * an ``AutoencoderKL`` whose weights are set by hand so that it is the identity: the
@@ -39,7 +39,7 @@ from typing import Optional, Union
 import torch
 
 from ..atomic import removed_on_failure
-from ..tiny import build_tokenizer, tiny_scheduler, tiny_text_encoder
+from .components import build_tokenizer, tiny_scheduler, tiny_text_encoder
 from .shapes import IMAGE_SIZE
 
 PathLike = Union[str, os.PathLike]
