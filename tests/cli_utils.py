@@ -32,12 +32,19 @@ def run_cli(words: List[str], env: dict, timeout: float = 300, **kwargs) -> subp
                           timeout=timeout, **kwargs)
 
 
+def default_sigint() -> None:
+    """In the child, before Python starts: SIGINT back to its default. A shell's background job
+    (``make test &``, some CI runners) starts with SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler, so the signal a test sends would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_when(words: List[str], ready: Callable[[], bool], env: dict, timeout: float = 300, **kwargs) -> str:
     """Starts ``rpo-fast WORDS...``, sends SIGINT (what Ctrl-C sends) once ``ready()``, and
     checks that it ended as an interrupted command must: exit 130, no traceback. Returns the
     last line it wrote to stderr (the one line)."""
     process = subprocess.Popen([sys.executable, "-m", "rpo_fast.cli", *words], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, **kwargs)
+                               stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint, **kwargs)
     deadline = time.monotonic() + timeout
     while not ready():
         assert process.poll() is None, f"it ended before it could be interrupted: {process.communicate()[1][-3000:]}"

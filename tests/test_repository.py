@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# /work/..., /home/<user>/..., /root/..., /Users/..., /tmp/..., /mnt/..., /opt/... not inside a word
+# absolute paths under work, home/<user>, root, Users, tmp, mnt or opt, not inside a word
 # or a relative path (demo_output/work/ is fine).
 OUTSIDE_DESIGN_FILE = "DESIGN" + ".md"  # (spelled so that this file does not hold it)
 BUILD_PATH = re.compile(r"(?<![\w.~-])/(?:work|home|root|Users|tmp|mnt|opt)/[\w.-]+")
