@@ -13,7 +13,8 @@ from rpo_fast.train import loop as train_loop
 from benchmarks.e2e.throughput import measure_throughput
 from rpo_fast.train.batches import PairSchedule, assemble_batch, draw_sample
 from rpo_fast.train.cli import add_arguments, config_from_args
-from rpo_fast.train.latent_cache import build_latent_cache
+from rpo_fast.train.latent_cache import LatentSpec, build_latent_cache
+from rpo_fast.train.process import Process
 from rpo_fast.train.models import load_models, module_identity
 from train_utils import NUM_GOOD_ROWS, one_thread, synthetic_pickapic, tiny_config, unet_weights
 
@@ -323,26 +324,27 @@ def test_latent_cache_is_keyed_reused_and_resumable(tiny_sd15_dir, data_dir, tmp
     dataset = load_preference_dataset(data_dir)
     models = load_models(TrainConfig(pretrained_model=str(tiny_sd15_dir), data=str(data_dir), output_dir=str(tmp_path)))
     ident = module_identity(models.vae)
-    kwargs = dict(vae_identity=ident, device=torch.device("cpu"), shard_size=5, progress=False)
-    cache = build_latent_cache(dataset, models.vae, 32, tmp_path, **kwargs)
+    kwargs = dict(vae_identity=ident, process=Process(bars=False))
+    at = lambda resolution: LatentSpec(resolution, shard_size=5)  # noqa: E731
+    cache = build_latent_cache(dataset, models.vae, tmp_path, at(32), **kwargs)
     assert cache.num_rows == len(dataset) == NUM_GOOD_ROWS + 1 and cache.num_shards == 4
     assert cache.valid.sum() == NUM_GOOD_ROWS and not cache.valid[-1]
     mean_w, std_w, mean_l, std_l = cache.get(3)
     assert mean_w.shape == (4, 16, 16) and mean_w.dtype == torch.float16
     assert (std_w > 0).all() and not torch.equal(mean_w, mean_l)
     # reused: a complete cache opens without a VAE
-    assert build_latent_cache(dataset, None, 32, tmp_path, **kwargs).folder == cache.folder
+    assert build_latent_cache(dataset, None, tmp_path, at(32), **kwargs).folder == cache.folder
     # resumable: a lost shard is re-encoded, the others are kept as they are
     kept = (cache.folder / "shard-00000.safetensors").stat().st_mtime_ns
     (cache.folder / "shard-00002.safetensors").unlink()
-    again = build_latent_cache(dataset, models.vae, 32, tmp_path, **kwargs)
+    again = build_latent_cache(dataset, models.vae, tmp_path, at(32), **kwargs)
     assert (again.folder / "shard-00000.safetensors").stat().st_mtime_ns == kept
     torch.testing.assert_close(again.get(11)[0], cache.get(11)[0])
     # keyed: another resolution or another VAE is another folder
-    assert build_latent_cache(dataset, models.vae, 16, tmp_path, **kwargs).folder != cache.folder
+    assert build_latent_cache(dataset, models.vae, tmp_path, at(16), **kwargs).folder != cache.folder
     kwargs["vae_identity"] = "another-vae"
     with pytest.raises(ValueError, match="incomplete"):
-        build_latent_cache(dataset, None, 32, tmp_path, **kwargs)
+        build_latent_cache(dataset, None, tmp_path, at(32), **kwargs)
 
 
 def test_batches_are_pure_functions_of_seed_epoch_row(tiny_sd15_dir, data_dir, tmp_path):
@@ -472,8 +474,8 @@ def test_text_cache_gives_the_encoders_embeddings_and_resumes(tiny_sd15_dir, tin
     folder = {"sd15": tiny_sd15_dir, "sdxl": tiny_sdxl_dir}[model]
     models = load_models(TrainConfig(pretrained_model=str(folder), data=".", output_dir=str(tmp_path)))
     prompts = [f"prompt {i % 300}" for i in range(700)]  # 300 distinct + "": two shards of 256, a partial third
-    build = lambda: tc.build_text_cache(models, prompts, tmp_path, "data-fp", 64, torch.device("cpu"),  # noqa: E731
-                                        batch_size=64, progress=False)
+    build = lambda: tc.build_text_cache(models, prompts, tmp_path, "data-fp", 64,  # noqa: E731
+                                        process=Process(bars=False), batch_size=64)
     cache = build()
     assert sorted(p.name for p in cache.folder.glob("shard-*")) == [f"shard-0000{i}.safetensors" for i in range(2)]
     asked = ["prompt 299", "", "prompt 7", "prompt 7"]

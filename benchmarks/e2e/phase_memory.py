@@ -66,8 +66,7 @@ WORKER = textwrap.dedent("""
         run = loop.prepare(config)
         phases[phase] = memory.peak()["peak"]
         if phase == "cache building":
-            run.barrier()
-            run.owns_process_group = False  # keep the process group for the second prepare
+            run.barrier()  # the process group stays for the second prepare (which finds it started)
             del run
             gc.collect()
     memory.start()
@@ -88,8 +87,8 @@ WORKER = textwrap.dedent("""
     with open(job["out"] + f".rank{run.rank}", "w") as f:
         json.dump({"phases": phases, "held": held}, f)
     run.barrier()
-    run.owns_process_group = True
-    run.close()
+    if torch.distributed.is_initialized():  # started by the first prepare
+        torch.distributed.destroy_process_group()
 """)
 
 

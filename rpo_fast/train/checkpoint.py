@@ -17,13 +17,15 @@ import pickle
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 
 from ..atomic import removed_on_failure
+from .process import Process
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -97,24 +99,29 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(
-    output_dir: Path,
-    step: int,
-    *,
-    model_state: Dict[str, torch.Tensor],
-    optimizer_state: Dict[str, Any],
-    lr_scheduler,
-    grad_scaler,
-    trainer_state: Dict[str, Any],
-    rank: int = 0,
-    sharded: bool = False,
-    barrier: Callable[[], None] = lambda: None,
-    total_limit: Optional[int] = None,
-) -> Path:
-    """Every rank calls this (each writes its RNG state, and with ``sharded`` its shards of the
-    model and optimizer states, given as train/sharding.py's ``state_dicts``); rank 0 writes the
-    rest and renames."""
+@dataclass
+class TrainingState:
+    """What a checkpoint holds besides each rank's RNG state: the trained weights and the
+    optimizer's state (with ``sharded``, this rank's shards, as train/sharding.py's
+    ``state_dicts`` gives them; else rank 0's whole states), the LR schedule, fp16's grad scaler,
+    and the trainer's counters and options (``STATE_FILE``)."""
+
+    model: Dict[str, torch.Tensor]
+    optimizer: Dict[str, Any]
+    lr_scheduler: Any
+    grad_scaler: Any
+    trainer: Dict[str, Any]
+    sharded: bool = False
+
+
+def save_checkpoint(output_dir: Path, step: int, state: TrainingState, process: Process = Process(),
+                    total_limit: Optional[int] = None) -> Path:
+    """Every rank calls this (each writes its RNG state, and with ``state.sharded`` its shards);
+    rank 0 writes the rest and renames; at most ``total_limit`` checkpoints are kept."""
     from safetensors.torch import save_file
+
+    rank, barrier = process.rank, process.barrier
+    model_state, optimizer_state, sharded = state.model, state.optimizer, state.sharded
 
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
@@ -130,10 +137,10 @@ def save_checkpoint(
             save_file({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         if rank == 0:
-            torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-            if grad_scaler is not None:
-                torch.save(grad_scaler.state_dict(), tmp / "grad_scaler.pt")
-            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+            torch.save(state.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+            if state.grad_scaler is not None:
+                torch.save(state.grad_scaler.state_dict(), tmp / "grad_scaler.pt")
+            (tmp / STATE_FILE).write_text(json.dumps(state.trainer, indent=1))
         barrier()
         if rank == 0:
             _fsync_tree(tmp)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -29,6 +30,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..data import PreferenceDataset, content_hash
+from .process import Process
 from ..atomic import write_atomic
 
 FORMAT_VERSION = 1
@@ -148,50 +150,45 @@ def _complete(folder: Path, num_rows: int, shard_size: int) -> bool:
     return (folder / "meta.json").exists() and all((folder / shard_name(s)).exists() for s in range(shards))
 
 
+@dataclass(frozen=True)
+class LatentSpec:
+    """What a cache holds: images at ``resolution`` (shorter side resized, then the centre, or
+    with ``crop_seed`` a random crop), with ``hflip`` their mirror images too, stored in
+    ``storage_dtype``, ``shard_size`` rows a shard."""
+
+    resolution: int
+    hflip: bool = False
+    crop_seed: Optional[int] = None
+    storage_dtype: torch.dtype = torch.float16
+    shard_size: int = 1024
+
+
 @torch.no_grad()
-def build_latent_cache(
-    dataset: PreferenceDataset,
-    vae: Optional[torch.nn.Module],
-    resolution: int,
-    root: Path,
-    *,
-    vae_identity: str,
-    device: torch.device,
-    batch_size: int = 8,
-    num_workers: int = 0,
-    shard_size: int = 1024,
-    storage_dtype: torch.dtype = torch.float16,
-    progress: bool = True,
-    rank: int = 0,
-    world: int = 1,
-    barrier=None,
-    hflip: bool = False,
-    crop_seed: Optional[int] = None,
-) -> LatentCache:
+def build_latent_cache(dataset: PreferenceDataset, vae: Optional[torch.nn.Module], root: Path, spec: LatentSpec, *,
+                       vae_identity: str, process: Process = Process(), batch_size: int = 8,
+                       num_workers: int = 0) -> LatentCache:
     """Fills (or reuses) the cache folder for ``dataset`` and returns it opened.
 
-    ``vae`` may be None when the cache is known complete. With ``world`` > 1 each rank
-    encodes shards ``rank, rank + world, ...`` and ``barrier()`` waits for all of them.
-    ``hflip``: also encode both images flipped; ``crop_seed``: random crops (module docstring).
+    ``vae`` may be None when the cache is known complete. With several processes each encodes
+    shards ``rank, rank + world, ...`` and all of them wait for the others.
     """
-    folder = Path(root) / cache_key(dataset.fingerprint, resolution, vae_identity, hflip, crop_seed)
-    if not _complete(folder, len(dataset), _existing_shard_size(folder, shard_size)):
+    folder = Path(root) / cache_key(dataset.fingerprint, spec.resolution, vae_identity, spec.hflip, spec.crop_seed)
+    if not _complete(folder, len(dataset), _existing_shard_size(folder, spec.shard_size)):
         if vae is None:
             raise ValueError(f"latent cache {folder} is incomplete and no VAE was given to fill it")
-        _fill(folder, dataset, vae, resolution, vae_identity, device, batch_size, num_workers, shard_size,
-              storage_dtype, progress, rank, world, hflip, crop_seed)
-    if barrier is not None:  # every rank, whether it had work or not: collectives must pair up
-        barrier()
-    if not _complete(folder, len(dataset), _existing_shard_size(folder, shard_size)):
+        _fill(folder, dataset, vae, spec, vae_identity, process, batch_size, num_workers)
+    process.barrier()  # every rank, whether it had work or not: collectives must pair up
+    if not _complete(folder, len(dataset), _existing_shard_size(folder, spec.shard_size)):
         raise RuntimeError(f"latent cache {folder} is incomplete after filling it")
     return LatentCache(folder)
 
 
-def _fill(folder: Path, dataset: PreferenceDataset, vae, resolution: int, vae_identity: str, device,
-          batch_size: int, num_workers: int, shard_size: int, storage_dtype: torch.dtype, progress: bool,
-          rank: int, world: int, hflip: bool = False, crop_seed: Optional[int] = None) -> None:
+def _fill(folder: Path, dataset: PreferenceDataset, vae, spec: LatentSpec, vae_identity: str, process: Process,
+          batch_size: int, num_workers: int) -> None:
+    resolution, hflip, crop_seed, storage_dtype = spec.resolution, spec.hflip, spec.crop_seed, spec.storage_dtype
+    rank, world, device = process.rank, process.world, process.device
     num_rows = len(dataset)
-    shard_size = _existing_shard_size(folder, shard_size)
+    shard_size = _existing_shard_size(folder, spec.shard_size)
     scaling = float(vae.config.scaling_factor)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     latent_hw = resolution // (2 ** (len(vae.config.block_out_channels) - 1))
@@ -214,7 +211,7 @@ def _fill(folder: Path, dataset: PreferenceDataset, vae, resolution: int, vae_id
     todo = sum(min(num_rows, (s + 1) * shard_size) - s * shard_size for s in shards)
     vae_dtype = next(vae.parameters()).dtype
     bar = tqdm(total=todo, desc=f"encoding latents (rank {rank})" if world > 1 else "encoding latents",
-               unit="img pair", disable=not progress or todo == 0, dynamic_ncols=True)
+               unit="img pair", disable=not process.progress or todo == 0, dynamic_ncols=True)
     for shard in shards:
         rows = range(shard * shard_size, min(num_rows, (shard + 1) * shard_size))
         loader = torch.utils.data.DataLoader(_PixelRows(dataset, rows, resolution, crop_seed), batch_size=batch_size,

@@ -18,7 +18,6 @@ import re
 import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
@@ -34,7 +33,7 @@ from . import checkpoint as ckpt
 from .batches import MicroBatches, PairBatch, PairSchedule, PromptTable, micro_batch_loader
 from .config import TrainConfig, config_to_dict, resume_differences
 from .forward import predict, unet_inputs
-from .latent_cache import build_latent_cache, default_cache_root
+from .latent_cache import LatentSpec, build_latent_cache, default_cache_root
 from .metrics_log import MetricsLog
 from .models import (Models, add_lora, detect_model_type, load_models, load_trainable_state_dict, module_identity,
                      native_resolution, save_trained, trainable_state_dict)
@@ -42,7 +41,8 @@ from .optim import make_optimizer
 from .preflight import check_inputs, check_output_dir, clear_run
 from . import sharding
 from .phases import PhaseClock
-from .ref_model import REF_ERRORS_FILE, Reference, frozen_copy, precompute_reference_errors, table_key
+from .process import Process, weight_dtype
+from .ref_model import Reference, frozen_copy, precompute_reference_errors, table_key
 from .text_cache import build_text_cache
 
 # What a checkpoint records beyond its config: a resumed run must have the same (checked
@@ -102,10 +102,7 @@ class Run:
 
     config: TrainConfig
     output_dir: Path
-    device: torch.device
-    rank: int
-    world: int
-    group: Any  # process group or None
+    process: Process  # device, rank, world size, group, barrier, progress (process.py)
     models: Models
     unet: torch.nn.Module  # the trained UNet itself (not wrapped): for saving and adapters
     forward_model: Callable  # what the step calls: the UNet, maybe DDP-wrapped and compiled
@@ -121,7 +118,6 @@ class Run:
     emb_w: Optional[torch.Tensor]
     emb_l: Optional[torch.Tensor]
     skipped_pairs: int
-    owns_process_group: bool
     dataset_fingerprint: str
     step: int = 0
     nonfinite_steps: int = 0
@@ -137,16 +133,19 @@ class Run:
     phases: PhaseClock = field(default_factory=PhaseClock)  # where the time goes, marked here (phases.py)
 
     def autocast(self):
-        return _autocast(self.device, self.config.mixed_precision)
+        return self.process.autocast(self.config.mixed_precision)
 
     def close(self) -> None:
-        """Ends the process group this run started (none otherwise)."""
-        if self.owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
+        self.process.close()
 
     def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier(group=self.group)
+        self.process.barrier()
+
+    # the process's fields, read by name everywhere in the step
+    device = property(lambda self: self.process.device)
+    rank = property(lambda self: self.process.rank)
+    world = property(lambda self: self.process.world)
+    group = property(lambda self: self.process.group)
 
     @property
     def micro_batches_per_step(self) -> int:
@@ -157,39 +156,10 @@ class Run:
         return self.config.batch_pairs * self.world * self.config.gradient_accumulation_steps
 
 
-def _setup_process(config: TrainConfig):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if config.device is not None:
-        device = torch.device(config.device)
-    else:
-        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
-        torch.backends.cudnn.allow_tf32 = config.allow_tf32
-    owns_group = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(minutes=config.ddp_timeout_minutes))
-        owns_group = True
-    group = dist.group.WORLD if world > 1 else None
-    return device, rank, world, group, owns_group
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _autocast(device: torch.device, mixed_precision: str):
-    return torch.autocast(device.type, dtype=_weight_dtype(mixed_precision), enabled=mixed_precision != "no")
-
-
-def _weight_dtype(mixed_precision: str) -> torch.dtype:
-    return DTYPE_NAMES.get(mixed_precision, torch.float32)  # "no": fp32
 
 
 def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase: None) -> Run:
@@ -203,14 +173,14 @@ def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase:
     native = native_resolution(config)
     if config.resolution is None:  # the model's own size (SD1.5 512, SDXL 1024), as the diffusers examples
         config = dataclasses.replace(config, resolution=native or (1024 if model_type == "sdxl" else 512))
-    device, rank, world, group, owns_group = _setup_process(config)
+    process = Process.start(config)
+    device, rank, world = process.device, process.rank, process.world
     if config.fsdp and world < 2:
         raise ValueError("fsdp: shards the UNet over the processes of a torchrun launch; run with "
                          "torchrun --nproc-per-node N (N >= 2), or drop --fsdp")
     _seed_everything(config.seed + rank)
     output_dir = Path(config.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    barrier = (lambda: dist.barrier(group=group)) if world > 1 else None
 
     # Data: rows, then each image VAE-encoded once into the latent cache (or read from it).
     on_phase("reading the data")
@@ -226,12 +196,10 @@ def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase:
     on_phase("encoding the latents (finished shards of the latent cache are kept)")
     cache_root = Path(config.latent_cache).expanduser() if config.latent_cache else default_cache_root()
     models.vae.to(device)  # fp32: the SDXL VAE overflows in fp16, and encoding happens once
-    cache = build_latent_cache(
-        dataset, models.vae, config.resolution, cache_root, vae_identity=module_identity(models.vae), device=device,
-        batch_size=config.vae_encode_batch_size, num_workers=config.dataloader_num_workers,
-        progress=config.progress and rank == 0, rank=rank, world=world, barrier=barrier,
-        hflip=config.hflip, crop_seed=config.seed if config.random_crop else None,
-    )
+    spec = LatentSpec(config.resolution, config.hflip, config.seed if config.random_crop else None)
+    cache = build_latent_cache(dataset, models.vae, cache_root, spec, vae_identity=module_identity(models.vae),
+                               process=process, batch_size=config.vae_encode_batch_size,
+                               num_workers=config.dataloader_num_workers)
     models.vae = None  # not needed any more: free its memory
     prompts = PromptTable([dataset.prompt(i) for i in range(len(dataset))], config.seed, config.proportion_empty_prompts)
 
@@ -255,24 +223,22 @@ def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase:
         if resume is not None:
             resume.resolve_max_steps(config)
 
-    weight_dtype = _weight_dtype(config.mixed_precision)
+    low_dtype = weight_dtype(config.mixed_precision)
     for encoder in models.text_encoders:
-        encoder.to(device, dtype=weight_dtype if device.type == "cuda" else torch.float32)
+        encoder.to(device, dtype=low_dtype if device.type == "cuda" else torch.float32)
     if config.text_cache:  # each distinct prompt encoded once; the encoders then leave the device
         on_phase("encoding the prompts (finished shards of the text cache are kept)")
-        models.text_cache = build_text_cache(models, prompts.prompts, cache_root, dataset.fingerprint, config.resolution,
-                                             device, progress=config.progress and rank == 0, rank=rank, world=world,
-                                             barrier=barrier)
+        models.text_cache = build_text_cache(models, prompts.prompts, cache_root, dataset.fingerprint,
+                                             config.resolution, process=process)
         models.text_encoders = []
     unet = models.unet.to(device)
     on_phase("computing the reference errors" if config.precompute_ref else "setting up the reference")
     phases = PhaseClock()
     with phases("reference set-up"):
-        reference = _reference(config, unet, models, cache, prompts, schedule, dataset.fingerprint,
-                               cache.folder.name, device, output_dir, rank, world, group)
+        reference = _reference(config, unet, models, cache, prompts, schedule, dataset.fingerprint, process)
     if config.lora:
         if config.mixed_precision != "no" and device.type == "cuda":
-            unet.to(weight_dtype)  # frozen base weights in the low precision, adapters stay fp32
+            unet.to(low_dtype)  # frozen base weights in the low precision, adapters stay fp32
         # The adapters' initial weights are a function of the seed alone, the same on every
         # rank: filling the caches above draws from the global generators (DataLoader seeds).
         torch.manual_seed(config.seed)
@@ -281,7 +247,7 @@ def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase:
         unet.enable_gradient_checkpointing()
     unet.train()
     if config.fsdp:  # before the optimizer is built: it must see the sharded parameters
-        param_dtype = weight_dtype if config.mixed_precision != "no" else None
+        param_dtype = low_dtype if config.mixed_precision != "no" else None
         sharding.shard_unet(unet, param_dtype)
         if reference is not None and reference.kind == "copy":
             sharding.shard_unet(reference.model, param_dtype)
@@ -290,13 +256,13 @@ def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase:
     from diffusers.optimization import get_scheduler
 
     run = Run(
-        config=config, output_dir=output_dir, device=device, rank=rank, world=world, group=group, models=models,
+        config=config, output_dir=output_dir, process=process, models=models,
         unet=unet, forward_model=unet, ddp=None, reference=reference, params=params, optimizer=optimizer,
         lr_scheduler=get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                    num_training_steps=config.max_steps),
         grad_scaler=torch.amp.GradScaler(device.type) if config.mixed_precision == "fp16" else None,
         schedule=schedule, cache=cache, prompts=prompts, emb_w=emb_w, emb_l=emb_l,
-        skipped_pairs=int(len(dataset) - readable.sum()), owns_process_group=owns_group,
+        skipped_pairs=int(len(dataset) - readable.sum()),
         dataset_fingerprint=dataset.fingerprint, dropped_ties=dataset.dropped_ties,
         skipped=_skipped_rows(dataset, cache.valid, readable, config.embeddings) if rank == 0 else [],
         model_type=model_type, native_resolution=native, phases=phases,
@@ -337,7 +303,7 @@ def _choose_loss_backend(run: Run) -> str:
     record: List[Any] = [None]
     if run.rank == 0:
         shape = run.cache.latent_shape
-        dtype = _weight_dtype(config.mixed_precision)
+        dtype = weight_dtype(config.mixed_precision)
         method = config.method
         found = check.measure(method, run.device, config.batch_pairs, shape, dtype,
                               reference="ref_err" if run.reference is not None and run.reference.kind == "precomputed"
@@ -357,7 +323,7 @@ def _choose_loss_backend(run: Run) -> str:
 
 
 def _reference(config: TrainConfig, unet, models, cache, prompts, schedule: PairSchedule, fingerprint: str,
-               latent_key: str, device, output_dir: Path, rank: int, world: int, group) -> Optional[Reference]:
+               process: Process) -> Optional[Reference]:
     """The reference of dpo / rpo, chosen here only (none for sft): errors precomputed in one
     pass before training (``precompute_ref``), the trained UNet with its LoRA adapters disabled,
     or a frozen copy. Called before adapters are added and any checkpoint is loaded: the
@@ -367,19 +333,14 @@ def _reference(config: TrainConfig, unet, models, cache, prompts, schedule: Pair
     if config.precompute_ref:
         micro_batches = config.max_steps * config.gradient_accumulation_steps
         model_key = f"{config.pretrained_model}@{config.revision}/{config.variant}"
-        table = precompute_reference_errors(
-            unet, models, cache, prompts, schedule, micro_batches, seed=config.seed,
-            resolution=config.resolution, device=device, autocast=lambda: _autocast(device, config.mixed_precision),
-            batch_pairs=2 * config.batch_pairs, path=output_dir / REF_ERRORS_FILE,
-            key=table_key(fingerprint, latent_key, model_key, schedule, micro_batches, config.mixed_precision,
-                          prompts.empty_rate),
-            rank=rank, world=world, process_group=group, progress=config.progress and rank == 0,
-        )
-        return Reference("precomputed", table=table)
+        key = table_key(fingerprint, cache.folder.name, model_key, schedule, micro_batches, config.mixed_precision,
+                        prompts.empty_rate)
+        return Reference("precomputed", table=precompute_reference_errors(unet, models, cache, prompts, schedule,
+                                                                          config, key, process))
     if config.lora:
         return Reference("lora", model=unet)
     ref_dtype = (DTYPE_NAMES[config.ref_dtype] if config.ref_dtype
-                 else _weight_dtype(config.mixed_precision) if device.type == "cuda" else None)
+                 else weight_dtype(config.mixed_precision) if process.device.type == "cuda" else None)
     return Reference("copy", model=frozen_copy(unet, ref_dtype))
 
 
@@ -480,11 +441,9 @@ def _save_checkpoint(run: Run) -> Path:
         model_state, optimizer_state = trainable_state_dict(run.unet, run.config.lora), run.optimizer.state_dict()
     else:
         model_state, optimizer_state = {}, {}
-    return ckpt.save_checkpoint(
-        run.output_dir, run.step, model_state=model_state, optimizer_state=optimizer_state,
-        lr_scheduler=run.lr_scheduler, grad_scaler=run.grad_scaler, trainer_state=trainer_state, rank=run.rank,
-        sharded=run.config.fsdp, barrier=run.barrier, total_limit=run.config.checkpoints_total_limit,
-    )
+    state = ckpt.TrainingState(model_state, optimizer_state, run.lr_scheduler, run.grad_scaler, trainer_state,
+                               sharded=run.config.fsdp)
+    return ckpt.save_checkpoint(run.output_dir, run.step, state, run.process, run.config.checkpoints_total_limit)
 
 
 def compute_loss(run: Run, batch: PairBatch):

@@ -24,6 +24,7 @@ from ..data import content_hash
 from ..atomic import write_atomic
 from .batches import PairSchedule, assemble_batch
 from .forward import UNetInputs, per_sample_mse, predict, unet_inputs
+from .process import Process
 
 REF_ERRORS_FILE = "reference_errors.safetensors"
 
@@ -90,13 +91,15 @@ def table_key(dataset_fingerprint: str, latent_key: str, model_key: str, schedul
 
 
 @torch.no_grad()
-def precompute_reference_errors(
-    unet: torch.nn.Module, models, cache, prompts, schedule: PairSchedule, num_micro_batches: int, *,
-    seed: int, resolution: int, device, autocast: Callable, batch_pairs: int, path: Path, key: str,
-    rank: int = 0, world: int = 1, process_group=None, progress: bool = True,
-) -> torch.Tensor:
-    """The (epochs, N, 2) table of reference errors (NaN where a row is not visited), loaded
-    from ``path`` when its key matches, else computed (split over ranks) and saved."""
+def precompute_reference_errors(unet: torch.nn.Module, models, cache, prompts, schedule: PairSchedule, config,
+                                key: str, process: Process) -> torch.Tensor:
+    """The (epochs, N, 2) table of reference errors (NaN where a row is not visited) of the
+    ``config.max_steps`` steps of ``config`` (a TrainConfig), loaded from the run's
+    ``REF_ERRORS_FILE`` when its ``key`` matches, else computed (split over ranks) and saved."""
+    num_micro_batches = config.max_steps * config.gradient_accumulation_steps
+    path = Path(config.output_dir).expanduser().resolve() / REF_ERRORS_FILE
+    seed, resolution, batch_pairs = config.seed, config.resolution, 2 * config.batch_pairs
+    rank, world, device = process.rank, process.world, process.device
     from safetensors import safe_open
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -114,10 +117,11 @@ def precompute_reference_errors(
     start = time.perf_counter()
     was_training = unet.training
     unet.eval()
-    for epoch, rows in tqdm(mine, desc="reference errors", unit="batch", disable=not progress, dynamic_ncols=True):
+    for epoch, rows in tqdm(mine, desc="reference errors", unit="batch", disable=not process.progress,
+                            dynamic_ncols=True):
         batch = assemble_batch(epoch, rows, cache, prompts, seed, models.num_train_timesteps)
         inputs = unet_inputs(models, batch, device, resolution)
-        with autocast():
+        with process.autocast(config.mixed_precision):
             errors = per_sample_mse(predict(unet, inputs), inputs.target).double().cpu()
         m = len(rows)
         table[epoch, rows, 0] = errors[:m]
@@ -134,7 +138,7 @@ def precompute_reference_errors(
         summed = []
         for t in (table, filled):  # on the device: NCCL reduces only GPU tensors
             t = t.to(device)
-            dist.all_reduce(t, group=process_group)
+            dist.all_reduce(t, group=process.group)
             summed.append(t.cpu())
         table, filled = summed
     table = table.float()

@@ -26,6 +26,7 @@ from ..data import content_hash
 from ..atomic import write_atomic
 from .latent_cache import shard_name
 from .models import Models, encode_prompts, module_identity, sdxl_added_conditioning, tokenize
+from .process import Process
 
 FORMAT_VERSION = 1
 SHARD_SIZE = 256
@@ -73,11 +74,11 @@ def _missing_shards(folder: Path, count: int) -> List[int]:
     return [s for s in range(count) if not (folder / shard_name(s)).exists()]
 
 
-def build_text_cache(models: Models, prompts: List[str], root: Path, dataset_fingerprint: str, resolution: int,
-                     device, *, batch_size: int = 32, progress: bool = True, rank: int = 0, world: int = 1,
-                     barrier=None) -> TextCache:
+def build_text_cache(models: Models, prompts: List[str], root: Path, dataset_fingerprint: str, resolution: int, *,
+                     process: Process = Process(), batch_size: int = 32) -> TextCache:
     """Encodes (or reuses) every distinct prompt of ``prompts`` plus the empty one with the
-    models' text encoders, which must be on ``device``; returns the cache opened."""
+    models' text encoders, which must be on ``process.device``; returns the cache opened."""
+    rank, world, device = process.rank, process.world, process.device
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -89,7 +90,7 @@ def build_text_cache(models: Models, prompts: List[str], root: Path, dataset_fin
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / "prompts.json", lambda tmp: tmp.write_text(json.dumps(distinct)))
         bar = tqdm(total=sum(len(distinct[s * SHARD_SIZE:(s + 1) * SHARD_SIZE]) for s in todo), desc="encoding prompts",
-                   unit="prompt", disable=not progress, dynamic_ncols=True)
+                   unit="prompt", disable=not process.progress, dynamic_ncols=True)
         for s in todo:
             chunk = distinct[s * SHARD_SIZE:(s + 1) * SHARD_SIZE]
             hidden, pooled = [], []
@@ -104,8 +105,7 @@ def build_text_cache(models: Models, prompts: List[str], root: Path, dataset_fin
                 tensors["pooled"] = torch.cat(pooled).contiguous()
             write_atomic(folder / shard_name(s), lambda tmp: save_file(tensors, str(tmp)))
         bar.close()
-    if barrier is not None:  # every rank, whether it had work or not: collectives must pair up
-        barrier()
+    process.barrier()  # every rank, whether it had work or not: collectives must pair up
     if _missing_shards(folder, shards) or not (folder / "prompts.json").exists():
         raise RuntimeError(f"text cache {folder} is incomplete after filling it")
     return TextCache(folder, models.model_type)
