@@ -162,10 +162,28 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class TrainingData:
+    """The rows a run trains on, as prepare's data phase leaves them: the latent cache, the
+    prompts, the RPO embeddings (rows without one left out), the rows kept, and the schedule
+    of which rows each rank reads at each micro-batch (batches.py)."""
+
+    dataset: Any
+    cache: Any
+    cache_root: Path
+    prompts: PromptTable
+    emb_w: Optional[torch.Tensor]
+    emb_l: Optional[torch.Tensor]
+    readable: np.ndarray
+    schedule: PairSchedule
+
+
 def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase: None) -> Run:
-    """Builds the run in order: process, data and latents, embeddings, schedule, models on the
-    device, reference, adapters, optimizer, resume, then DDP and compilation. ``on_phase`` is
-    told what it starts doing (e.g. "encoding the latents"), for a report of an interrupt."""
+    """Builds the run in named phases, in order: the process, the data (rows, latents,
+    embeddings, schedule), the models on the device (prompts, reference, adapters), the
+    optimizer, the resume, the loss backend, then data parallelism and compilation.
+    ``on_phase`` is told what it starts doing (e.g. "encoding the latents"), for a report of an
+    interrupt."""
     check_inputs(config)  # every path and optional package, before anything loads
     model_type = config.model_type
     if model_type == "auto":
@@ -174,36 +192,85 @@ def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase:
     if config.resolution is None:  # the model's own size (SD1.5 512, SDXL 1024), as the diffusers examples
         config = dataclasses.replace(config, resolution=native or (1024 if model_type == "sdxl" else 512))
     process = Process.start(config)
-    device, rank, world = process.device, process.rank, process.world
-    if config.fsdp and world < 2:
+    if config.fsdp and process.world < 2:
         raise ValueError("fsdp: shards the UNet over the processes of a torchrun launch; run with "
                          "torchrun --nproc-per-node N (N >= 2), or drop --fsdp")
-    _seed_everything(config.seed + rank)
+    _seed_everything(config.seed + process.rank)
     output_dir = Path(config.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    # Data: rows, then each image VAE-encoded once into the latent cache (or read from it).
     on_phase("reading the data")
+    dataset, full_dataset = _read_data(config)
+    resume = _resume_point(config, output_dir, process.world, dataset.fingerprint)  # before the caches fill
+    on_phase("loading the models")
+    models = load_models(config)
+    data = _training_data(config, dataset, full_dataset, models, process, on_phase)
+    if config.max_steps is None:  # --num-train-epochs
+        steps = math.ceil(config.num_train_epochs * data.schedule.micro_batches_per_epoch
+                          / config.gradient_accumulation_steps)
+        config = dataclasses.replace(config, max_steps=steps)
+        if resume is not None:
+            resume.resolve_max_steps(config)
+
+    _prompts_on_device(config, models, data, process, on_phase)
+    unet = models.unet.to(process.device)
+    on_phase("computing the reference errors" if config.precompute_ref else "setting up the reference")
+    phases = PhaseClock()
+    with phases("reference set-up"):
+        reference = _reference(config, unet, models, data.cache, data.prompts, data.schedule, dataset.fingerprint,
+                               process)
+    _make_trainable(config, unet, reference, process)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = make_optimizer(config, params, process.device)
+    from diffusers.optimization import get_scheduler
+
+    run = Run(
+        config=config, output_dir=output_dir, process=process, models=models,
+        unet=unet, forward_model=unet, ddp=None, reference=reference, params=params, optimizer=optimizer,
+        lr_scheduler=get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                   num_training_steps=config.max_steps),
+        grad_scaler=torch.amp.GradScaler(process.device.type) if config.mixed_precision == "fp16" else None,
+        schedule=data.schedule, cache=data.cache, prompts=data.prompts, emb_w=data.emb_w, emb_l=data.emb_l,
+        skipped_pairs=int(len(dataset) - data.readable.sum()),
+        dataset_fingerprint=dataset.fingerprint, dropped_ties=dataset.dropped_ties,
+        skipped=_skipped_rows(dataset, data.cache.valid, data.readable, config.embeddings) if process.main else [],
+        model_type=model_type, native_resolution=native, phases=phases,
+    )
+
+    # Resume: weights, optimizer, LR schedule, RNG states, data position, counters.
+    on_phase("loading the checkpoint")
+    if resume is not None:
+        _restore(run, resume)
+    on_phase("choosing the loss backend")
+    run.loss_backend = _choose_loss_backend(run)
+    _wrap_for_parallel(run)
+    return run
+
+
+def _read_data(config: TrainConfig):
+    """(the rows trained on, all the rows): ``--max-train-samples`` draws a subset."""
     dataset = full_dataset = load_preference_dataset(config.data, split=config.split, drop_ties=config.drop_ties,
                                                      max_rows=config.max_rows, cache_dir=config.cache_dir)
     if config.max_train_samples is not None and config.max_train_samples < len(dataset):
         dataset = SampledPreferenceDataset(dataset, config.max_train_samples, config.seed)
     if len(dataset) == 0:
         raise ValueError(f"data: {config.data!r} (split {config.split!r}) has no usable rows")
-    resume = _resume_point(config, output_dir, world, dataset.fingerprint)  # checked before the caches fill
-    on_phase("loading the models")
-    models = load_models(config)
+    return dataset, full_dataset
+
+
+def _training_data(config: TrainConfig, dataset, full_dataset, models: Models, process: Process,
+                   on_phase: Callable[[str], None]) -> TrainingData:
+    """Each image VAE-encoded once into the latent cache (or read from it), the prompts, the
+    embeddings (rows without one are left out like unreadable ones), and the schedule."""
     on_phase("encoding the latents (finished shards of the latent cache are kept)")
     cache_root = Path(config.latent_cache).expanduser() if config.latent_cache else default_cache_root()
-    models.vae.to(device)  # fp32: the SDXL VAE overflows in fp16, and encoding happens once
+    models.vae.to(process.device)  # fp32: the SDXL VAE overflows in fp16, and encoding happens once
     spec = LatentSpec(config.resolution, config.hflip, config.seed if config.random_crop else None)
     cache = build_latent_cache(dataset, models.vae, cache_root, spec, vae_identity=module_identity(models.vae),
                                process=process, batch_size=config.vae_encode_batch_size,
                                num_workers=config.dataloader_num_workers)
     models.vae = None  # not needed any more: free its memory
     prompts = PromptTable([dataset.prompt(i) for i in range(len(dataset))], config.seed, config.proportion_empty_prompts)
-
-    # Embeddings (rpo's similarity weights): rows without one are left out like unreadable ones.
     emb_w = emb_l = None
     readable = cache.valid.copy()
     if config.embeddings:
@@ -213,31 +280,31 @@ def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase:
         if dataset is not full_dataset:
             emb_w, emb_l = emb_w[dataset.rows], emb_l[dataset.rows]
         readable &= (emb_w.abs().sum(1) > 0).numpy() & (emb_l.abs().sum(1) > 0).numpy()
-        emb_w, emb_l = emb_w.to(device), emb_l.to(device)
+        emb_w, emb_l = emb_w.to(process.device), emb_l.to(process.device)
+    schedule = PairSchedule(np.flatnonzero(readable), config.batch_pairs, process.world, config.seed)
+    return TrainingData(dataset, cache, cache_root, prompts, emb_w, emb_l, readable, schedule)
 
-    # The schedule: which rows each rank reads at each micro-batch (batches.py).
-    schedule = PairSchedule(np.flatnonzero(readable), config.batch_pairs, world, config.seed)
-    if config.max_steps is None:  # --num-train-epochs
-        steps = math.ceil(config.num_train_epochs * schedule.micro_batches_per_epoch / config.gradient_accumulation_steps)
-        config = dataclasses.replace(config, max_steps=steps)
-        if resume is not None:
-            resume.resolve_max_steps(config)
 
-    low_dtype = weight_dtype(config.mixed_precision)
+def _prompts_on_device(config: TrainConfig, models: Models, data: TrainingData, process: Process,
+                       on_phase: Callable[[str], None]) -> None:
+    """The text encoders on the device; with ``--text-cache`` each distinct prompt encoded once,
+    and the encoders then leave the device."""
+    device = process.device
     for encoder in models.text_encoders:
-        encoder.to(device, dtype=low_dtype if device.type == "cuda" else torch.float32)
-    if config.text_cache:  # each distinct prompt encoded once; the encoders then leave the device
+        encoder.to(device, dtype=weight_dtype(config.mixed_precision) if device.type == "cuda" else torch.float32)
+    if config.text_cache:
         on_phase("encoding the prompts (finished shards of the text cache are kept)")
-        models.text_cache = build_text_cache(models, prompts.prompts, cache_root, dataset.fingerprint,
+        models.text_cache = build_text_cache(models, data.prompts.prompts, data.cache_root, data.dataset.fingerprint,
                                              config.resolution, process=process)
         models.text_encoders = []
-    unet = models.unet.to(device)
-    on_phase("computing the reference errors" if config.precompute_ref else "setting up the reference")
-    phases = PhaseClock()
-    with phases("reference set-up"):
-        reference = _reference(config, unet, models, cache, prompts, schedule, dataset.fingerprint, process)
+
+
+def _make_trainable(config: TrainConfig, unet, reference: Optional[Reference], process: Process) -> None:
+    """LoRA adapters (or all weights) to train, gradient checkpointing, FSDP sharding: in place,
+    after the reference was set up and before the optimizer sees the parameters."""
+    low_dtype = weight_dtype(config.mixed_precision)
     if config.lora:
-        if config.mixed_precision != "no" and device.type == "cuda":
+        if config.mixed_precision != "no" and process.device.type == "cuda":
             unet.to(low_dtype)  # frozen base weights in the low precision, adapters stay fp32
         # The adapters' initial weights are a function of the seed alone, the same on every
         # rank: filling the caches above draws from the global generators (DataLoader seeds).
@@ -251,41 +318,19 @@ def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase:
         sharding.shard_unet(unet, param_dtype)
         if reference is not None and reference.kind == "copy":
             sharding.shard_unet(reference.model, param_dtype)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = make_optimizer(config, params, device)
-    from diffusers.optimization import get_scheduler
 
-    run = Run(
-        config=config, output_dir=output_dir, process=process, models=models,
-        unet=unet, forward_model=unet, ddp=None, reference=reference, params=params, optimizer=optimizer,
-        lr_scheduler=get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                   num_training_steps=config.max_steps),
-        grad_scaler=torch.amp.GradScaler(device.type) if config.mixed_precision == "fp16" else None,
-        schedule=schedule, cache=cache, prompts=prompts, emb_w=emb_w, emb_l=emb_l,
-        skipped_pairs=int(len(dataset) - readable.sum()),
-        dataset_fingerprint=dataset.fingerprint, dropped_ties=dataset.dropped_ties,
-        skipped=_skipped_rows(dataset, cache.valid, readable, config.embeddings) if rank == 0 else [],
-        model_type=model_type, native_resolution=native, phases=phases,
-    )
 
-    # Resume: weights, optimizer, LR schedule, RNG states, data position, counters.
-    on_phase("loading the checkpoint")
-    if resume is not None:
-        _restore(run, resume)
-
-    on_phase("choosing the loss backend")
-    run.loss_backend = _choose_loss_backend(run)
-
-    # Wrap for data parallelism, then compile (DDP first lets dynamo split graphs at buckets).
-    if world > 1 and not config.fsdp:
+def _wrap_for_parallel(run: Run) -> None:
+    """DDP (unless FSDP), then compilation: DDP first lets dynamo split graphs at its buckets."""
+    config, device = run.config, run.device
+    if run.world > 1 and not config.fsdp:
         run.ddp = torch.nn.parallel.DistributedDataParallel(  # gradients as views of the buckets: not held twice
-            unet, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+            run.unet, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
         run.forward_model = run.ddp
     if config.compile if config.compile is not None else device.type == "cuda":
         run.forward_model = torch.compile(run.forward_model, mode=config.compile_mode)
-        if reference is not None and reference.model is not None:
-            reference.forward = torch.compile(reference.model, mode=config.compile_mode)
-    return run
+        if run.reference is not None and run.reference.model is not None:
+            run.reference.forward = torch.compile(run.reference.model, mode=config.compile_mode)
 
 
 def _choose_loss_backend(run: Run) -> str:
