@@ -51,7 +51,7 @@ from rpo_fast.demo.evaluate import GUIDANCE_SCALE, INFERENCE_STEPS, evaluate
 from rpo_fast.demo.finetune import FinetuneSettings, finetune
 from rpo_fast.demo.scores import MAX_FIDELITY_DROP, foreground_mask, keeps_fidelity
 from rpo_fast.demo.shapes import parse_caption, split_scenes
-from rpo_fast.demo.stats import mean_ci
+from rpo_fast.evaluation.stats import mean_ci
 from rpo_fast.machine import cpu_cores, cpu_model
 
 CONDITIONS = ("H", "P")

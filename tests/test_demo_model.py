@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from rpo_fast.data import load_preference_dataset
-from rpo_fast.demo import base_model, datasets, scores, shapes, stats
+from rpo_fast.demo import base_model, datasets, scores, shapes
+from rpo_fast.evaluation import stats
 
 
 def test_identity_vae_is_the_identity_through_encode_and_decode():

@@ -273,7 +273,7 @@ def test_summary_and_win_rate():
     assert win_rate(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 3.0])) == 0.5
     with pytest.raises(ValueError, match="differ"):
         summarize(base, {"other": tuned["m"]})
-    from rpo_fast.demo.stats import mean_ci
+    from rpo_fast.evaluation.stats import mean_ci
 
     assert s["delta_ci95"] == pytest.approx(mean_ci([2.0, 0.0, -4.0])[1]) and s["delta_ci95"] > 0
     grid = image_grid({"base": [_image(1)] * 3, "tuned": [_image(2)] * 3}, cell=32, label_width=40)

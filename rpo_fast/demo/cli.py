@@ -31,7 +31,7 @@ from .finetune import FinetuneSettings, finetune
 from .report import save_grid, save_score_plot
 from .scores import MAX_FIDELITY_DROP, keeps_fidelity
 from .shapes import split_scenes
-from .stats import mean_ci
+from ..evaluation.stats import mean_ci
 
 DEFAULTS = FinetuneSettings()
 MIN_STYLE_GAIN = 0.25  # the success test: style rate up by at least this much (absolute)

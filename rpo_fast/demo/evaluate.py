@@ -15,7 +15,7 @@ import torch
 
 from .scores import score_images
 from .shapes import IMAGE_SIZE, Scene
-from .stats import mean_ci
+from ..evaluation.stats import mean_ci
 
 INFERENCE_STEPS = 20
 GUIDANCE_SCALE = 3.0

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 import torch
 from PIL import Image, ImageDraw
 
-from ..demo.stats import mean_ci
+from .stats import mean_ci
 from ..atomic import write_atomic
 from .outputs import write_text
 
