@@ -11,6 +11,7 @@ extras (diffusers, transformers; open_clip's BPE vocabulary for the tokenizers).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -54,34 +55,39 @@ def _unet(sample_size: int, block_out_channels: Sequence[int], **extra):
     )
 
 
-def build_tiny_sd15(
-    save_dir: PathLike,
-    *,
-    sample_size: int = 8,
-    block_out_channels: Sequence[int] = (32, 64),
-    text_hidden: int = 32,
-    text_layers: int = 2,
-    num_merges: int = 1000,
-    prediction_type: str = "epsilon",
-    seed: int = 0,
-) -> Path:
+@dataclass(frozen=True)
+class TinySizes:
+    """The sizes of a tiny pipeline (the keyword arguments of both builders)."""
+
+    sample_size: int = 8
+    block_out_channels: Sequence[int] = (32, 64)
+    text_hidden: int = 32
+    text_layers: int = 2
+    num_merges: int = 1000
+    prediction_type: str = "epsilon"
+    seed: int = 0
+
+
+def build_tiny_sd15(save_dir: PathLike, **sizes) -> Path:
     """Saves a tiny SD1.5-architecture pipeline (unet, vae, text_encoder, tokenizer,
-    scheduler) to ``save_dir`` and returns it. The tiny VAE (two blocks) downsamples by 2,
-    so the UNet's native images are ``2 * sample_size`` pixels (any multiple of 4 works)."""
+    scheduler) to ``save_dir`` and returns it; ``sizes``: TinySizes' fields. The tiny VAE (two
+    blocks) downsamples by 2, so the UNet's native images are ``2 * sample_size`` pixels (any
+    multiple of 4 works)."""
     from diffusers import StableDiffusionPipeline
 
-    torch.manual_seed(seed)
+    z = TinySizes(**sizes)
+    torch.manual_seed(z.seed)
     save_dir = Path(save_dir)
-    tokenizer = build_tokenizer(save_dir / "tokenizer", num_merges)
-    text_encoder = tiny_text_encoder(len(tokenizer), text_hidden, text_hidden, 77, with_projection=False,
-                                     num_layers=text_layers)
-    unet = _unet(sample_size, block_out_channels, cross_attention_dim=text_hidden)
+    tokenizer = build_tokenizer(save_dir / "tokenizer", z.num_merges)
+    text_encoder = tiny_text_encoder(len(tokenizer), z.text_hidden, z.text_hidden, 77, with_projection=False,
+                                     num_layers=z.text_layers)
+    unet = _unet(z.sample_size, z.block_out_channels, cross_attention_dim=z.text_hidden)
     pipe = StableDiffusionPipeline(
         vae=_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=tiny_scheduler(prediction_type),
+        scheduler=tiny_scheduler(z.prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -90,38 +96,30 @@ def build_tiny_sd15(
     return save_dir
 
 
-def build_tiny_sdxl(
-    save_dir: PathLike,
-    *,
-    sample_size: int = 8,
-    block_out_channels: Sequence[int] = (32, 64),
-    text_hidden: int = 32,
-    text_layers: int = 2,
-    num_merges: int = 1000,
-    prediction_type: str = "epsilon",
-    seed: int = 0,
-) -> Path:
+def build_tiny_sdxl(save_dir: PathLike, **sizes) -> Path:
     """Saves a tiny SDXL-architecture pipeline: two text encoders (the second with a
-    projection giving the pooled embedding), ``text_time`` added conditioning."""
+    projection giving the pooled embedding), ``text_time`` added conditioning; ``sizes``:
+    TinySizes' fields."""
     from diffusers import StableDiffusionXLPipeline
 
-    torch.manual_seed(seed)
+    z = TinySizes(**sizes)
+    torch.manual_seed(z.seed)
     save_dir = Path(save_dir)
-    tokenizer = build_tokenizer(save_dir / "tokenizer", num_merges)
-    tokenizer_2 = build_tokenizer(save_dir / "tokenizer_2", num_merges)
-    text_encoder = tiny_text_encoder(len(tokenizer), text_hidden, text_hidden, 77, with_projection=False,
-                                     num_layers=text_layers)
-    text_encoder_2 = tiny_text_encoder(len(tokenizer_2), text_hidden, text_hidden, 77, with_projection=True,
-                                       num_layers=text_layers)
+    tokenizer = build_tokenizer(save_dir / "tokenizer", z.num_merges)
+    tokenizer_2 = build_tokenizer(save_dir / "tokenizer_2", z.num_merges)
+    text_encoder = tiny_text_encoder(len(tokenizer), z.text_hidden, z.text_hidden, 77, with_projection=False,
+                                     num_layers=z.text_layers)
+    text_encoder_2 = tiny_text_encoder(len(tokenizer_2), z.text_hidden, z.text_hidden, 77, with_projection=True,
+                                       num_layers=z.text_layers)
     time_embed_dim = 8
     unet = _unet(
-        sample_size,
-        block_out_channels,
-        cross_attention_dim=2 * text_hidden,  # both encoders' hidden states, concatenated
+        z.sample_size,
+        z.block_out_channels,
+        cross_attention_dim=2 * z.text_hidden,  # both encoders' hidden states, concatenated
         addition_embed_type="text_time",
         addition_time_embed_dim=time_embed_dim,
         # pooled text embedding + 6 time ids (original size, crop offset, target size)
-        projection_class_embeddings_input_dim=text_hidden + 6 * time_embed_dim,
+        projection_class_embeddings_input_dim=z.text_hidden + 6 * time_embed_dim,
     )
     pipe = StableDiffusionXLPipeline(
         vae=_vae(),
@@ -130,7 +128,7 @@ def build_tiny_sdxl(
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet,
-        scheduler=tiny_scheduler(prediction_type),
+        scheduler=tiny_scheduler(z.prediction_type),
     )
     pipe.save_pretrained(save_dir)
     return save_dir
