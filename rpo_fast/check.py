@@ -41,17 +41,6 @@ class Measurement:
     ms: float  # median forward + backward at the timed shape
 
 
-def timed_batch(pairs: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """Predictions whose errors differ from the reference's by ~1e-4, as in training."""
-    gen = torch.Generator().manual_seed(seed)
-    target = torch.randn(2 * pairs, *shape, generator=gen)
-    ref_pred = target + torch.randn(2 * pairs, *shape, generator=gen)
-    model_pred = ref_pred + 1e-2 * torch.randn(2 * pairs, *shape, generator=gen)
-    emb = torch.randn(2 * pairs, 16, generator=gen)
-    on = dict(dtype=dtype, device=device)
-    return model_pred.to(**on), target.to(**on), ref_pred.to(**on), emb[:pairs].to(device), emb[pairs:].to(device)
-
-
 def measure(method: str, device: torch.device, pairs: int, shape: Sequence[int], dtype: torch.dtype,
             repeats: int = 10, reference: str = "ref_pred", weights: str = "embeddings",
             backends: Optional[List[str]] = None) -> List[Measurement]:
@@ -60,20 +49,9 @@ def measure(method: str, device: torch.device, pairs: int, shape: Sequence[int],
                          and (b == "torch" or dtype in (torch.float32, torch.bfloat16, torch.float16))]
     weights = weights if method == "rpo" else "none"
     reference = reference if method != "sft" else "none"
-    model_pred, target, ref_pred, emb_w, emb_l = timed_batch(pairs, shape, dtype, device)
-    inputs = verify.probe_inputs(verify.CallClass("torch", device.type, method, dtype, reference, weights,
-                                                  "sigmoid", "mean"), device)
-    timed = replace(
-        inputs, model_pred=model_pred, target=target, ref_pred=ref_pred if reference == "ref_pred" else None,
-        ref_err=(ref_pred.double() - target.double()).pow(2).flatten(1).mean(1).float() if reference == "ref_err" else None,
-        emb_w=emb_w if weights == "embeddings" else None, emb_l=emb_l if weights == "embeddings" else None,
-        weights=torch.rand(pairs, pairs, device=device) if weights == "explicit" else None)
-    findings = {}
-    for name in names:
-        call = verify.CallClass.of(name, inputs)
-        found = verify.compare(lambda i: verify.run_backend(_backend(name), i), inputs, verify._grad_rtol(call),
-                               verify.SLACK)
-        findings[name] = found
+    call = verify.CallClass("torch", device.type, method, dtype, reference, weights, "sigmoid", "mean")
+    timed = verify.probe_inputs(call, device, pairs, tuple(shape))  # the same kind of call at the user's size
+    findings = {name: verify.probe(_backend(name), replace(call, backend=name), device) for name in names}
     times: Dict[str, List[float]] = {name: [] for name in names}
     for name in names:  # warm-up: first launches, compilation
         for _ in range(2):
@@ -87,7 +65,7 @@ def measure(method: str, device: torch.device, pairs: int, shape: Sequence[int],
             times[name].append(1e3 * (time.perf_counter() - start))
     out = []
     for name in names:
-        worst = max(findings[name], key=lambda f: f.distance / max(f.tolerance, 1e-300))
+        worst = verify.worst(findings[name])
         out.append(Measurement(name, all(f.ok for f in findings[name]),
                                f"{worst.what} {worst.distance:.2g} / {worst.tolerance:.2g}",
                                statistics.median(times[name])))

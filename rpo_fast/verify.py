@@ -91,25 +91,26 @@ class CallClass:
         return f"{self.method} {dtype} {self.reference} weights={self.weights} {self.loss_type} {self.weight_norm}"
 
 
-def probe_inputs(call: CallClass, device: torch.device) -> LossInputs:
-    """A deterministic call of class ``call``: errors near the reference's, ``beta (dl - dw)``
-    of order 1, so that every term of the loss and its gradient is exercised."""
+def probe_inputs(call: CallClass, device: torch.device, pairs: int = PROBE_PAIRS,
+                 shape: Tuple[int, ...] = PROBE_SHAPE) -> LossInputs:
+    """A deterministic call of class ``call`` (``pairs`` pairs of ``shape`` samples): errors
+    near the reference's, ``beta (dl - dw)`` of order 1, so that every term of the loss and its
+    gradient is exercised."""
     gen = torch.Generator().manual_seed(20261207)
-    n = 2 * PROBE_PAIRS
-    target = torch.randn(n, *PROBE_SHAPE, generator=gen)
-    ref_pred = target + torch.randn(n, *PROBE_SHAPE, generator=gen)
-    model_pred = ref_pred + 0.05 * torch.randn(n, *PROBE_SHAPE, generator=gen)
+    n = 2 * pairs
+    target = torch.randn(n, *shape, generator=gen)
+    ref_pred = target + torch.randn(n, *shape, generator=gen)
+    model_pred = ref_pred + 0.05 * torch.randn(n, *shape, generator=gen)
     emb = torch.randn(n, 8, generator=gen)
-    weights = torch.rand(PROBE_PAIRS, PROBE_PAIRS, generator=gen)
+    weights = torch.rand(pairs, pairs, generator=gen)
     on = dict(device=device, dtype=call.dtype)
-    ref_pred = ref_pred.to(**on)
-    ref_err = (ref_pred.double() - target.to(**on).double()).pow(2).flatten(1).mean(1).float().to(device)
+    ref_pred, target = ref_pred.to(**on), target.to(**on)
     return LossInputs(
-        method=call.method, model_pred=model_pred.to(**on), target=target.to(**on),
+        method=call.method, model_pred=model_pred.to(**on), target=target,
         ref_pred=ref_pred if call.reference == "ref_pred" else None,
-        ref_err=ref_err if call.reference == "ref_err" else None,
-        emb_w=emb[:PROBE_PAIRS].to(device) if call.weights == "embeddings" else None,
-        emb_l=emb[PROBE_PAIRS:].to(device) if call.weights == "embeddings" else None,
+        ref_err=errors64(ref_pred, target).float() if call.reference == "ref_err" else None,
+        emb_w=emb[:pairs].to(device) if call.weights == "embeddings" else None,
+        emb_l=emb[pairs:].to(device) if call.weights == "embeddings" else None,
         weights=weights.to(device) if call.weights == "explicit" else None,
         beta=PROBE_BETA, tau=0.5, loss_type=call.loss_type if call.method != "sft" else None,
         weight_norm=call.weight_norm)
@@ -197,6 +198,17 @@ def compare(run: Run, inputs: LossInputs, grad_rtol: Optional[Dict[torch.dtype, 
     return [replace(f, tolerance=slack * f.tolerance) for f in found]
 
 
+def probe(backend, call: CallClass, device: torch.device) -> List[Finding]:
+    """``backend`` (a dispatch.Backend) on the probe of ``call`` against the float64 reference,
+    within ``SLACK`` times the rounding bounds."""
+    return compare(lambda i: run_backend(backend, i), probe_inputs(call, device), _grad_rtol(call), SLACK)
+
+
+def worst(findings: List[Finding]) -> Finding:
+    """The finding closest to (or furthest past) its tolerance."""
+    return max(findings, key=lambda f: f.distance / max(f.tolerance, 1e-300))
+
+
 def run_backend(backend, inputs: LossInputs) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss, metrics vector and d loss / d model_pred of ``backend`` (a dispatch.Backend) on one rank."""
     from .functional import apply  # the loss's own path through a backend
@@ -226,14 +238,13 @@ def verify_backend(backend, inputs: LossInputs, process_group=None) -> bool:
     if call in _DECIDED:
         return _DECIDED[call]
     device = inputs.model_pred.device
-    findings = compare(lambda i: run_backend(backend, i), probe_inputs(call, device), _grad_rtol(call), SLACK)
-    bad = [f for f in findings if not f.ok]
+    bad = [f for f in probe(backend, call, device) if not f.ok]
     ok = _agree(not bad, device, process_group)
     _DECIDED[call] = ok
     if not ok:
-        worst = max(bad, key=lambda f: f.distance / max(f.tolerance, 1e-300)) if bad else None
+        found = worst(bad) if bad else None
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-        seen = (f"{worst.what} off by {worst.distance:.3g} (tolerance {worst.tolerance:.3g})" if worst
+        seen = (f"{found.what} off by {found.distance:.3g} (tolerance {found.tolerance:.3g})" if found
                 else "another rank found a mismatch")
         line = (f"rpo_fast: the {backend.name!r} backend disagrees with the reference on {name} for {call}: {seen}; "
                 f"using the 'torch' backend on {device.type} for the rest of this process; "

@@ -42,7 +42,7 @@ from .preflight import check_inputs, check_output_dir, clear_run
 from . import sharding
 from .phases import PhaseClock
 from .process import Process, weight_dtype
-from .ref_model import Reference, frozen_copy, precompute_reference_errors, table_key
+from .ref_model import Reference, frozen_copy, precompute_reference_errors
 from .text_cache import build_text_cache
 
 # What a checkpoint records beyond its config: a resumed run must have the same (checked
@@ -349,12 +349,11 @@ def _choose_loss_backend(run: Run) -> str:
     if run.rank == 0:
         shape = run.cache.latent_shape
         dtype = weight_dtype(config.mixed_precision)
-        method = config.method
-        found = check.measure(method, run.device, config.batch_pairs, shape, dtype,
+        found = check.measure(config.method, run.device, config.batch_pairs, shape, dtype,
                               reference="ref_err" if run.reference is not None and run.reference.kind == "precomputed"
                               else "ref_pred",
                               weights="embeddings" if run.emb_w is not None else "uniform")
-        record[0] = {"chosen": check.fastest(found), "device": check.device_name(run.device), "method": method,
+        record[0] = {"chosen": check.fastest(found), "device": check.device_name(run.device), "method": config.method,
                      "pairs": config.batch_pairs, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
                      "measurements": check.as_records(found)}
         write_atomic(run.output_dir / "loss_backend.json",
@@ -376,12 +375,8 @@ def _reference(config: TrainConfig, unet, models, cache, prompts, schedule: Pair
     if not config.uses_reference:
         return None
     if config.precompute_ref:
-        micro_batches = config.max_steps * config.gradient_accumulation_steps
-        model_key = f"{config.pretrained_model}@{config.revision}/{config.variant}"
-        key = table_key(fingerprint, cache.folder.name, model_key, schedule, micro_batches, config.mixed_precision,
-                        prompts.empty_rate)
         return Reference("precomputed", table=precompute_reference_errors(unet, models, cache, prompts, schedule,
-                                                                          config, key, process))
+                                                                          config, fingerprint, process))
     if config.lora:
         return Reference("lora", model=unet)
     ref_dtype = (DTYPE_NAMES[config.ref_dtype] if config.ref_dtype

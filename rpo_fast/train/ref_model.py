@@ -92,11 +92,14 @@ def table_key(dataset_fingerprint: str, latent_key: str, model_key: str, schedul
 
 @torch.no_grad()
 def precompute_reference_errors(unet: torch.nn.Module, models, cache, prompts, schedule: PairSchedule, config,
-                                key: str, process: Process) -> torch.Tensor:
+                                dataset_fingerprint: str, process: Process) -> torch.Tensor:
     """The (epochs, N, 2) table of reference errors (NaN where a row is not visited) of the
     ``config.max_steps`` steps of ``config`` (a TrainConfig), loaded from the run's
-    ``REF_ERRORS_FILE`` when its ``key`` matches, else computed (split over ranks) and saved."""
+    ``REF_ERRORS_FILE`` when its key (``table_key``: data, latents, model, schedule, length,
+    precision) matches, else computed (split over ranks) and saved."""
     num_micro_batches = config.max_steps * config.gradient_accumulation_steps
+    key = table_key(dataset_fingerprint, cache.folder.name, f"{config.pretrained_model}@{config.revision}/"
+                    f"{config.variant}", schedule, num_micro_batches, config.mixed_precision, prompts.empty_rate)
     path = Path(config.output_dir).expanduser().resolve() / REF_ERRORS_FILE
     seed, resolution, batch_pairs = config.seed, config.resolution, 2 * config.batch_pairs
     rank, world, device = process.rank, process.world, process.device
