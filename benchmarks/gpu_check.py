@@ -117,6 +117,7 @@ def _build(work: Path, wheels: Path, capability: str) -> Tuple[Dict, str]:
 def run_check(out: Path, wheels: Path, work: Path) -> Dict:
     machine = _machine()
     gpu = machine["gpu"] is not None
+    limits = LIMITS if gpu else DRY_LIMITS
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     stages: List[Dict] = []
@@ -138,11 +139,10 @@ def run_check(out: Path, wheels: Path, work: Path) -> Dict:
         stages.append(_skipped("tests", "the build failed"))
     elif gpu:
         env_gpu = {**env, "TRITON_INTERPRET": "0"}
-        stages.append(_run("tests", [*pytest, "-m", "not slow", *KERNEL_TESTS], LIMITS["tests"], env_gpu))
+        stages.append(_run("tests", [*pytest, "-m", "not slow", *KERNEL_TESTS], limits["tests"], env_gpu))
     else:
-        stages.append(_run("tests", [*pytest, "--collect-only", "-m", "gpu", *KERNEL_TESTS], DRY_LIMITS["tests"], env))
+        stages.append(_run("tests", [*pytest, "--collect-only", "-m", "gpu", *KERNEL_TESTS], limits["tests"], env))
 
-    limits = LIMITS if gpu else DRY_LIMITS
     if python is None:
         stages.append(_skipped("check", "the build failed"))
     else:  # GPU: SD1.5's latents, 16 pairs, both training precisions; dry: the same code, toy sizes, once
