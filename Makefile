@@ -9,9 +9,9 @@ BUILD_STAMP := $(VENV)/.extension-built
 CSRC := $(shell find csrc -type f 2>/dev/null)
 PYTEST := $(BIN)/python -m pytest
 # diffusers and the test tools a bare GPU machine may lack, at the versions set-up installed
-GPU_WHEEL_NAMES := diffusers|importlib.metadata|zipp|pytest|iniconfig|pluggy|pygments|pytest-benchmark|py-cpuinfo2|pytest-timeout
+GPU_WHEEL_NAMES := diffusers|importlib.metadata|zipp|pytest|iniconfig|pluggy|pygments|pytest-timeout
 
-.PHONY: setup demo test test-all test-gpu gpu-check gpu-wheels bench bench-quality clean
+.PHONY: setup demo test test-all test-gpu gpu-check gpu-wheels bench bench-step bench-quality clean
 
 setup: $(BUILD_STAMP)
 
@@ -55,7 +55,11 @@ gpu-wheels: setup
 	@du -sh gpu_wheels && ls gpu_wheels
 
 bench: setup
-	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)  # e.g. BENCH_ARGS=--quick
+	$(BIN)/python -m benchmarks.loss $(BENCH_ARGS)  # e.g. BENCH_ARGS=--quick
+
+# rpo-fast train beside the official Diffusion-DPO trainer: OFFICIAL=/path/to/a/DiffusionDPO/checkout
+bench-step: setup
+	$(BIN)/python -m benchmarks.step --official $(OFFICIAL) $(BENCH_ARGS)
 
 bench-quality: setup
 	$(BIN)/python -m benchmarks.quality $(BENCH_ARGS)

@@ -1,5 +1,3 @@
-"""The rpo-fast benchmark suite (pytest-benchmark). Run it with ``make bench``.
-
-``benchmarks/run.py`` runs the suite and writes ``benchmarks/results/<machine>.{json,md,png}``;
-``benchmarks/report.py`` turns a results json into the table and plots. See docs/benchmarks.md.
-"""
+"""rpo-fast's benchmarks, one script per question, sharing harness.py (docs/benchmarks.md):
+loss.py (``make bench``), step.py (``make bench-step``), quality.py (``make bench-quality``),
+gpu_check.py (``make gpu-check``) and step_timing.py (its step-component stage)."""

@@ -15,15 +15,14 @@ Stages, on a machine with a CUDA device:
 3. **check**: ``rpo-fast check --device cuda`` at SD1.5's latent shape, bf16 and fp32: every
    GPU backend probed against the float64 reference (the first-use check's probe) and timed,
    forward and backward; which is right and which is fastest (what ``--backend auto`` picks);
-4. **bench**: the loss benchmark on the GPU (``benchmarks.run --only loss -k M16``): SD1.5 and
-   SDXL latents, M = 16 (the target rows; the whole grid's 32 inductor compilations would not
-   fit the stage's time), fp32 and bf16, rpo and dpo; eager, compiled, triton, cuda, and a
-   device copy for the roofline;
+4. **bench**: the loss benchmark on the GPU (``benchmarks.loss -k M16``): SD1.5 and SDXL
+   latents, M = 16 (the whole grid's 32 inductor compilations would not fit the stage's time),
+   fp32 and bf16, rpo and dpo; eager, compiled, triton, cuda, and a device copy for the byte bound;
 5. **train**: with diffusers present, the gpu-marked training tests (a tiny SD UNet compiled,
    bf16, LoRA / full / precomputed reference, and its throughput);
 6. **timing**: with diffusers present, a DPO step's components on the real SD1.5 and SDXL
    architectures with random weights (``benchmarks.step_timing``): the official trainer's and
-   rpo-fast's configurations per pair, beside docs/step-budget.md's estimates.
+   rpo-fast's configurations per pair (docs/step-budget.md has the estimates to compare).
 
 Without a GPU every stage that needs none still runs, at a scale that takes seconds (a dry run:
 the script, the test collection, ``rpo-fast check`` and the benchmark's code path on CPU tensors,
@@ -158,7 +157,7 @@ def run_check(out: Path, wheels: Path, work: Path) -> Dict:
         stages.append(_skipped("bench", "the build failed"))
     else:
         profile = ["-k", "M16"] if gpu else ["--smoke"]
-        stages.append(_run("bench", [python, "-m", "benchmarks.run", "--only", "loss", *profile, "--out", str(bench_out),
+        stages.append(_run("bench", [python, "-m", "benchmarks.loss", *profile, "--out", str(bench_out),
                                      "--name", "gpu-check-loss"], limits["bench"], env))
 
     has_diffusers = python is not None and subprocess.run(  # found, not imported: seconds saved

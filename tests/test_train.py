@@ -10,7 +10,7 @@ import torch
 
 from rpo_fast.train import TrainConfig, train
 from rpo_fast.train import loop as train_loop
-from benchmarks.e2e.throughput import measure_throughput
+from benchmarks.step import measure_throughput
 from rpo_fast.train.batches import PairSchedule, assemble_batch, draw_sample
 from rpo_fast.train.cli import add_arguments, config_from_args
 from rpo_fast.train.latent_cache import LatentSpec, build_latent_cache
@@ -425,6 +425,11 @@ def test_speed_and_memory_options(run_training, tiny_sd15_dir, data_dir, latent_
         tiny_config(tiny_sd15_dir, data_dir, tmp_path_factory.mktemp("speed"), latent_root, method="rpo", lora=True),
         num_steps=2, warmup_steps=1)
     assert speed["pairs_per_s"] > 0 and speed["seconds_per_step"] > 0
+    # the trainer's own phase marks, per step: each phase timed, together no more than the step
+    for phase in ("batch assembly", "reference UNet forward", "policy UNet forward", "loss forward",
+                  "gradient clipping", "optimizer"):
+        assert speed["phase_ms"][phase] > 0, (phase, speed["phase_ms"])
+    assert sum(speed["phase_ms"].values()) <= 1e3 * speed["seconds_per_step"]
 
 
 @pytest.mark.slow

@@ -3,9 +3,9 @@
 Each phase of a step (batch assembly, the reference's and the policy's forward, the loss,
 gradient clipping, the optimizer) and the reference's set-up run inside ``run.phases(name)``:
 a ``torch.profiler.record_function`` range (so a profiler's trace names them) and the phase's
-wall seconds, summed until ``reset``. Nothing else reads the clock; benchmarks/e2e/phases.py
-does, so moving a call inside loop.py moves its mark with it. The seconds are host time: on a
-GPU they count launches, not kernels, unless the reader synchronises.
+wall seconds, summed until ``reset``. The step benchmark (benchmarks/step.py,
+``measure_throughput``) reads these seconds, so a call moved inside loop.py takes its mark
+along. The seconds are host time: on a GPU they count launches, not kernels.
 """
 
 from __future__ import annotations

@@ -1,38 +1,32 @@
-"""``rpo-fast train`` beside the official Diffusion-DPO trainer, run as published.
+"""A training step: ``rpo-fast train`` beside the official Diffusion-DPO trainer, run as published
+(``make bench-step OFFICIAL=/path/to/DiffusionDPO``), and the steady-state throughput of
+rpo-fast's real set-up and step with its phases (``measure_throughput``: the GPU check, tests).
 
-    python -m benchmarks.e2e.official --official /path/to/DiffusionDPO [--resolution 32 64]
+    python -m benchmarks.step --official /path/to/DiffusionDPO [--resolution 32 64] [--json F]
 
 ``--official`` is a checkout of SalesforceAIResearch/DiffusionDPO (its code stays out of this
 repository). Its ``train.py`` runs as published but for one line: the ``raise`` when xformers
 is missing (xformers has no CPU build), in a copy made in the work folder. Both trainers get
-the tiny SD1.5 pipeline and the Pick-a-Pic-format parquet of benchmarks/e2e/assets.py, the
-same pairs per step, resolution, fp32, dpo with ``beta_dpo`` 5000 (rpo-fast's beta 2500),
-constant learning rate, no checkpoints, one process.
+the tiny SD1.5 pipeline and the Pick-a-Pic-format parquet built here, the same pairs per step,
+resolution, fp32, dpo with ``beta_dpo`` 5000 (rpo-fast's beta 2500), constant learning rate,
+no checkpoints, one process.
 
 Time per optimizer step: the wall time of a run of ``--steps`` long minus one of ``--steps``
 short, over the difference in steps, so that start-up, data loading and the final save drop
-out. Each configuration runs ``--repeats`` times, the configurations interleaved. Peak memory,
-two ways: the child's maximum resident set (``wait4``), and its peak private memory (``RssAnon``
-of /proc/<pid>/status, sampled every 5 ms). On a CPU the first is mostly shared-library pages
-(600-770 of about 1300 MiB for these trainers, the most at interpreter exit, when destructors
-fault in more of libtorch), so the second is the one that measures what training holds.
-rpo-fast's latent cache is filled once before the timed runs (a feature the official trainer
-lacks; it VAE-encodes every step), and for ``--compile`` inductor's cache too (the first compilation at a shape took 90 s here); with
-``--precompute-ref`` the reference pass runs in every timed run, and is timed on its own from
-rpo-fast's log. ``baseline`` is benchmarks/e2e/baseline.py (the e2e benchmark's stand-in for
-the official loop), run through benchmarks/e2e/worker.py and timed the same way.
-
-Each run also reports, per step the same way, its CPU seconds (user + system, from ``wait4``)
-and its minor page faults. On a CPU a step faults in again the memory that glibc's malloc
-returned to the kernel the step before (a trimmed heap, a freed mapping), and how much that is
-depends on the heap's history, not on the step's work; ``--steady-malloc`` runs every trainer
-with malloc's thresholds fixed (benchmarks/machine.py, ``keep_freed_host_memory``), which
-stops it.
+out; each configuration ``--repeats`` times, the configurations interleaved. Peak memory two
+ways: the child's maximum resident set (``wait4``; on a CPU mostly shared-library pages) and
+its peak private memory (``RssAnon``, sampled every 5 ms: what training holds). Per step too:
+CPU seconds and minor page faults (``--steady-malloc`` fixes glibc's thresholds in every
+trainer, harness.keep_freed_host_memory, so no step faults back in a heap trimmed the step
+before). rpo-fast's latent cache (and for ``--compile`` inductor's cache) is filled before the
+timed runs: the official trainer VAE-encodes every step, rpo-fast once.
 """
+
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -46,10 +40,15 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from benchmarks.e2e.assets import preference_data, tiny_model
-from benchmarks.e2e.harness import child_env
-from benchmarks.e2e.memory import status_kib
-from benchmarks.machine import keep_freed_host_memory_env, machine_info
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.harness import child_env, keep_freed_host_memory_env, machine_info
+from benchmarks.tiny_models import build_tiny_sd15
+from rpo_fast.data import write_pickapic_parquet
+from rpo_fast.train import TrainConfig
+from rpo_fast.train.loop import prepare, settle_nonfinite, step_batches, train_step
 
 ROWS = 64
 REF_PASS = re.compile(r"reference errors of (\d+) pair\(s\) in ([0-9.]+) s")
@@ -58,10 +57,84 @@ XFORMERS_RAISE = 'raise ValueError("xformers is not available. Make sure it is i
 # rpo-fast configurations: name -> extra flags (dpo with a frozen reference is the base).
 RPO_FAST = {"rpo-fast": [], "rpo-fast --compile": ["--compile"], "rpo-fast --lora": ["--lora"],
             "rpo-fast --precompute-ref": ["--precompute-ref"]}
-TRAINERS = ("official", "baseline", *RPO_FAST)
+TRAINERS = ("official", *RPO_FAST)
 # What wait4 counts besides the time, reported per step like the time: CPU seconds (user +
 # system), system seconds, minor page faults.
 PER_STEP_COUNTS = ("cpu_s", "sys_s", "minor_faults")
+
+
+PROMPTS = ("a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen, studio photo", "an astronaut riding a horse")
+
+
+def tiny_model(workdir: Path) -> Path:
+    """``workdir/tiny-sd15``: built once (``save_pretrained`` layout), then reused."""
+    folder = Path(workdir) / "tiny-sd15"
+    if not (folder / "model_index.json").exists():
+        build_tiny_sd15(folder)
+    return folder
+
+
+def _image(rng: np.random.Generator, resolution: int) -> Image.Image:
+    """A smooth random picture (a coarse colour field upsampled, plus grain): JPEG-compressible
+    like a photo, unlike white noise."""
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((resolution, resolution), Image.BICUBIC)
+    grain = rng.normal(0, 8, (resolution, resolution, 3))
+    return Image.fromarray(np.clip(np.asarray(coarse, dtype=np.float64) + grain, 0, 255).astype(np.uint8))
+
+
+def preference_data(workdir: Path, resolution: int, rows: int, seed: int = 0) -> Path:
+    """``workdir/data-<rows>x<resolution>px``: a Pick-a-Pic-style parquet of ``rows`` pairs of
+    JPEGs at the training resolution (label_0 = 1 or 0, no ties)."""
+    folder = Path(workdir) / f"data-{rows}x{resolution}px"
+    if not (folder / "train.parquet").exists():
+        rng = np.random.default_rng(seed)
+        write_pickapic_parquet(folder, ((PROMPTS[i % len(PROMPTS)], _image(rng, resolution), _image(rng, resolution),
+                                         float(i % 2)) for i in range(rows)), image_format="JPEG")
+    return folder
+
+
+def measure_throughput(config: TrainConfig, num_steps: int = 10, warmup_steps: int = 2) -> Dict[str, object]:
+    """``num_steps`` optimizer steps after ``warmup_steps`` (compilation, caches) of the real
+    set-up and step, writing nothing but caches: pairs/s (global), seconds per step, the
+    trainer's own phase clock in ms per step (host time) and, on CUDA, peak memory in GiB."""
+    if num_steps < 1 or warmup_steps < 0:
+        raise ValueError(f"num_steps >= 1 and warmup_steps >= 0 expected, got {num_steps}, {warmup_steps}")
+    config = dataclasses.replace(config, max_steps=max(config.max_steps or 0, num_steps + warmup_steps), resume=None,
+                                 progress=False, save_final=False)
+    run = prepare(config)
+    cuda = run.device.type == "cuda"
+    try:
+        batches = step_batches(run, 0, num_steps + warmup_steps)
+        for _ in range(warmup_steps):
+            train_step(run, batches)
+        if cuda:
+            torch.cuda.synchronize(run.device)
+            torch.cuda.reset_peak_memory_stats(run.device)
+        run.phases.reset()
+        start = time.perf_counter()
+        for _ in range(num_steps):
+            train_step(run, batches, read=False)  # as rpo-fast train's steps between log steps
+        settle_nonfinite(run)  # reads the steps' finiteness: waits for the device
+        if cuda:
+            torch.cuda.synchronize(run.device)
+        seconds = time.perf_counter() - start
+        result = {"pairs_per_s": num_steps * run.global_pairs_per_step / seconds, "seconds_per_step": seconds / num_steps,
+                  "phase_ms": {name: 1e3 * s / num_steps for name, s in run.phases.seconds.items()}}
+        if cuda:
+            result["peak_memory_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+        return result
+    finally:
+        run.close()
+
+
+def status_kib(field: str, pid: str = "self") -> Optional[int]:
+    """One ``kB`` field of /proc/<pid>/status (None where there is none, or the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
 
 
 def official_script(checkout: Path, workdir: Path) -> Path:
@@ -69,7 +142,7 @@ def official_script(checkout: Path, workdir: Path) -> Path:
     if XFORMERS_RAISE not in source:
         raise SystemExit(f"--official: {checkout / 'train.py'} is not the expected version (no xformers check found)")
     script = workdir / "official_train.py"
-    script.write_text(source.replace(XFORMERS_RAISE, "pass  # xformers check lifted (benchmarks/e2e/official.py)"))
+    script.write_text(source.replace(XFORMERS_RAISE, "pass  # xformers check lifted (benchmarks/step.py)"))
     return script
 
 
@@ -88,13 +161,6 @@ def rpo_fast_command(flags: List[str], model: Path, data: Path, out: Path, cache
             "--max-steps", str(steps), "--resolution", str(resolution), "--method", "dpo", "--beta", "2500",
             "--mixed-precision", "no", "--learning-rate", "1e-5", "--lr-scheduler", "constant",
             "--checkpoint-every", "0", "--no-progress", "--seed", "0", *flags]
-
-
-def baseline_command(model: Path, data: Path, out: Path, steps: int, pairs: int, resolution: int) -> List[str]:
-    """benchmarks/e2e/baseline.py, the stand-in the e2e benchmark times, run as a process the same way."""
-    return [sys.executable, "-m", "benchmarks.e2e.worker", "--loop", "baseline", "--model", str(model),
-            "--data", str(data), "--workdir", str(out), "--pairs", str(pairs), "--resolution", str(resolution),
-            "--warmup", "0", "--steps", str(steps), "--method", "dpo", "--mixed-precision", "no", "--device", "cpu"]
 
 
 def _sample_private_peak(pid: int, done: threading.Event, peak: List[int], every_s: float = 0.005) -> None:
@@ -149,7 +215,6 @@ def measure(args) -> Dict[str, object]:
         for name, flags in RPO_FAST.items():
             commands[name] = (lambda flags: lambda out, n: rpo_fast_command(flags, model, data, out, cache, n,
                                                                             args.pairs, resolution))(flags)
-        commands["baseline"] = lambda out, n: baseline_command(model, data, out, n, args.pairs, resolution)
         commands = {name: commands[name] for name in args.trainers}
         warm = work / f"warm-{resolution}px"
         run(rpo_fast_command([], model, data, warm, cache, 1, args.pairs, resolution), work,
@@ -174,7 +239,7 @@ def summarize(results: Dict[str, object]) -> List[Dict[str, object]]:
     pass of --precompute-ref, reported as ms per pair), and the peak memory."""
     short, long_ = min(results["steps"]), max(results["steps"])
     rows = []
-    keys = sorted({(r["trainer"], r["resolution"]) for r in results["runs"]}, key=lambda k: (k[1], k[0] != "official", k[0] != "baseline", k[0]))
+    keys = sorted({(r["trainer"], r["resolution"]) for r in results["runs"]}, key=lambda k: (k[1], k[0] != "official", k[0]))
     for trainer, resolution in keys:
         runs = [r for r in results["runs"] if r["trainer"] == trainer and r["resolution"] == resolution]
         per_step, pass_ms = [], []
@@ -235,7 +300,7 @@ def main(argv=None) -> int:
     p.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS),
                    help="which to run (default: all; official is needed for the ratios)")
     p.add_argument("--steady-malloc", action="store_true",
-                   help="run every trainer with glibc malloc's thresholds fixed (benchmarks.machine."
+                   help="run every trainer with glibc malloc's thresholds fixed (benchmarks.harness."
                         "keep_freed_host_memory): no step faults back in a heap trimmed the step before")
     p.add_argument("--workdir", type=Path, default=None, help="keep the model, data, logs and outputs here")
     p.add_argument("--json", type=Path, default=None, help="write the runs and the summary here")
