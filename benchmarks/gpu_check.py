@@ -53,7 +53,6 @@ LIMITS = {"build": 110, "tests": 120, "check": 40, "bench": 130, "train": 60, "t
 DRY_LIMITS = {"build": 0, "tests": 30, "check": 30, "bench": 40, "train": 30, "timing": 40}
 KERNEL_TESTS = ["tests/test_parity.py", "tests/test_cuda_kernels.py", "tests/test_triton_kernels.py",
                 "tests/test_compile.py", "tests/test_checks.py", "tests/test_verify.py"]
-WHEEL_PACKAGES = ["diffusers", "pytest", "pluggy", "iniconfig", "pytest-benchmark", "py-cpuinfo", "pytest-timeout"]
 TAIL = 4000  # characters of each stage's output kept in the report
 
 
@@ -129,7 +128,7 @@ def run_check(out: Path, wheels: Path, work: Path) -> Dict:
     else:
         stages.append(_skipped("build", "no GPU: the dry run uses this interpreter's rpo_fast"))
 
-    # pytest without the project's addopts (they need pytest-benchmark and deselect gpu tests)
+    # pytest without the project's addopts (they deselect the gpu tests)
     pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-W", "ignore::DeprecationWarning"]
     # The dry run's stages on one thread: a 2-core machine with the other core busy would make
     # every parallel region wait for its descheduled second thread (measured: twice as slow).
