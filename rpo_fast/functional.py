@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from . import distributed, verify
-from ._checks import LossInputs, check_inputs
+from .validation import LossInputs, validate_loss_inputs
 from ._types import METRIC_NAMES
 from .dispatch import Backend, pick_device_dtypes, resolve
 
@@ -104,7 +104,7 @@ def diffusion_rpo_loss(
     global_pairs = None
     if process_group is not None and weights is not None and isinstance(model_pred, torch.Tensor) and model_pred.dim() > 0:
         global_pairs = model_pred.shape[0] // 2 * distributed.world_size(process_group)
-    inputs = check_inputs(
+    inputs = validate_loss_inputs(
         "rpo", model_pred, target, ref_pred, ref_err=ref_err, emb_w=emb_w, emb_l=emb_l,
         weights=weights, beta=beta, tau=tau, loss_type=loss_type, weight_norm=weight_norm, global_pairs=global_pairs,
     )
@@ -123,11 +123,11 @@ def diffusion_dpo_loss(
     return_metrics: bool = False,
 ) -> LossResult:
     """Diffusion-DPO: ``L = (1/M) sum_i f(beta * (dl_i - dw_i))`` over matched pairs."""
-    inputs = check_inputs("dpo", model_pred, target, ref_pred, ref_err=ref_err, beta=beta, loss_type=loss_type)
+    inputs = validate_loss_inputs("dpo", model_pred, target, ref_pred, ref_err=ref_err, beta=beta, loss_type=loss_type)
     return _compute(inputs, backend, None, return_metrics)
 
 
 def sft_loss(model_pred: torch.Tensor, target: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Supervised fine-tuning on the preferred rows: ``(1/M) sum_i e_model_i`` over ``[0, M)``."""
-    inputs = check_inputs("sft", model_pred, target, loss_type=None)
+    inputs = validate_loss_inputs("sft", model_pred, target, loss_type=None)
     return _compute(inputs, backend, None, False)

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._checks import check_positive, check_loss_type, check_method, check_weight_norm
+from .validation import check_positive, check_loss_type, check_method, check_weight_norm
 from .functional import diffusion_dpo_loss, diffusion_rpo_loss, sft_loss
 
 

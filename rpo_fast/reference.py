@@ -62,7 +62,7 @@ def pair_loss(
 
     ``model_err`` and ``ref_err`` have shape ``(2M,)``: winners first, then losers.
     ``weight_scale`` multiplies the weights (given, or the uniform 1/M): M under
-    ``weight_norm="mean"`` (``_checks.LossInputs.weight_scale``).
+    ``weight_norm="mean"`` (``validation.LossInputs.weight_scale``).
     Non-finite errors or weights give a NaN loss (a contract: never a silently finite one).
     """
     num_pairs = model_err.shape[0] // 2

@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import reference
-from ._checks import LossInputs
+from .validation import LossInputs
 from ._types import METRIC_NAMES
 
 logger = logging.getLogger("rpo_fast")

@@ -7,7 +7,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_positive, check_embeddings
+from .validation import check_positive, check_embeddings
 
 
 def similarity_weights(emb_w: torch.Tensor, emb_l: torch.Tensor, tau: float = 0.5) -> torch.Tensor:

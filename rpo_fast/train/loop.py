@@ -38,7 +38,7 @@ from .metrics_log import MetricsLog
 from .models import (Models, add_lora, detect_model_type, load_models, load_trainable_state_dict, module_identity,
                      native_resolution, save_trained, trainable_state_dict)
 from .optim import make_optimizer
-from .preflight import check_inputs, check_output_dir, clear_run
+from .preflight import check_paths_and_packages, check_output_dir, clear_run
 from . import sharding
 from .phases import PhaseClock
 from .process import Process, weight_dtype
@@ -184,7 +184,7 @@ def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase:
     optimizer, the resume, the loss backend, then data parallelism and compilation.
     ``on_phase`` is told what it starts doing (e.g. "encoding the latents"), for a report of an
     interrupt."""
-    check_inputs(config)  # every path and optional package, before anything loads
+    check_paths_and_packages(config)  # every path and optional package, before anything loads
     model_type = config.model_type
     if model_type == "auto":
         model_type = detect_model_type(config.pretrained_model, config.revision, config.cache_dir)

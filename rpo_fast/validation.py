@@ -137,7 +137,7 @@ def check_embeddings(emb_w, emb_l, num_pairs: Optional[int]) -> None:
         raise ValueError(f"emb_l: expected device {emb_w.device}, got {emb_l.device}")
 
 
-def check_inputs(
+def validate_loss_inputs(
     method: str,
     model_pred,
     target,
