@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from .._types import LOSS_TYPES, METHODS, WEIGHT_NORMS
+from ..validation import LossSettings
 
 MODEL_TYPES = ("auto", "sd15", "sdxl")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -228,6 +229,12 @@ class TrainConfig:
     @property
     def uses_reference(self) -> bool:
         return self.method != "sft"
+
+    @property
+    def loss_settings(self) -> LossSettings:
+        """The loss's hyper-parameters, validated above (one line naming the option): the
+        loss takes them as they are (rpo_fast.functional.loss_with_settings)."""
+        return LossSettings(self.method, float(self.beta), float(self.tau), self.loss_type, self.weight_norm)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
