@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from .._types import LOSS_TYPES, METHODS, WEIGHT_NORMS
+from .._types import BACKENDS, LOSS_TYPES, METHODS, WEIGHT_NORMS
 from ..validation import LossSettings
 
 MODEL_TYPES = ("auto", "sd15", "sdxl")
@@ -107,7 +107,8 @@ class TrainConfig:
     embeddings: Optional[str] = _opt(None, "embedding cache (rpo-fast embed) for the RPO weights; "
                                      "unset: uniform weights 1/M")
     backend: str = _opt("auto", "loss backend: auto | torch | cpu | cuda | triton (auto on CUDA: the fastest "
-                                "right one, measured at the first step, in loss_backend.json)", on_resume="apply")
+                                "right one, measured at the first step, in loss_backend.json)",
+                        choices=("auto", *BACKENDS), on_resume="apply")
 
     # -- model and reference ----------------------------------------------------------------
     lora: bool = _opt(False, "train LoRA adapters on the UNet instead of all its weights")
