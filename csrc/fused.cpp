@@ -35,7 +35,7 @@ at::Tensor similarity_weights_aten(const at::Tensor& emb_w, const at::Tensor& em
 }
 
 // The stages chained: errors, weights, pair stage. The arguments were checked by
-// rpo_fast/_checks.py; the stage ops assert what their kernels rely on.
+// rpo_fast/validation.py; the stage ops assert what their kernels rely on.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_loss(
     const at::Tensor& model_pred, const at::Tensor& target, const std::optional<at::Tensor>& ref_pred,
     const std::optional<at::Tensor>& ref_err, const std::optional<at::Tensor>& emb_w,

@@ -1,6 +1,6 @@
 // Internal asserts and the memory-layout rules shared by the CPU and CUDA op wrappers.
 //
-// Users' arguments are validated once, by rpo_fast/_checks.py, before any op runs; the asserts
+// Users' arguments are validated once, by rpo_fast/validation.py, before any op runs; the asserts
 // here only keep a direct call of an op from reading memory it should not (a RuntimeError
 // naming the op and the argument).
 //
@@ -118,7 +118,7 @@ inline SampleBatch prepare_sample_batch(const at::Tensor& model_pred, const at::
 
 // The inputs of error_grad, checked and in the raw-memory order of the gradient they
 // produce. The gradient is at::empty_like(model_pred), exactly what the fake kernel
-// (rpo_fast/ops.py) promises; when its samples are not blocks (a dense tensor with the batch
+// (rpo_fast/fake_kernels.py) promises; when its samples are not blocks (a dense tensor with the batch
 // dimension inside, say), the kernel writes a contiguous `out` that is copied into it.
 struct GradBatch {
   at::Tensor grad, out, model, target;

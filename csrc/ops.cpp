@@ -1,6 +1,6 @@
 // The op schemas of rpo_fast._C and the Python module that loads them.
 //
-// rpo_fast/ops.py holds the contract of the ops (and registers their fake kernels);
+// rpo_fast/fake_kernels.py holds the contract of the ops (and registers their fake kernels);
 // cpu/ops_cpu.cpp and cuda/ops_cuda.cu implement the stages per dispatch key, fused.cpp
 // chains them into fused_loss, autograd.cpp gives the differentiable ones their backward.
 #include <Python.h>

@@ -7,11 +7,11 @@ Importing this module registers, under ``torch.ops.rpo_fast``:
   stage (loss, metrics, ``coef = dloss/dmodel_err``);
 * ``triton_error_grad(coef, model_pred, target)``: the gradient write.
 
-Semantics are those of ``rpo_fast/ops.py`` (and its fake kernels); ``rpo_fast/reference.py``
+Semantics are the contract in ``rpo_fast/fake_kernels.py`` (whose fake kernels they use); ``rpo_fast/reference.py``
 is the definition the pair stage matches. The ops' backward is registered here, once, in
 the one gradient design of every backend: sample_errors' backward is error_grad of the
 incoming gradient, pair_loss's scales the coefficients. Arguments are validated for users
-by ``rpo_fast/_checks.py``; the asserts below only guard the kernels. Launch structure and
+by ``rpo_fast/validation.py``; the asserts below only guard the kernels. Launch structure and
 the reasons for it are in ``docs/kernels-triton.md``.
 
 The ops are ``torch.library.custom_op`` (opaque to inductor), not ``triton_op``: the Python
@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from rpo_fast import _types
-from rpo_fast.ops import fake_error_grad, fake_pair_loss, fake_sample_errors
+from rpo_fast.fake_kernels import fake_error_grad, fake_pair_loss, fake_sample_errors
 
 # The codes of rpo_fast/_types.py, as constexprs that the kernels may read.
 SFT, DPO, RPO = (tl.constexpr(c) for c in (_types.SFT, _types.DPO, _types.RPO))
@@ -333,7 +333,7 @@ def _device_guard(t: torch.Tensor):
 
 
 def _assert_prediction(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
-    """What the streaming kernels rely on (internal: rpo_fast/_checks.py validates for users)."""
+    """What the streaming kernels rely on (internal: rpo_fast/validation.py validates for users)."""
     torch._check(
         t.dtype in _types.KERNEL_DTYPES and t.shape == like.shape and t.device == like.device and t.dim() >= 1,
         lambda: f"rpo_fast::triton: {name} must be a kernel dtype with the shape and device of model_pred",

@@ -24,7 +24,7 @@ def load() -> bool:
     if _loaded is None:
         try:
             importlib.import_module("rpo_fast._C")  # registers the ops
-            from .ops import register_cxx_ops
+            from .fake_kernels import register_cxx_ops
 
             # Fake kernels and autograd now, at import: registering them on the first loss
             # call would break a torch.compile(fullgraph=True) that makes that call.

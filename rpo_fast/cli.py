@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 from .extras import missing_extra_message
 
 SUBCOMMANDS = {
-    "check": ("rpo_fast.check", "which loss backends agree with the reference here, and which is fastest"),
+    "check": ("rpo_fast.backend_check", "which loss backends agree with the reference here, and which is fastest"),
     "train": ("rpo_fast.train.cli", "fine-tune SD1.5 / SDXL with rpo, dpo or sft (full or LoRA)"),
     "embed": ("rpo_fast.embedding", "embed a preference dataset with open_clip for the RPO weights"),
     "eval": ("rpo_fast.evaluation.cli", "generate with a base and a tuned model and score both"),

@@ -15,9 +15,9 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 import torch
 
 from . import _extension, reference
-from ._checks import check_backend
+from .validation import check_backend
 from ._types import KERNEL_DTYPES, loss_type_code, method_code
-from .weights import similarity_weights as reference_weights
+from .weights import row_softmax_weights as reference_weights
 
 logger = logging.getLogger("rpo_fast")
 

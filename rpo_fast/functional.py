@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from . import distributed, verify
-from ._checks import LossInputs, check_inputs
+from .validation import LossInputs, LossSettings, validate_loss_inputs, validate_loss_settings
 from ._types import METRIC_NAMES
 from .dispatch import Backend, pick_device_dtypes, resolve
 
@@ -71,6 +71,35 @@ def _compute(inputs: LossInputs, backend: str, process_group, return_metrics: bo
     return loss, out
 
 
+def loss_with_settings(
+    settings: LossSettings,
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    ref_pred: Optional[torch.Tensor] = None,
+    *,
+    ref_err: Optional[torch.Tensor] = None,
+    emb_w: Optional[torch.Tensor] = None,
+    emb_l: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    process_group=None,
+    return_metrics: bool = False,
+) -> LossResult:
+    """The loss of ``settings.method``, whose hyper-parameters were validated already (by the
+    functional losses below, ``RPOLoss`` or ``TrainConfig``): only the tensors are checked
+    here. What the method does not use is ignored: the reference, the weights and the metrics
+    for sft, the weights and the process group for dpo."""
+    method = settings.method
+    if method != "rpo":
+        process_group = None
+    global_pairs = None
+    if process_group is not None and weights is not None and isinstance(model_pred, torch.Tensor) and model_pred.dim() > 0:
+        global_pairs = model_pred.shape[0] // 2 * distributed.world_size(process_group)
+    inputs = validate_loss_inputs(settings, model_pred, target, ref_pred, ref_err=ref_err, emb_w=emb_w, emb_l=emb_l,
+                                  weights=weights, global_pairs=global_pairs)
+    return _compute(inputs, backend, process_group, return_metrics and method != "sft")
+
+
 def diffusion_rpo_loss(
     model_pred: torch.Tensor,
     target: torch.Tensor,
@@ -101,14 +130,10 @@ def diffusion_rpo_loss(
     contrast spans the global batch of all ranks (equal M on every rank; M is the global
     batch; explicit ``weights`` are then ``(M W, M W)``).
     """
-    global_pairs = None
-    if process_group is not None and weights is not None and isinstance(model_pred, torch.Tensor) and model_pred.dim() > 0:
-        global_pairs = model_pred.shape[0] // 2 * distributed.world_size(process_group)
-    inputs = check_inputs(
-        "rpo", model_pred, target, ref_pred, ref_err=ref_err, emb_w=emb_w, emb_l=emb_l,
-        weights=weights, beta=beta, tau=tau, loss_type=loss_type, weight_norm=weight_norm, global_pairs=global_pairs,
-    )
-    return _compute(inputs, backend, process_group, return_metrics)
+    settings = validate_loss_settings("rpo", beta, tau, loss_type, weight_norm)
+    return loss_with_settings(settings, model_pred, target, ref_pred, ref_err=ref_err, emb_w=emb_w, emb_l=emb_l,
+                              weights=weights, backend=backend, process_group=process_group,
+                              return_metrics=return_metrics)
 
 
 def diffusion_dpo_loss(
@@ -123,11 +148,14 @@ def diffusion_dpo_loss(
     return_metrics: bool = False,
 ) -> LossResult:
     """Diffusion-DPO: ``L = (1/M) sum_i f(beta * (dl_i - dw_i))`` over matched pairs."""
-    inputs = check_inputs("dpo", model_pred, target, ref_pred, ref_err=ref_err, beta=beta, loss_type=loss_type)
-    return _compute(inputs, backend, None, return_metrics)
+    settings = validate_loss_settings("dpo", beta, loss_type=loss_type)
+    return loss_with_settings(settings, model_pred, target, ref_pred, ref_err=ref_err, backend=backend,
+                              return_metrics=return_metrics)
 
 
 def sft_loss(model_pred: torch.Tensor, target: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Supervised fine-tuning on the preferred rows: ``(1/M) sum_i e_model_i`` over ``[0, M)``."""
-    inputs = check_inputs("sft", model_pred, target, loss_type=None)
-    return _compute(inputs, backend, None, False)
+    return loss_with_settings(_SFT, model_pred, target, backend=backend)
+
+
+_SFT = validate_loss_settings("sft", loss_type=None)  # sft has no hyper-parameters to check

@@ -7,15 +7,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._checks import check_positive, check_loss_type, check_method, check_weight_norm
-from .functional import diffusion_dpo_loss, diffusion_rpo_loss, sft_loss
+from .functional import loss_with_settings
+from .validation import validate_loss_settings
 
 
 class RPOLoss(nn.Module):
     """``RPOLoss(method="rpo")(model_pred, target, ref_pred, emb_w=..., emb_l=...)``.
 
     ``method`` is one of ``rpo``, ``dpo``, ``sft``; the forward takes the tensors of the
-    matching functional loss.
+    matching functional loss. The hyper-parameters are validated once, here, and read-only
+    afterwards; each forward checks only its tensors.
     """
 
     def __init__(
@@ -28,12 +29,14 @@ class RPOLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.method = check_method(method)
-        self.beta = check_positive("beta", beta)
-        self.tau = check_positive("tau", tau)
-        self.loss_type = check_loss_type(loss_type)
-        self.weight_norm = check_weight_norm(weight_norm)
+        self.settings = validate_loss_settings(method, beta, tau, loss_type, weight_norm)
         self.backend = backend
+
+    method = property(lambda self: self.settings.method)
+    beta = property(lambda self: self.settings.beta)
+    tau = property(lambda self: self.settings.tau)
+    loss_type = property(lambda self: self.settings.loss_type)
+    weight_norm = property(lambda self: self.settings.weight_norm)
 
     def forward(
         self,
@@ -48,17 +51,9 @@ class RPOLoss(nn.Module):
         process_group=None,
         return_metrics: bool = False,
     ):
-        if self.method == "sft":
-            return sft_loss(model_pred, target, backend=self.backend)
-        if self.method == "dpo":
-            return diffusion_dpo_loss(
-                model_pred, target, ref_pred, ref_err=ref_err, beta=self.beta,
-                loss_type=self.loss_type, backend=self.backend, return_metrics=return_metrics,
-            )
-        return diffusion_rpo_loss(
-            model_pred, target, ref_pred, ref_err=ref_err, emb_w=emb_w, emb_l=emb_l, weights=weights,
-            beta=self.beta, tau=self.tau, loss_type=self.loss_type, weight_norm=self.weight_norm, backend=self.backend,
-            process_group=process_group, return_metrics=return_metrics,
+        return loss_with_settings(
+            self.settings, model_pred, target, ref_pred, ref_err=ref_err, emb_w=emb_w, emb_l=emb_l, weights=weights,
+            backend=self.backend, process_group=process_group, return_metrics=return_metrics,
         )
 
     def extra_repr(self) -> str:

@@ -46,7 +46,7 @@ def elementwise_loss(x: torch.Tensor, loss_type: str, beta: float) -> torch.Tens
         return torch.relu(1.0 - x)
     if loss_type == "ipo":
         return (x / beta - 1.0 / (2.0 * beta)).pow(2)
-    raise ValueError(f"loss_type: expected one of sigmoid, hinge, ipo, got {loss_type!r}")
+    raise AssertionError(f"loss_type {loss_type!r}: validated by the loss (rpo_fast/validation.py)")
 
 
 def pair_loss(
@@ -62,7 +62,7 @@ def pair_loss(
 
     ``model_err`` and ``ref_err`` have shape ``(2M,)``: winners first, then losers.
     ``weight_scale`` multiplies the weights (given, or the uniform 1/M): M under
-    ``weight_norm="mean"`` (``_checks.LossInputs.weight_scale``).
+    ``weight_norm="mean"`` (``validation.LossInputs.weight_scale``).
     Non-finite errors or weights give a NaN loss (a contract: never a silently finite one).
     """
     num_pairs = model_err.shape[0] // 2

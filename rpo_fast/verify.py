@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import reference
-from ._checks import LossInputs
+from .validation import LossInputs
 from ._types import METRIC_NAMES
 
 logger = logging.getLogger("rpo_fast")
@@ -129,9 +129,9 @@ class Tolerances:
         ref_err = errors64(cpu["ref_pred"], target) if "ref_pred" in cpu else cpu.get("ref_err", torch.zeros_like(model_err))
         weights = cpu.get("weights")
         if "emb_w" in cpu:
-            from .weights import similarity_weights
+            from .weights import row_softmax_weights
 
-            weights = similarity_weights(cpu["emb_w"], cpu["emb_l"], inputs.tau)
+            weights = row_softmax_weights(cpu["emb_w"], cpu["emb_l"], inputs.tau)
         scale = inputs.weight_scale(len(model_err) // 2)
 
         def loss_of(e):

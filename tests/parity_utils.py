@@ -28,7 +28,7 @@ import torch
 
 import rpo_fast
 from rpo_fast import reference
-from rpo_fast._checks import LossInputs
+from rpo_fast.validation import LossInputs
 from rpo_fast._types import METRIC_NAMES, loss_type_code, method_code
 # The rounding bounds are the product's own (its first-use check holds a GPU backend to them):
 from rpo_fast.verify import ERROR_ROUNDINGS, GRAD_ATOL, GRAD_RTOL, UNIT_ROUNDOFF, Tolerances, errors64  # noqa: F401

@@ -1,7 +1,7 @@
 """torch.compile(fullgraph=True) of a training step that calls the C++ ``cpu`` backend.
 
 fullgraph=True raises on any graph break, so compiling at all shows that the custom ops
-(their fake kernels and autograd, rpo_fast/ops.py) trace. The compiled function is the
+(their fake kernels and autograd, rpo_fast/fake_kernels.py) trace. The compiled function is the
 forward (model and loss); AOTAutograd compiles its backward with it, which ``backward()``
 then runs: the loss, a metric and the parameter gradients must equal eager's.
 """

@@ -205,7 +205,7 @@ def test_pair_loss_is_thread_independent():
 
 
 def test_ops_assert_what_their_kernels_rely_on():
-    """Users' arguments are checked by rpo_fast/_checks.py (tests/test_checks.py); called
+    """Users' arguments are checked by rpo_fast/validation.py (tests/test_checks.py); called
     directly, an op still refuses what would make its kernel read the wrong memory."""
     x = torch.randn(4, 3)
     bad_calls = [

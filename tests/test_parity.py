@@ -346,7 +346,7 @@ def test_non_finite_inputs_give_nan_loss_and_coef(kernels):
 
 @pytest.mark.parametrize("method", ["rpo", "dpo", "sft"])
 def test_gradient_is_error_grad_of_the_coefficients(kernels, method):
-    """The one gradient design of every backend (rpo_fast/ops.py): d loss / d model_pred is
+    """The one gradient design of every backend (rpo_fast/fake_kernels.py): d loss / d model_pred is
     error_grad of the pair stage's coefficients scaled by the incoming gradient, bit for bit,
     for dL = 1 and for any other dL (gradient accumulation, loss scaling)."""
     inputs = make_inputs(4, SMALL, device=kernels.device, seed=9)

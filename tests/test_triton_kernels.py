@@ -65,7 +65,7 @@ def test_looping_programs_on_any_layout(make, monkeypatch):
 
 
 def test_ops_assert_what_their_kernels_rely_on(monkeypatch):
-    """Users' arguments are checked by rpo_fast/_checks.py; called directly, an op still
+    """Users' arguments are checked by rpo_fast/validation.py; called directly, an op still
     refuses what its kernels cannot read (a RuntimeError from torch._check)."""
     x = torch.randn(4, 3)
     bad_calls = [

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from .._types import LOSS_TYPES, METHODS, WEIGHT_NORMS
+from .._types import BACKENDS, LOSS_TYPES, METHODS, WEIGHT_NORMS
+from ..validation import LossSettings
 
 MODEL_TYPES = ("auto", "sd15", "sdxl")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -106,7 +107,8 @@ class TrainConfig:
     embeddings: Optional[str] = _opt(None, "embedding cache (rpo-fast embed) for the RPO weights; "
                                      "unset: uniform weights 1/M")
     backend: str = _opt("auto", "loss backend: auto | torch | cpu | cuda | triton (auto on CUDA: the fastest "
-                                "right one, measured at the first step, in loss_backend.json)", on_resume="apply")
+                                "right one, measured at the first step, in loss_backend.json)",
+                        choices=("auto", *BACKENDS), on_resume="apply")
 
     # -- model and reference ----------------------------------------------------------------
     lora: bool = _opt(False, "train LoRA adapters on the UNet instead of all its weights")
@@ -228,6 +230,12 @@ class TrainConfig:
     @property
     def uses_reference(self) -> bool:
         return self.method != "sft"
+
+    @property
+    def loss_settings(self) -> LossSettings:
+        """The loss's hyper-parameters, validated above (one line naming the option): the
+        loss takes them as they are (rpo_fast.functional.loss_with_settings)."""
+        return LossSettings(self.method, float(self.beta), float(self.tau), self.loss_type, self.weight_norm)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

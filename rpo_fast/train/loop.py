@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import diffusion_dpo_loss, diffusion_rpo_loss, sft_loss
+from .. import sft_loss
+from ..functional import loss_with_settings
 from .._types import DTYPE_NAMES
 from ..atomic import write_atomic
 from ..data import SampledPreferenceDataset, load_preference_dataset
@@ -38,7 +39,7 @@ from .metrics_log import MetricsLog
 from .models import (Models, add_lora, detect_model_type, load_models, load_trainable_state_dict, module_identity,
                      native_resolution, save_trained, trainable_state_dict)
 from .optim import make_optimizer
-from .preflight import check_inputs, check_output_dir, clear_run
+from .preflight import check_paths_and_packages, check_output_dir, clear_run
 from . import sharding
 from .phases import PhaseClock
 from .process import Process, weight_dtype
@@ -184,7 +185,7 @@ def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase:
     optimizer, the resume, the loss backend, then data parallelism and compilation.
     ``on_phase`` is told what it starts doing (e.g. "encoding the latents"), for a report of an
     interrupt."""
-    check_inputs(config)  # every path and optional package, before anything loads
+    check_paths_and_packages(config)  # every path and optional package, before anything loads
     model_type = config.model_type
     if model_type == "auto":
         model_type = detect_model_type(config.pretrained_model, config.revision, config.cache_dir)
@@ -340,7 +341,7 @@ def _choose_loss_backend(run: Run) -> str:
     ``loss_backend.json``. Otherwise the configured backend (auto's fixed order on the CPU)."""
     import json
 
-    from .. import check, verify
+    from .. import backend_check, verify
 
     config = run.config
     if config.backend != "auto" or run.device.type not in verify.DEVICE_TYPES:
@@ -349,13 +350,13 @@ def _choose_loss_backend(run: Run) -> str:
     if run.rank == 0:
         shape = run.cache.latent_shape
         dtype = weight_dtype(config.mixed_precision)
-        found = check.measure(config.method, run.device, config.batch_pairs, shape, dtype,
-                              reference="ref_err" if run.reference is not None and run.reference.kind == "precomputed"
-                              else "ref_pred",
-                              weights="embeddings" if run.emb_w is not None else "uniform")
-        record[0] = {"chosen": check.fastest(found), "device": check.device_name(run.device), "method": config.method,
-                     "pairs": config.batch_pairs, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
-                     "measurements": check.as_records(found)}
+        found = backend_check.measure(config.method, run.device, config.batch_pairs, shape, dtype,
+                                      reference="ref_err" if run.reference is not None
+                                      and run.reference.kind == "precomputed" else "ref_pred",
+                                      weights="embeddings" if run.emb_w is not None else "uniform")
+        record[0] = {"chosen": backend_check.fastest(found), "device": backend_check.device_name(run.device),
+                     "method": config.method, "pairs": config.batch_pairs, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
+                     "measurements": backend_check.as_records(found)}
         write_atomic(run.output_dir / "loss_backend.json",
                      lambda tmp: tmp.write_text(json.dumps(record[0], indent=1) + "\n"))
         timings = ", ".join(f"{m.backend} {m.ms:.3g} ms{'' if m.correct else ' (WRONG)'}" for m in found)
@@ -508,23 +509,21 @@ def _loss(run: Run, model_pred: torch.Tensor, inputs, ref_kwargs: Dict[str, torc
     """The configured objective on one micro-batch's predictions: (loss, metrics)."""
     config, device = run.config, run.device
     backend = run.loss_backend
-    common = dict(beta=config.beta, loss_type=config.loss_type, backend=backend, return_metrics=True)
     if config.method == "sft":
-        # sft_loss takes the (2M, ...) layout and averages its first half; only the winners
-        # went through the UNet, so the second half is a detached copy that adds no gradient.
+        # sft takes the (2M, ...) layout and averages its first half; only the winners went
+        # through the UNet, so the second half is a detached copy that adds no gradient.
         pred = torch.cat([model_pred, model_pred.detach()])
         target = torch.cat([inputs.target, inputs.target])
-        loss = sft_loss(pred, target, backend=backend)
+        loss = loss_with_settings(config.loss_settings, pred, target, backend=backend)
         metrics = {}
-    elif config.method == "dpo":
-        loss, metrics = diffusion_dpo_loss(model_pred, inputs.target, **ref_kwargs, **common)
     else:
         emb = {}
-        if run.emb_w is not None:
+        if run.emb_w is not None:  # rpo only (TrainConfig refuses --embeddings for dpo)
             rows = batch.rows.to(device)
             emb = {"emb_w": run.emb_w[rows], "emb_l": run.emb_l[rows]}
-        loss, metrics = diffusion_rpo_loss(model_pred, inputs.target, **ref_kwargs, **emb, tau=config.tau,
-                                           weight_norm=config.weight_norm, process_group=run.group, **common)
+        # TrainConfig validated beta, tau, loss_type and weight_norm: only the tensors are checked here
+        loss, metrics = loss_with_settings(config.loss_settings, model_pred, inputs.target, **ref_kwargs, **emb,
+                                           backend=backend, process_group=run.group, return_metrics=True)
     if config.sft_weight:  # dpo / rpo only (TrainConfig refuses it for sft)
         sft = sft_loss(model_pred, inputs.target, backend=backend)
         loss = loss + config.sft_weight * sft

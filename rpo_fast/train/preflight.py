@@ -20,7 +20,7 @@ RUN_FILES = (METRICS_FILE, "train_config.yaml", "skipped_pairs.jsonl", "referenc
              "pytorch_lora_weights.safetensors", "unet", "tensorboard")
 
 
-def check_inputs(config: TrainConfig) -> None:
+def check_paths_and_packages(config: TrainConfig) -> None:
     """ValueError naming the option for a missing path or package."""
     for what, source, marker in (("pretrained_model", config.pretrained_model, "model_index.json"),
                                  ("pretrained_vae", config.pretrained_vae, "config.json")):

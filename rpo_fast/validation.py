@@ -1,9 +1,18 @@
-"""Input validation for the public losses.
+"""Validation of what users pass to the losses, each check written and made once.
+
+``validate_loss_settings`` checks a loss's hyper-parameters (method, beta, tau, loss_type,
+weight_norm): per call in the functional losses, once at construction in ``RPOLoss``
+(``TrainConfig`` checks the same options itself, naming the flags, and hands the loss
+``LossSettings`` built from them). ``validate_loss_inputs`` checks the tensors of one call,
+``check_backend`` an explicitly requested backend (in dispatch's resolve). The layers below
+(dispatch, the reference, the ops) do not check again; the ops keep internal asserts of what
+their kernels rely on.
 
 Every check runs before any work and raises ``ValueError`` or ``TypeError`` with a message
 that names the argument and what was expected (docs/loss.md is the contract).
-The checks look only at metadata (shape, dtype, device), never at values, so they cost
-nothing on the GPU and are traced away by ``torch.compile``.
+The checks look only at metadata (shape, dtype, device), never at values (but the signs of
+explicit ``(M, M)`` weights), so they cost nothing on the GPU and are traced away by
+``torch.compile``.
 """
 
 from __future__ import annotations
@@ -137,8 +146,32 @@ def check_embeddings(emb_w, emb_l, num_pairs: Optional[int]) -> None:
         raise ValueError(f"emb_l: expected device {emb_w.device}, got {emb_l.device}")
 
 
-def check_inputs(
-    method: str,
+@dataclass(frozen=True)
+class LossSettings:
+    """A loss's validated hyper-parameters. Checked once: per call by a functional loss, at
+    construction by ``RPOLoss``, on creation by ``TrainConfig`` (its ``loss_settings``)."""
+
+    method: str
+    beta: float
+    tau: float
+    loss_type: Optional[str]  # None: sft, which has no per-pair loss
+    weight_norm: str
+
+
+def validate_loss_settings(method: str, beta=2500.0, tau=0.5, loss_type="sigmoid",
+                           weight_norm="mean") -> LossSettings:
+    """The hyper-parameters of a loss; ``loss_type`` may be None for ``sft`` only."""
+    check_method(method)
+    beta = check_positive("beta", beta)
+    tau = check_positive("tau", tau)
+    if loss_type is not None or method != "sft":
+        check_loss_type(loss_type)
+    check_weight_norm(weight_norm)
+    return LossSettings(method, beta, tau, loss_type, weight_norm)
+
+
+def validate_loss_inputs(
+    settings: LossSettings,
     model_pred,
     target,
     ref_pred=None,
@@ -147,15 +180,13 @@ def check_inputs(
     emb_w=None,
     emb_l=None,
     weights=None,
-    beta=2500.0,
-    tau=0.5,
-    loss_type="sigmoid",
-    weight_norm="mean",
     global_pairs: Optional[int] = None,
 ) -> LossInputs:
-    """Validates one call. ``global_pairs`` is M of the global batch with a process group:
-    explicit weights then span it."""
-    check_method(method)
+    """Validates the tensors of one call with validated ``settings`` (what a method does not
+    use is ignored: the reference and the weights for sft, the weights for dpo).
+    ``global_pairs`` is M of the global batch with a process group: explicit weights then
+    span it."""
+    method, beta, tau = settings.method, settings.beta, settings.tau
     num_pairs = check_batch("model_pred", model_pred)
     _check_tensor("target", target)
     if target.shape != model_pred.shape:
@@ -170,14 +201,10 @@ def check_inputs(
             raise ValueError(f"{name}: expected device {device} (that of model_pred), got {tensor.device}")
 
     same_device("target", target)
-    beta = check_positive("beta", beta)
-    tau = check_positive("tau", tau)
     if method == "sft":
-        if loss_type is not None:
-            check_loss_type(loss_type)
-        return LossInputs(method, model_pred, target, None, None, None, None, None, beta, tau, loss_type)
+        return LossInputs(method, model_pred, target, None, None, None, None, None, beta, tau, None)
 
-    check_loss_type(loss_type)
+    loss_type = settings.loss_type
     if ref_pred is None and ref_err is None:
         raise ValueError(f"ref_pred: method {method!r} needs a reference: pass ref_pred or ref_err")
     if ref_pred is not None and ref_err is not None:
@@ -198,7 +225,6 @@ def check_inputs(
 
     if method == "dpo":
         return LossInputs(method, model_pred, target, ref_pred, ref_err, None, None, None, beta, tau, loss_type)
-    check_weight_norm(weight_norm)
 
     check_embeddings(emb_w, emb_l, num_pairs)
     same_device("emb_w", emb_w)
@@ -216,4 +242,4 @@ def check_inputs(
         if not torch.compiler.is_compiling() and bool((weights < 0).any()):
             raise ValueError("weights: expected non-negative values, got a negative entry")
     return LossInputs(method, model_pred, target, ref_pred, ref_err, emb_w, emb_l, weights, beta, tau, loss_type,
-                      weight_norm)
+                      settings.weight_norm)

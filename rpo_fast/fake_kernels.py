@@ -29,7 +29,7 @@ has the measurements). Each op has one backward, registered once: in C++ for the
 kernels are written here, once, for both: they state the output shapes, dtypes and layouts
 that ``torch.compile`` traces with.
 
-Arguments are checked for users by rpo_fast/_checks.py before any op runs; the ops keep
+Arguments are checked for users by rpo_fast/validation.py before any op runs; the ops keep
 internal asserts only.
 """
 
