@@ -347,8 +347,13 @@ def test_eval_command_full_unet_all_metrics(assets, tmp_path, capsys):
     assert base_image.size == (64, 64) and base_image.tobytes() != tuned_image.tobytes()
     # the base images are those of the base pipeline with the documented seeds (prompt 1, image 0 -> seed 101)
     pipe = load_pipeline(assets["base"])
-    want = pipe(PROMPTS[1], generator=torch.Generator("cpu").manual_seed(101), output_type="pil", **FAST).images[0]
-    assert want.tobytes() == base_image.tobytes()
+    def image(seed):
+        return np.asarray(pipe(PROMPTS[1], generator=torch.Generator("cpu").manual_seed(seed), output_type="pil",
+                               **FAST).images[0], dtype=np.int16)
+
+    # alone, not in a batch of 3: the same image up to the rounding of another batch size
+    assert np.abs(image(101) - np.asarray(base_image, dtype=np.int16)).max() <= 2
+    assert np.abs(image(2) - np.asarray(base_image, dtype=np.int16)).mean() > 10  # not the old rule's seed
     report = (out / "report.md").read_text()
     assert all(f"| {name} |" in report for name in metrics)
     assert f"base: `{assets['base']}`" in report and f"tuned: `{assets['full']}`" in report
