@@ -49,8 +49,8 @@ from rpo_fast.demo.base_model import BASE_DIR, base_exists, load_pipeline
 from rpo_fast.demo.datasets import ShapesEmbedder, write_style_data, write_style_embeddings
 from rpo_fast.demo.evaluate import GUIDANCE_SCALE, INFERENCE_STEPS, evaluate
 from rpo_fast.demo.finetune import FinetuneSettings, finetune
-from rpo_fast.demo.scores import MAX_FIDELITY_DROP, foreground_mask, keeps_fidelity
 from rpo_fast.demo.shapes import parse_caption, split_scenes
+from rpo_fast.evaluation.shapes_score import MAX_FIDELITY_DROP, foreground_mask, keeps_fidelity
 from rpo_fast.evaluation.stats import mean_ci
 from rpo_fast.machine import cpu_cores, cpu_model
 

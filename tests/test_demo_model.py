@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from rpo_fast.data import load_preference_dataset
-from rpo_fast.demo import base_model, datasets, scores, shapes
+from rpo_fast.demo import base_model, datasets, shapes
+from rpo_fast.evaluation import shapes_score
 from rpo_fast.evaluation import stats
 
 
@@ -41,8 +42,8 @@ def test_style_data_prefers_the_sketch_and_is_deterministic(tmp_path):
     data = load_preference_dataset(str(a))
     assert len(data) == len(shapes.split_scenes()["train"])
     pairs = [data.get_pair(i) for i in range(0, len(data), 3)]
-    chosen = scores.score_images([p.chosen for p in pairs], [p.prompt for p in pairs])
-    rejected = scores.score_images([p.rejected for p in pairs], [p.prompt for p in pairs])
+    chosen = shapes_score.score_images([p.chosen for p in pairs], [p.prompt for p in pairs])
+    rejected = shapes_score.score_images([p.rejected for p in pairs], [p.prompt for p in pairs])
     assert chosen["style"].mean() >= 0.95 and chosen["filled"].max() == 0.0
     assert rejected["filled"].mean() == 1.0 and rejected["style"].max() == 0.0
     import pyarrow.parquet as pq
@@ -61,7 +62,7 @@ def test_pretrain_data_draws_both_styles_under_the_same_captions_and_has_uncondi
     assert set(prompts) - {""} == train_captions  # no caption names the style
     assert 0.1 < prompts.count("") / len(prompts) < 0.3
     rows = [i for i, p in enumerate(prompts) if p]
-    drawn = scores.score_images([data.get_pair(i).chosen for i in rows], [prompts[i] for i in rows])
+    drawn = shapes_score.score_images([data.get_pair(i).chosen for i in rows], [prompts[i] for i in rows])
     assert drawn["outline"].sum() + drawn["filled"].sum() >= 0.97 * len(rows)
     assert 0.22 < drawn["outline"].mean() < 0.38  # 0.3 of the renderings are sketches
     with pytest.raises(ValueError, match="sketch_fraction"):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from rpo_fast.demo import scores, shapes
+from rpo_fast.demo import shapes
+from rpo_fast.evaluation import shapes_score
 
 
 def _rendered(style, seed=0, per_scene=1, scenes=None):
@@ -68,7 +69,7 @@ def test_style_rate_on_ground_truth():
     for seed in (1, 2):
         plain, captions = _rendered("plain", seed=seed)
         sketch, _ = _rendered("sketch", seed=seed)
-        s_plain, s_sketch = scores.score_images(plain, captions), scores.score_images(sketch, captions)
+        s_plain, s_sketch = shapes_score.score_images(plain, captions), shapes_score.score_images(sketch, captions)
         assert s_plain["style"].max() == 0.0 and s_plain["outline"].max() == 0.0
         assert s_plain["filled"].mean() == 1.0
         assert s_sketch["style"].mean() >= 0.97  # a few small triangles leave too small an interior to judge
@@ -108,7 +109,7 @@ def test_damaged_fills_are_never_the_style(kind, strength):
     samples = shapes.scene_samples(shapes.all_scenes()[::2], 1, 5)
     images = [_corrupt(shapes.render(s, layout, "plain"), kind, strength, rng, shapes.BACKGROUNDS[s.background])
               for s, layout in samples]
-    result = scores.score_images(images, [s.caption for s, _ in samples])
+    result = shapes_score.score_images(images, [s.caption for s, _ in samples])
     assert result["outline"].sum() == 0 and result["style"].sum() == 0
 
 
@@ -120,7 +121,7 @@ def test_lightly_damaged_outlines_are_still_the_style(kind, strength, rate):
     samples = shapes.scene_samples(shapes.all_scenes()[::3], 1, 5)
     images = [_corrupt(shapes.render(s, layout, "sketch"), kind, strength, rng, shapes.BACKGROUNDS[s.background])
               for s, layout in samples]
-    assert scores.score_images(images, [s.caption for s, _ in samples])["style"].mean() >= rate
+    assert shapes_score.score_images(images, [s.caption for s, _ in samples])["style"].mean() >= rate
 
 
 def test_outlines_of_the_wrong_shape_or_colour_are_not_the_style():
@@ -131,13 +132,13 @@ def test_outlines_of_the_wrong_shape_or_colour_are_not_the_style():
             scene = shapes.parse_caption(caption)
             other = values[(list(values).index(getattr(scene, attribute)) + 1) % len(values)]
             wrong.append(shapes.Scene(**{**scene.__dict__, attribute: other}).caption)
-        assert scores.score_images(images, wrong)["style"].sum() == 0, attribute
+        assert shapes_score.score_images(images, wrong)["style"].sum() == 0, attribute
 
 
 @pytest.mark.parametrize("style", ["plain", "sketch"])
 def test_fidelity_is_one_for_the_right_caption_and_zero_for_a_wrong_one(style):
     images, captions = _rendered(style, seed=2)
-    assert scores.score_images(images, captions)["fidelity"].mean() == 1.0
+    assert shapes_score.score_images(images, captions)["fidelity"].mean() == 1.0
     by_caption = {shapes.parse_caption(c): c for c in captions}
     for attribute, values in (("shape", shapes.SHAPES), ("colour", list(shapes.COLOURS))):
         wrong = []
@@ -145,7 +146,7 @@ def test_fidelity_is_one_for_the_right_caption_and_zero_for_a_wrong_one(style):
             scene = shapes.parse_caption(c)
             other = next(v for v in itertools.islice(itertools.cycle(values), values.index(getattr(scene, attribute)) + 1, None))
             wrong.append(shapes.Scene(**{**scene.__dict__, attribute: other}).caption)
-        result = scores.score_images(images, wrong)
+        result = shapes_score.score_images(images, wrong)
         assert result["fidelity"].mean() == 0.0, attribute
         assert result[f"{attribute}_ok"].mean() == 0.0
     assert len(by_caption) == len(shapes.all_scenes())
@@ -156,7 +157,7 @@ def test_fidelity_catches_collapse():
     blank = np.full((32, 32, 3), 245, np.uint8)
     noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint8)
     for image in (blank, noise):
-        s = scores.score_image(image, caption)
+        s = shapes_score.score_image(image, caption)
         assert s.fidelity == 0.0 and not s.present
         assert s.style == 0.0 and s.drawing == "neither"
 
@@ -168,17 +169,43 @@ def test_hull_of_degenerate_masks(pixels):
     mask = np.zeros((32, 32), dtype=bool)
     for x, y in pixels:
         mask[y, x] = True
-    hull = scores.hull_mask(mask)
+    hull = shapes_score.hull_mask(mask)
     assert hull[mask].all()
     xs = [x for x, _ in pixels]
     assert hull.sum() == max(xs) - min(xs) + 1  # the segment between the end pixels, no more
     image = np.full((32, 32, 3), 255, dtype=np.uint8)
     image[mask] = (220, 30, 30)
-    assert scores.score_image(image, shapes.all_scenes()[0].caption).fidelity == 0.0
+    assert shapes_score.score_image(image, shapes.all_scenes()[0].caption).fidelity == 0.0
 
 
 def test_scores_reject_bad_input():
     with pytest.raises(ValueError, match="image"):
-        scores.score_image(np.zeros((32, 32)), shapes.all_scenes()[0].caption)
+        shapes_score.score_image(np.zeros((32, 32)), shapes.all_scenes()[0].caption)
     with pytest.raises(ValueError, match="equal lengths"):
-        scores.score_images([np.zeros((32, 32, 3))], [])
+        shapes_score.score_images([np.zeros((32, 32, 3))], [])
+
+
+def test_shapes_scorer_is_an_evaluation_scorer():
+    """``shapes`` in the evaluation's scorer registry: (prompts, images) -> {metric: (B,)
+    float32 tensor}, the same values as score_images; ``rpo-fast eval --shapes-score`` uses it."""
+    import random
+
+    import torch
+
+    from rpo_fast.evaluation.evaluate import EvalConfig, _scorers
+    from rpo_fast.evaluation.scorers import SCORERS
+
+    rng = random.Random(0)
+    scenes = shapes.all_scenes()[::37]
+    images = [shapes.render(s, shapes.sample_layout(s, rng), style) for s in scenes for style in ("plain", "sketch")]
+    captions = [s.caption for s in scenes for _ in ("plain", "sketch")]
+    scorer = SCORERS["shapes"]()
+    got = scorer(captions, images)
+    want = shapes_score.score_images(images, captions)
+    assert sorted(got) == sorted(scorer.names) == sorted(want)
+    for name, value in got.items():
+        assert value.dtype == torch.float32 and value.shape == (len(images),)
+        assert np.array_equal(value.numpy(), want[name])
+    assert got["style"].tolist() == [0.0, 1.0] * len(scenes) and got["fidelity"].min() == 1.0
+    config = EvalConfig(base="b", tuned="t", prompts="p", output_dir="o", clip=False, shapes_score=True)
+    assert [name for name, _ in _scorers(config, "cpu", None)] == ["shapes"]

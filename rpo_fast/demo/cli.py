@@ -28,10 +28,9 @@ from .base_model import BASE_DIR, PretrainConfig, base_exists, load_pipeline, pr
 from .datasets import write_style_data, write_style_embeddings
 from .evaluate import GUIDANCE_SCALE, INFERENCE_STEPS, evaluate
 from .finetune import FinetuneSettings, finetune
-from .report import save_grid, save_score_plot
-from .scores import MAX_FIDELITY_DROP, keeps_fidelity
-from .shapes import split_scenes
-from ..evaluation.stats import mean_ci
+from .shapes import IMAGE_SIZE, split_scenes
+from ..evaluation.report import image_grid, save_score_plot, summarize
+from ..evaluation.shapes_score import MAX_FIDELITY_DROP, keeps_fidelity
 
 DEFAULTS = FinetuneSettings()
 MIN_STYLE_GAIN = 0.25  # the success test: style rate up by at least this much (absolute)
@@ -117,6 +116,7 @@ def _interruption(where: Dict[str, object], step: Optional[str]) -> Tuple[str, s
 def _run(args: argparse.Namespace, where: Dict[str, object]) -> int:
     """The demo; ``where`` is kept up to date with its stage (see :func:`_interruption`)."""
     import torch
+    from PIL import Image
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,12 +153,17 @@ def _run(args: argparse.Namespace, where: Dict[str, object]) -> int:
     base = evaluate(load_pipeline(model_dir), scenes, desc="base model", **common)
     tuned = evaluate(load_pipeline(model_dir, tuned_dir), scenes, desc="tuned model", **common)
 
-    # style_rate: the fraction of images that are the caption's shape and colour drawn as outlines
+    # style_rate: the fraction of images that are the caption's shape and colour drawn as outlines;
+    # the paired summary of evaluation: means and 95% CIs over the captions' per-prompt means
+    base_tables, tuned_tables = base.tables(), tuned.tables()
+    paired = summarize({k: base_tables[k] for k in ("style", "fidelity")},
+                       {k: tuned_tables[k] for k in ("style", "fidelity")})
     results = {"base": {}, "tuned": {}, "difference": {}}
     for metric, key in (("style_rate", "style"), ("fidelity", "fidelity")):
-        results["base"][metric] = base.summary(key)
-        results["tuned"][metric] = tuned.summary(key)
-        results["difference"][metric] = mean_ci(tuned.per_prompt(key) - base.per_prompt(key))
+        s = paired[key]
+        results["base"][metric] = (s["base"], s["base_ci95"])
+        results["tuned"][metric] = (s["tuned"], s["tuned_ci95"])
+        results["difference"][metric] = (s["delta"], s["delta_ci95"])
     gain, gain_half = results["difference"]["style_rate"]
     base_fid, tuned_fid = results["base"]["fidelity"][0], results["tuned"]["fidelity"][0]
     fidelity_ratio = tuned_fid / base_fid if base_fid > 0 else float("nan")
@@ -179,9 +184,11 @@ def _run(args: argparse.Namespace, where: Dict[str, object]) -> int:
 
     # the grid: sample 0 of the first 12 captions, base and tuned from the same starting noise
     columns = list(range(0, n_images, args.samples_per_prompt))[:12]
-    grid = save_grid(out / "demo_grid.png", {"base": [base.images[i] for i in columns],
-                                              tuned_name: [tuned.images[i] for i in columns]},
-                     captions=[base.captions[i] for i in columns], scale=4)
+    grid = out / "demo_grid.png"
+    out.mkdir(parents=True, exist_ok=True)
+    image_grid({"base": [base.images[i] for i in columns], tuned_name: [tuned.images[i] for i in columns]},
+               cell=4 * IMAGE_SIZE, label_width=110, column_labels=[base.captions[i] for i in columns],
+               resample=Image.Resampling.NEAREST).save(grid)
     plot = save_score_plot(out / "demo_scores.png", {"base": results["base"], tuned_name: results["tuned"]},
                            title=f"{settings.label()}; {len(scenes)} held-out captions, 95% CI")
     elapsed = time.perf_counter() - start
@@ -191,10 +198,9 @@ def _run(args: argparse.Namespace, where: Dict[str, object]) -> int:
         "results": {k: {m: {"mean": v[0], "ci95": v[1]} for m, v in r.items()} for k, r in results.items()},
         "fidelity_ratio": fidelity_ratio, "style_gain_met": bool(style_ok), "fidelity_kept": bool(fidelity_ok),
         "seconds": {"train": train_seconds, "total": elapsed},
-        "per_prompt": {"base_style_rate": base.per_prompt("style").tolist(),
-                       "tuned_style_rate": tuned.per_prompt("style").tolist(),
-                       "base_fidelity": base.per_prompt("fidelity").tolist(),
-                       "tuned_fidelity": tuned.per_prompt("fidelity").tolist()},
+        "per_prompt": {f"{model}_{metric}": tables[key].mean(dim=1).tolist()
+                       for metric, key in (("style_rate", "style"), ("fidelity", "fidelity"))
+                       for model, tables in (("base", base_tables), ("tuned", tuned_tables))},
     }
     (out / "demo_results.json").write_text(json.dumps(summary, indent=1, default=float))
     print(f"[demo] saved {grid}, {plot}, {out / 'demo_results.json'} ({elapsed:.0f} s)")

@@ -1,8 +1,10 @@
-"""Generate for a set of captions with fixed seeds and score the images.
+"""The demo's evaluation: a client of :mod:`rpo_fast.evaluation` on the held-out captions.
 
-Sample ``k`` of caption ``i`` always starts from the noise of seed ``seed * 100003 + i * 101 + k``,
-so a base and a tuned model are compared image by image from the same starting noise, and
-the prompt is the unit of the confidence intervals (per-prompt means over its samples).
+Images come from :func:`rpo_fast.evaluation.generation.generate` (sample ``k`` of caption ``i``
+from the seed rule there, ``seed * 100003 + i * 101 + k``, so base and tuned model are compared
+image by image from the same starting noise) and are scored by the evaluation's ``shapes``
+scorer; the prompt is the unit of the confidence intervals
+(:func:`rpo_fast.evaluation.report.summarize` on the ``(P, K)`` tables).
 """
 
 from __future__ import annotations
@@ -13,55 +15,26 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
-from .scores import score_images
+from ..evaluation.generation import GenerationSettings, generate
+from ..evaluation.scorers import SCORERS
 from .shapes import IMAGE_SIZE, Scene
-from ..evaluation.stats import mean_ci
 
 INFERENCE_STEPS = 20
 GUIDANCE_SCALE = 3.0
+BATCH_SIZE = 64  # images per pipeline call
 
 
 @dataclass
 class Evaluation:
-    captions: List[str]  # one per image
+    captions: List[str]  # one per image, prompt by prompt
     prompt_index: np.ndarray  # (N,) which prompt each image belongs to
     images: List = field(repr=False)
     scores: Dict[str, np.ndarray] = field(repr=False)  # style, fidelity, ... per image
 
-    def per_prompt(self, key: str) -> np.ndarray:
-        """Mean of ``key`` over the samples of every prompt, in prompt order."""
-        values = self.scores[key]
-        return np.array([values[self.prompt_index == p].mean() for p in np.unique(self.prompt_index)])
-
-    def summary(self, key: str):
-        """(mean, 95% CI half-width) over prompts."""
-        return mean_ci(self.per_prompt(key))
-
-
-def sample_seed(seed: int, prompt: int, sample: int) -> int:
-    return seed * 100003 + prompt * 101 + sample
-
-
-@torch.no_grad()
-def generate(pipe, captions: Sequence[str], seeds: Sequence[int], *, steps: int = INFERENCE_STEPS,
-             guidance_scale: float = GUIDANCE_SCALE, batch_size: int = 64, progress: bool = True,
-             desc: str = "generating") -> List:
-    """One 32x32 PIL image per (caption, seed), DDIM with ``steps`` steps."""
-    from tqdm.auto import tqdm
-
-    if len(captions) != len(seeds):
-        raise ValueError(f"captions, seeds: expected equal lengths, got {len(captions)} and {len(seeds)}")
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps, batch_size: expected positive ints, got {steps}, {batch_size}")
-    images: List = []
-    starts = range(0, len(captions), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
-        batch = list(captions[start : start + batch_size])
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch_size]]
-        out = pipe(prompt=batch, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
-                   height=IMAGE_SIZE, width=IMAGE_SIZE, output_type="pil")
-        images.extend(out.images)
-    return images
+    def tables(self) -> Dict[str, torch.Tensor]:
+        """Every score as a ``(prompts, samples_per_prompt)`` tensor, what ``summarize`` reads."""
+        prompts = len(np.unique(self.prompt_index))
+        return {k: torch.from_numpy(v).reshape(prompts, -1) for k, v in self.scores.items()}
 
 
 def evaluate(pipe, scenes: Sequence[Scene], *, samples_per_prompt: int = 4, seed: int = 0,
@@ -71,11 +44,16 @@ def evaluate(pipe, scenes: Sequence[Scene], *, samples_per_prompt: int = 4, seed
         raise ValueError(f"samples_per_prompt: expected a positive int, got {samples_per_prompt!r}")
     if not scenes:
         raise ValueError("scenes: expected at least one caption to evaluate")
-    captions, seeds, index = [], [], []
-    for p, scene in enumerate(scenes):
-        for k in range(samples_per_prompt):
-            captions.append(scene.caption)
-            seeds.append(sample_seed(seed, p, k))
-            index.append(p)
-    images = generate(pipe, captions, seeds, steps=steps, guidance_scale=guidance_scale, progress=progress, desc=desc)
-    return Evaluation(captions, np.array(index), images, score_images(images, captions))
+    if steps < 1:
+        raise ValueError(f"steps: expected a positive int, got {steps}")
+    settings = GenerationSettings(seed=seed, images_per_prompt=samples_per_prompt, num_inference_steps=steps,
+                                  guidance_scale=guidance_scale, height=IMAGE_SIZE, width=IMAGE_SIZE,
+                                  batch_size=BATCH_SIZE)
+    prompts = [scene.caption for scene in scenes]
+    with torch.no_grad():
+        nested = generate(pipe, prompts, settings, desc=desc, progress=progress)
+    images = [image for row in nested for image in row]
+    captions = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
+    scores = SCORERS["shapes"]()(captions, images)
+    return Evaluation(captions, np.repeat(np.arange(len(scenes)), samples_per_prompt), images,
+                      {k: v.double().numpy() for k, v in scores.items()})

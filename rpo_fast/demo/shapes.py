@@ -21,61 +21,13 @@ from typing import Dict, List, Sequence, Tuple
 
 from PIL import Image, ImageDraw
 
-IMAGE_SIZE = 32
-SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: smooth, deterministic edges
+from ..evaluation.shapes import (  # noqa: F401  (the task's vocabulary, re-exported)
+    BACKGROUNDS, COLOURS, IMAGE_SIZE, MARGIN, POSITIONS, SHAPES, SIZES, SUPERSAMPLE, Scene, all_scenes, draw_styled,
+    parse_caption, shape_polygon,
+)
 
-SHAPES: Tuple[str, ...] = ("circle", "square", "triangle")
-# Shape colours are far from every background and from each other (>= 100 in some channel),
-# so that the fidelity score can tell them apart on blurry generated images.
-COLOURS: Dict[str, Tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 80, 230),
-    "yellow": (240, 210, 30),
-}
-BACKGROUNDS: Dict[str, Tuple[int, int, int]] = {
-    "white": (245, 245, 245),
-    "black": (15, 15, 15),
-    "gray": (128, 128, 128),
-}
-SIZES: Dict[str, int] = {"small": 16, "large": 22}  # bounding-box side in pixels
-POSITIONS: Dict[str, float] = {"on the left": -1.0, "in the center": 0.0, "on the right": 1.0}
 SIZE_JITTER = 2  # +- pixels on the side
 SHIFT_JITTER = 2  # +- pixels on the centre
-MARGIN = 2  # shapes stay this far from the border, which the scores read as background
-
-
-@dataclass(frozen=True)
-class Scene:
-    """One caption's attributes."""
-
-    shape: str
-    colour: str
-    background: str
-    size: str
-    position: str
-
-    @property
-    def caption(self) -> str:
-        return f"a {self.size} {self.colour} {self.shape} {self.position} on a {self.background} background"
-
-
-def all_scenes() -> List[Scene]:
-    """Every attribute combination, in a fixed order (216 captions)."""
-    return [
-        Scene(shape, colour, background, size, position)
-        for shape, colour, background, size, position in itertools.product(
-            SHAPES, COLOURS, BACKGROUNDS, SIZES, POSITIONS
-        )
-    ]
-
-
-def parse_caption(caption: str) -> Scene:
-    """The inverse of :attr:`Scene.caption`; ``ValueError`` for any other string."""
-    for scene in all_scenes():
-        if scene.caption == caption:
-            return scene
-    raise ValueError(f"caption: not a caption of the shapes task: {caption!r}")
 
 
 def split_scenes(seed: int = 0, validation: int = 24, test: int = 24) -> Dict[str, List[Scene]]:
@@ -133,23 +85,8 @@ def sample_layout(scene: Scene, rng: random.Random) -> Layout:
     return Layout(clamp(cx), clamp(cy), side)
 
 
-def shape_polygon(shape: str, box: Tuple[float, float, float, float]):
-    """Outline points of ``shape`` filling ``box`` = (x0, y0, x1, y1); None for a circle
-    (an ellipse, drawn by PIL directly)."""
-    x0, y0, x1, y1 = box
-    if shape == "circle":
-        return None
-    if shape == "square":
-        return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
-    if shape == "triangle":  # apex up, base down
-        return [((x0 + x1) / 2, y0), (x1, y1), (x0, y1)]
-    raise ValueError(f"shape: expected one of {SHAPES}, got {shape!r}")
-
-
 def render(scene: Scene, layout: Layout, style: str = "plain") -> Image.Image:
-    """The 32x32 RGB image of ``scene`` at ``layout`` in ``style`` (see :mod:`.styles`)."""
-    from .styles import draw_styled
-
+    """The 32x32 RGB image of ``scene`` at ``layout`` in ``style`` (see :mod:`rpo_fast.evaluation.shapes`)."""
     s = SUPERSAMPLE
     canvas = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), BACKGROUNDS[scene.background])
     half = layout.side / 2

@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "same settings is continued (its saved images reused)")
     gen.add_argument("--overwrite-output-dir", action="store_true",
                      help="delete an earlier eval with other settings in --output-dir (only its files) and start over")
-    gen.add_argument("--seed", type=int, default=0, help="image k of prompt i uses seed + i * images_per_prompt + k")
-    gen.add_argument("--images-per-prompt", type=int, default=1, help="images generated per prompt and model")
+    gen.add_argument("--seed", type=int, default=0, help="image k of prompt i uses seed * 100003 + i * 101 + k")
+    gen.add_argument("--images-per-prompt", type=int, default=1, help="images generated per prompt and model (at most 101)")
     gen.add_argument("--num-inference-steps", type=int, default=30, help="denoising steps per image")
     gen.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale")
     gen.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (None: the model's)")
@@ -68,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pref.add_argument("--allow-pickle", action="store_true",
                       help="load .pt checkpoints that hold pickled objects (only files from a trusted source)")
 
+    pref.add_argument("--shapes-score", action="store_true",
+                      help="the demo's shapes task: style (an outline) and fidelity (right shape and colour) per image")
+
     out = parser.add_argument_group("scoring and output")
     out.add_argument("--score-batch-size", type=int, default=16, help="images per scorer call")
     out.add_argument("--scorer-precision", choices=PRECISIONS, default="fp32", help="precision of the scorer models")
@@ -92,7 +95,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         pickscore_processor=args.pickscore_processor, hps_checkpoint=args.hps_checkpoint, hps_model=args.hps_model,
         aesthetic_head=args.aesthetic_head, aesthetic_clip_model=args.aesthetic_clip_model,
         aesthetic_clip_pretrained=args.aesthetic_clip_pretrained, allow_pickle=args.allow_pickle,
-        score_batch_size=args.score_batch_size,
+        score_batch_size=args.score_batch_size, shapes_score=args.shapes_score,
         scorer_precision=args.scorer_precision, grid_columns=args.grid_columns, grid_cell=args.grid_cell,
         progress=not args.no_progress, overwrite_output_dir=args.overwrite_output_dir,
     )

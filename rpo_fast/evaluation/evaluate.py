@@ -29,6 +29,7 @@ from .generation import (
     GenerationSettings,
     apply_tuned,
     check_base,
+    check_images_per_prompt,
     generate,
     load_pipeline,
     read_prompts,
@@ -40,6 +41,7 @@ from .scorers import (
     AestheticScorer,
     HPSv2Scorer,
     OpenClipMetrics,
+    SCORERS,
     PickScoreScorer,
     check_scorer_paths,
     load_style_images,
@@ -80,6 +82,7 @@ class EvalConfig:
     scorer_precision: str = "fp32"
     grid_columns: int = 8
     grid_cell: int = 256
+    shapes_score: bool = False              # the shapes task's style and fidelity (captions of the demo's task)
     progress: bool = True
     overwrite_output_dir: bool = False      # delete an earlier eval with other settings in output_dir
 
@@ -111,6 +114,7 @@ def _check_config(config: EvalConfig) -> None:
                         ("grid_columns", config.grid_columns), ("grid_cell", config.grid_cell)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    check_images_per_prompt(g.images_per_prompt)
     for name, value in (("height", g.height), ("width", g.width)):
         if value is not None and (not isinstance(value, int) or value < 8 or value % 8):
             raise ValueError(f"{name}: expected a multiple of 8 (or None for the model's default), got {value!r}")
@@ -147,6 +151,8 @@ def _scorers(config: EvalConfig, device: str, refs: Optional[List[Image.Image]])
         scorers.append(("aesthetic", lambda: AestheticScorer(
             config.aesthetic_head, config.aesthetic_clip_model, config.aesthetic_clip_pretrained, device=device,
             precision=precision, allow_pickle=allow_pickle)))
+    if config.shapes_score:
+        scorers.append(("shapes", SCORERS["shapes"]))
     return scorers
 
 

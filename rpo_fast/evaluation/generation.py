@@ -8,9 +8,13 @@ The tuned model is what ``rpo-fast train`` writes, or any diffusers layout:
 * ``lora``: LoRA weights that ``pipeline.load_lora_weights`` reads (a folder with
   ``pytorch_lora_weights.safetensors`` or one ``.safetensors`` file), loaded onto the base.
 
-Seeds: image k of prompt i uses seed ``seed + i * images_per_prompt + k`` drawn by a CPU
-generator, for the base and the tuned model alike, so both start from the same noise on any
-device and at any batch size.
+Seeds: image k of prompt i starts from the noise of a CPU generator seeded with
+``seed * 100003 + i * 101 + k`` (:func:`image_seed`), for the base and the tuned model alike,
+so both start from the same noise on any device and at any batch size. The seed of image
+(i, k) does not depend on how many prompts or images per prompt are asked for: a run with
+more prompts or more images per prompt extends an earlier one without changing its images.
+The price is a limit of ``MAX_IMAGES_PER_PROMPT`` (101) images per prompt, beyond which
+prompts would share seeds.
 """
 
 from __future__ import annotations
@@ -171,8 +175,19 @@ class GenerationSettings:
     batch_size: int = 4
 
 
+MAX_IMAGES_PER_PROMPT = 101  # the prompt stride of the seed rule
+
+
+def check_images_per_prompt(images_per_prompt: int) -> None:
+    """A one-line ``ValueError`` beyond the seed rule's ``MAX_IMAGES_PER_PROMPT``."""
+    if images_per_prompt > MAX_IMAGES_PER_PROMPT:
+        raise ValueError(f"images_per_prompt (--images-per-prompt): expected at most {MAX_IMAGES_PER_PROMPT} (image k "
+                         f"of prompt i has seed seed * 100003 + i * 101 + k), got {images_per_prompt}")
+
+
 def image_seed(settings: GenerationSettings, prompt_index: int, k: int) -> int:
-    return settings.seed + prompt_index * settings.images_per_prompt + k
+    """The seed of image ``k`` of prompt ``prompt_index`` (the module docstring's rule)."""
+    return settings.seed * 100003 + prompt_index * MAX_IMAGES_PER_PROMPT + k
 
 
 def generate(pipe, prompts: List[str], settings: GenerationSettings, *,
@@ -184,6 +199,7 @@ def generate(pipe, prompts: List[str], settings: GenerationSettings, *,
     image as soon as its batch is done."""
     from tqdm.auto import tqdm
 
+    check_images_per_prompt(settings.images_per_prompt)
     images = images or [[None] * settings.images_per_prompt for _ in prompts]
     jobs = [(i, k) for i, row in enumerate(images) for k, image in enumerate(row) if image is None]
     total = len(prompts) * settings.images_per_prompt

@@ -1,11 +1,12 @@
-"""Aggregates scores of base vs tuned and writes them: JSON, a markdown table, an image grid."""
+"""Aggregates scores of base vs tuned and writes them: JSON, a markdown table, an image grid,
+a bar plot of the means with their confidence intervals."""
 
 from __future__ import annotations
 
 import json
 import textwrap
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image, ImageDraw
@@ -16,10 +17,10 @@ from .outputs import write_text
 
 
 def per_prompt(scores: torch.Tensor) -> torch.Tensor:
-    """``(P, K)`` scores (K images per prompt) -> ``(P,)`` means."""
+    """``(P, K)`` scores (K images per prompt) -> ``(P,)`` means, in float64."""
     if scores.dim() != 2:
         raise ValueError(f"scores: expected shape (prompts, images_per_prompt), got {tuple(scores.shape)}")
-    return scores.float().mean(dim=1)
+    return scores.double().mean(dim=1)
 
 
 def win_rate(tuned: torch.Tensor, base: torch.Tensor) -> float:
@@ -31,9 +32,12 @@ def win_rate(tuned: torch.Tensor, base: torch.Tensor) -> float:
 
 
 def summarize(base: Dict[str, torch.Tensor], tuned: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float]]:
-    """For each metric: base and tuned means over all images, their difference with the
-    half-width of its 95% t-interval (over the per-prompt paired differences; nan for one
-    prompt) and the per-prompt win rate of tuned over base."""
+    """The paired summary of ``(P, K)`` scores (K images per prompt, image k of prompt i from
+    the same seed for both models). For each metric: base and tuned means over all images,
+    each with the half-width of its 95% t-interval over the per-prompt means (``base_ci95``,
+    ``tuned_ci95``), their difference with the half-width of its 95% t-interval over the
+    per-prompt paired differences (``delta_ci95``; nan for one prompt), and the per-prompt
+    win rate of tuned over base."""
     if set(base) != set(tuned):
         raise ValueError(f"summarize: base metrics {sorted(base)} differ from tuned metrics {sorted(tuned)}")
     summary = {}
@@ -41,9 +45,11 @@ def summarize(base: Dict[str, torch.Tensor], tuned: Dict[str, torch.Tensor]) -> 
         b, t = per_prompt(base[name]), per_prompt(tuned[name])
         summary[name] = {
             "base": float(b.mean()),
+            "base_ci95": mean_ci(b.numpy())[1],
             "tuned": float(t.mean()),
+            "tuned_ci95": mean_ci(t.numpy())[1],
             "delta": float(t.mean() - b.mean()),
-            "delta_ci95": mean_ci((t - b).double().numpy())[1],
+            "delta_ci95": mean_ci((t - b).numpy())[1],
             "win_rate": win_rate(t, b),
         }
     return summary
@@ -70,9 +76,11 @@ def markdown_table(summary: Dict[str, Dict[str, float]], num_prompts: int) -> st
 
 
 def image_grid(rows: Dict[str, List[Image.Image]], *, cell: int = 256, label_width: int = 64,
-               column_labels: Optional[List[str]] = None, line_height: int = 12) -> Image.Image:
+               column_labels: Optional[List[str]] = None, line_height: int = 12,
+               resample: Optional[Image.Resampling] = None) -> Image.Image:
     """One row per model (labelled at the left), one column per prompt; cells are resized to
-    ``cell`` px; ``column_labels`` (the prompts) are written under their columns, wrapped."""
+    ``cell`` px (with ``resample``, PIL's default if None; NEAREST keeps tiny images' pixels);
+    ``column_labels`` (the prompts) are written under their columns, wrapped."""
     if not rows or not all(rows.values()):
         raise ValueError("image_grid: expected at least one row with at least one image")
     columns = max(len(images) for images in rows.values())
@@ -83,7 +91,9 @@ def image_grid(rows: Dict[str, List[Image.Image]], *, cell: int = 256, label_wid
     for r, (label, images) in enumerate(rows.items()):
         draw.text((4, r * cell + cell // 2), label, fill="black")
         for c, image in enumerate(images):
-            grid.paste(image.convert("RGB").resize((cell, cell)), (label_width + c * cell, r * cell))
+            big = image.convert("RGB")
+            big = big.resize((cell, cell)) if resample is None else big.resize((cell, cell), resample)
+            grid.paste(big, (label_width + c * cell, r * cell))
     for c, lines in enumerate(wrapped):
         for k, line in enumerate(lines):
             draw.text((label_width + c * cell + 2, len(rows) * cell + 2 + k * line_height), line, fill="black")
@@ -124,3 +134,33 @@ def write_report(output_dir: Path, *, prompts: List[str], summary: Dict[str, Dic
     else:
         del files["grid"]
     return files
+
+
+def save_score_plot(path, results: Dict[str, Dict[str, Tuple[float, float]]], *,
+                    metrics: Sequence[str] = ("style_rate", "fidelity"), title: str = "",
+                    ylim: Optional[Tuple[float, float]] = (0, 1)) -> Path:
+    """Bars of ``results[model][metric] = (mean, ci half-width)``, one panel per metric
+    (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models: List[str] = list(results)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        means = [results[m][metric][0] for m in models]
+        errors = [results[m][metric][1] for m in models]
+        ax.bar(models, means, yerr=errors, capsize=4, color=["#9e9e9e", "#1f77b4", "#ff7f0e", "#2ca02c"][: len(models)])
+        ax.set_title(metric)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        ax.tick_params(axis="x", labelrotation=20)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

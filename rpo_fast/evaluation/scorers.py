@@ -1,4 +1,5 @@
-"""Automatic image scorers: CLIP score and style alignment, PickScore, HPSv2, aesthetic.
+"""Automatic image scorers: CLIP score and style alignment, PickScore, HPSv2, aesthetic, and the
+shapes task's deterministic scorer; :data:`SCORERS` names them.
 
 Every scorer maps ``(prompts, images)`` to a dict ``{metric name: (B,) float32 tensor}``,
 higher is better. Each one loads its weights with the code its authors use (open_clip for
@@ -18,6 +19,9 @@ Definitions:
   ``hpsv2`` package reports it (about 0.2-0.35).
 * ``aesthetic``: the LAION aesthetic predictor's head on the L2-normalized CLIP ViT-L/14
   image embedding (a 1-10 rating).
+* ``style`` and ``fidelity`` (the ``shapes`` scorer, :mod:`.shapes_score`, for captions of the
+  demo's shapes task): 1 for the caption's shape and colour drawn as an outline (style) or
+  drawn at all (fidelity), else 0; image statistics, no weights.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..clip import encode_images, encode_texts, load_open_clip
+from .shapes_score import ShapesScorer
 from .sources import check_local_or_hub, hub_alternative
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -236,3 +241,13 @@ def check_scorer_paths(*, pickscore_model=None, pickscore_processor=None, hps_ch
                                   ("--style-images", style_images, True)):
         if value is not None and not (os.path.isdir(value) if want_dir else os.path.isfile(value)):
             raise FileNotFoundError(f"{what}: no {'folder' if want_dir else 'file'} at {value}")
+
+
+# Every scorer by name; each instance maps (prompts, images) to {metric: (B,) float32 tensor}.
+SCORERS = {
+    "clip": OpenClipMetrics,
+    "pickscore": PickScoreScorer,
+    "hpsv2": HPSv2Scorer,
+    "aesthetic": AestheticScorer,
+    "shapes": ShapesScorer,
+}

@@ -1,4 +1,5 @@
-"""Deterministic scores of generated shapes images: style (is this the caption's shape drawn
+"""The shapes scorer (``shapes`` in :data:`rpo_fast.evaluation.scorers.SCORERS`): deterministic scores
+of images of the shapes task (:mod:`rpo_fast.evaluation.shapes`): style (is this the caption's shape drawn
 as an outline?) and fidelity (right shape and colour). Image statistics only, no learned
 model, so that a score cannot be gamed by fooling a network and means the same on every
 machine.
@@ -45,8 +46,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .shapes import COLOURS, SHAPES, SUPERSAMPLE, parse_caption
-from .styles import draw_styled
+from .shapes import COLOURS, SHAPES, SUPERSAMPLE, draw_styled, parse_caption
 
 # The fidelity budget of the demo's success test and of the quality benchmark's selection:
 # a tuned model may lose at most this fraction of the base's fidelity.
@@ -310,3 +310,16 @@ def score_images(images: Sequence, captions: Sequence[str]) -> Dict[str, np.ndar
         "outline": np.array([s.drawing == "outline" for s in scores], dtype=float),
         "filled": np.array([s.drawing == "filled" for s in scores], dtype=float),
     }
+
+
+class ShapesScorer:
+    """The shapes scorer as an evaluation scorer: ``(prompts, images)`` (captions of the
+    shapes task) to ``{metric: (B,) float32 tensor}`` with the metrics of
+    :func:`score_images`; ``style`` and ``fidelity`` are the ones the demo reports."""
+
+    names = ["style", "fidelity", "colour_ok", "shape_ok", "present", "outline", "filled"]
+
+    def __call__(self, prompts: Sequence[str], images: Sequence) -> Dict[str, "torch.Tensor"]:
+        import torch
+
+        return {k: torch.from_numpy(v).float() for k, v in score_images(list(images), list(prompts)).items()}
