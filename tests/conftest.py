@@ -50,6 +50,21 @@ def tiny_sdxl_dir(tmp_path_factory):
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
 
 
+# Tiny SD3-like / FLUX.1-like flow-matching pipelines (T5 + CLIP text encoders, 16-channel VAE).
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    from benchmarks.tiny_models import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    from benchmarks.tiny_models import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
+
+
 @pytest.fixture(scope="session")
 def short_pretrained_base(tmp_path_factory):
     """The demo's base pretrained for 2 steps through the real pretraining code (quality is not
