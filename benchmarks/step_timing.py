@@ -108,6 +108,7 @@ def measure(model: str, *, pairs: int = 1, repeats: int = 3, device: Optional[to
 
     from rpo_fast import diffusion_dpo_loss
     from rpo_fast.train.config import TrainConfig
+    from rpo_fast.train.families import get_family
     from rpo_fast.train.models import add_lora
     from rpo_fast.train.optim import make_optimizer
     from rpo_fast.train.ref_model import adapters_disabled, frozen_copy
@@ -182,7 +183,7 @@ def measure(model: str, *, pairs: int = 1, repeats: int = 3, device: Optional[to
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    add_lora(unet, dataclasses.replace(config, lora=True))
+    add_lora(unet, dataclasses.replace(config, lora=True), get_family(model))
     ms["policy UNet fwd+bwd (LoRA)"] = run(lambda: policy_step().backward(grad_out))
     with torch.no_grad(), adapters_disabled(unet):
         ms["reference UNet fwd (LoRA off)"] = run(policy_step)

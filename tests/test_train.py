@@ -12,6 +12,7 @@ from rpo_fast.train import TrainConfig, train
 from rpo_fast.train import loop as train_loop
 from benchmarks.step import measure_throughput
 from rpo_fast.train.batches import PairSchedule, assemble_batch, draw_sample
+from rpo_fast.train.families import TimestepDraw
 from rpo_fast.train.cli import add_arguments, config_from_args
 from rpo_fast.train.latent_cache import LatentSpec, build_latent_cache
 from rpo_fast.train.process import Process
@@ -348,6 +349,7 @@ def test_latent_cache_is_keyed_reused_and_resumable(tiny_sd15_dir, data_dir, tmp
 
 
 def test_batches_are_pure_functions_of_seed_epoch_row(tiny_sd15_dir, data_dir, tmp_path):
+    T = TimestepDraw(1000)  # DDPM's: randint(0, 1000) from the row's generator
     schedule = PairSchedule(np.arange(10), batch_pairs=2, world=2, seed=3)
     assert schedule.micro_batches_per_epoch == 2  # 10 rows, global batch 4: last 2 rows dropped
     epoch0 = np.concatenate([schedule.global_rows(u)[1] for u in range(2)])
@@ -357,9 +359,9 @@ def test_batches_are_pure_functions_of_seed_epoch_row(tiny_sd15_dir, data_dir, t
     _, r1 = schedule.local_rows(1, 1)
     np.testing.assert_array_equal(np.concatenate([r0, r1]), schedule.global_rows(1)[1])
 
-    a, b = draw_sample(0, 1, 5, (4, 2, 2), 1000), draw_sample(0, 1, 5, (4, 2, 2), 1000)
+    a, b = draw_sample(0, 1, 5, (4, 2, 2), T), draw_sample(0, 1, 5, (4, 2, 2), T)
     assert a.timestep == b.timestep and torch.equal(a.noise, b.noise)
-    assert not torch.equal(a.noise, draw_sample(0, 2, 5, (4, 2, 2), 1000).noise)
+    assert not torch.equal(a.noise, draw_sample(0, 2, 5, (4, 2, 2), T).noise)
 
     class FakeCache:
         latent_shape = (4, 2, 2)
@@ -369,17 +371,17 @@ def test_batches_are_pure_functions_of_seed_epoch_row(tiny_sd15_dir, data_dir, t
             base = torch.full((4, 2, 2), float(row) + 100 * flip, dtype=torch.float16)
             return base, torch.full_like(base, 0.5), -base, torch.full_like(base, 2.0)
 
-    batch = assemble_batch(1, np.array([4, 7, 1]), FakeCache(), lambda epoch, r: f"p{r}", 0, 1000)
+    batch = assemble_batch(1, np.array([4, 7, 1]), FakeCache(), lambda epoch, r: f"p{r}", 0, T)
     assert batch.latents.shape == (6, 4, 2, 2) and batch.prompts == ["p4", "p7", "p1"]
     assert torch.equal(batch.noise[:3], batch.noise[3:])  # one noise per pair
     assert torch.equal(batch.timesteps[:3], batch.timesteps[3:])  # one timestep per pair
     for i, row in enumerate([4, 7, 1]):  # the same draws as draw_sample
-        d = draw_sample(0, 1, row, (4, 2, 2), 1000)
+        d = draw_sample(0, 1, row, (4, 2, 2), T)
         assert int(batch.timesteps[i]) == d.timestep and torch.equal(batch.noise[i], d.noise)
         shift = 100 * d.flip  # both images of a pair flipped together, as drawn
         torch.testing.assert_close(batch.latents[i], row + shift + 0.5 * d.eps_w)
         torch.testing.assert_close(batch.latents[3 + i], -(row + shift) + 2.0 * d.eps_l)
-    flips = [draw_sample(0, e, r, (1,), 1000).flip for e in range(4) for r in range(16)]
+    flips = [draw_sample(0, e, r, (1,), T).flip for e in range(4) for r in range(16)]
     assert 16 < sum(flips) < 48  # about half, redrawn each epoch
 
 
@@ -474,17 +476,17 @@ def test_epochs_sampled_rows_and_random_crops(run_training):
 @pytest.mark.parametrize("model", ["sd15", "sdxl"])
 def test_text_cache_gives_the_encoders_embeddings_and_resumes(tiny_sd15_dir, tiny_sdxl_dir, tmp_path, model):
     from rpo_fast.train import text_cache as tc
-    from rpo_fast.train.models import encode_prompts, prompt_embeddings, tokenize
+    from rpo_fast.train.models import prompt_embeddings
 
     folder = {"sd15": tiny_sd15_dir, "sdxl": tiny_sdxl_dir}[model]
     models = load_models(TrainConfig(pretrained_model=str(folder), data=".", output_dir=str(tmp_path)))
     prompts = [f"prompt {i % 300}" for i in range(700)]  # 300 distinct + "": two shards of 256, a partial third
-    build = lambda: tc.build_text_cache(models, prompts, tmp_path, "data-fp", 64,  # noqa: E731
+    build = lambda: tc.build_text_cache(models, prompts, tmp_path, "data-fp",  # noqa: E731
                                         process=Process(bars=False), batch_size=64)
     cache = build()
     assert sorted(p.name for p in cache.folder.glob("shard-*")) == [f"shard-0000{i}.safetensors" for i in range(2)]
     asked = ["prompt 299", "", "prompt 7", "prompt 7"]
-    want = encode_prompts(models, tokenize(models.tokenizers, asked), 64, torch.device("cpu"))
+    want = prompt_embeddings(models, asked, 64, torch.device("cpu"))  # no cache yet: encoded now
     models.text_cache = cache
     got = prompt_embeddings(models, asked, 64, torch.device("cpu"))
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)  # batches of 64 vs 4: rounding only
@@ -493,7 +495,7 @@ def test_text_cache_gives_the_encoders_embeddings_and_resumes(tiny_sd15_dir, tin
         torch.testing.assert_close(got[1]["text_embeds"], want[1]["text_embeds"], rtol=1e-5, atol=1e-6)
         assert torch.equal(got[1]["time_ids"], want[1]["time_ids"])
     with pytest.raises(RuntimeError, match="no embedding for prompt 'not in the data'"):
-        cache.lookup(["not in the data"], 64, torch.device("cpu"))
+        cache.lookup(["not in the data"], torch.device("cpu"))
     # resumable: a lost shard is encoded again, the other kept as it is
     models.text_cache = None
     kept = (cache.folder / "shard-00000.safetensors").stat().st_mtime_ns

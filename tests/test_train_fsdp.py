@@ -49,10 +49,12 @@ def data(tmp_path_factory):
     return synthetic_pickapic(tmp_path_factory.mktemp("fsdp") / "data")
 
 
-def test_sharded_step_gives_the_gradients_of_one_global_batch(tiny_sd15_dir, data, tmp_path):
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux"])
+def test_sharded_step_gives_the_gradients_of_one_global_batch(family, request, data, tmp_path):
+    model = request.getfixturevalue(f"tiny_{family}_dir")  # SD3 and Flux: sharded per transformer block
     (tmp_path / "worker.py").write_text(WORKER)
     for tag, pairs, fsdp in (("one", 4, False), ("two", 2, True)):
-        jobs = [{"config": vars(tiny_config(tiny_sd15_dir, data, tmp_path / f"out-{tag}-{m}", tmp_path / "latents",
+        jobs = [{"config": vars(tiny_config(model, data, tmp_path / f"out-{tag}-{m}", tmp_path / "latents",
                                             method=m, batch_pairs=pairs, fsdp=fsdp)),
                  "out": str(tmp_path / f"{tag}-{m}.pt")} for m in ("rpo", "dpo")]
         (tmp_path / f"{tag}.json").write_text(json.dumps(jobs))

@@ -17,6 +17,7 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .families import TimestepDraw
 from .latent_cache import LatentCache
 
 
@@ -99,12 +100,12 @@ def _generator(seed: int, epoch: int, row: int) -> torch.Generator:
     return torch.Generator().manual_seed(sample_seed(seed, epoch, row))
 
 
-def draw_sample(seed: int, epoch: int, row: int, shape: Tuple[int, ...], num_train_timesteps: int) -> SampleDraw:
+def draw_sample(seed: int, epoch: int, row: int, shape: Tuple[int, ...], draw: TimestepDraw) -> SampleDraw:
     """The random draws of one row in one epoch, in the order :func:`assemble_batch` makes
     them: one timestep and one noise for both images of the pair (as in Diffusion-DPO), then
     the posterior draws of the two cached latents."""
     g = _generator(seed, epoch, row)
-    timestep = int(torch.randint(0, num_train_timesteps, (1,), generator=g))
+    timestep = draw(g)
     noise, eps_w, eps_l = (torch.empty(shape).normal_(generator=g) for _ in range(3))
     return SampleDraw(timestep, noise, eps_w, eps_l, draw_flip(seed, epoch, row))
 
@@ -124,7 +125,7 @@ class PairBatch:
 
 
 def assemble_batch(epoch: int, rows: np.ndarray, cache: LatentCache, prompt_of: Callable[[int, int], str], seed: int,
-                   num_train_timesteps: int) -> PairBatch:
+                   draw: TimestepDraw) -> PairBatch:
     """The batch of ``rows``, drawn straight into preallocated tensors (the draws of
     :func:`draw_sample`, without a temporary tensor per row)."""
     rows_list = [int(r) for r in rows]
@@ -137,7 +138,7 @@ def assemble_batch(epoch: int, rows: np.ndarray, cache: LatentCache, prompt_of: 
     for i, row in enumerate(rows_list):
         mean_w, std_w, mean_l, std_l = cache.get(row, flip=cache.has_flips and draw_flip(seed, epoch, row))
         g = _generator(seed, epoch, row)
-        timesteps[i] = timesteps[m + i] = torch.randint(0, num_train_timesteps, (1,), generator=g)[0]
+        timesteps[i] = timesteps[m + i] = draw(g)
         noise[i].normal_(generator=g)
         noise[m + i].copy_(noise[i])
         eps.normal_(generator=g)
@@ -153,9 +154,9 @@ class MicroBatches(torch.utils.data.Dataset):
     ``batch_size=None`` so that workers assemble batches ahead of the training step."""
 
     def __init__(self, schedule: PairSchedule, cache: LatentCache, prompts: PromptTable, rank: int, seed: int,
-                 num_train_timesteps: int, start: int, stop: int):
+                 draw: TimestepDraw, start: int, stop: int):
         self.schedule, self.cache, self.prompts = schedule, cache, prompts
-        self.rank, self.seed, self.T = rank, seed, num_train_timesteps
+        self.rank, self.seed, self.draw = rank, seed, draw
         self.start, self.stop = start, stop
 
     def __len__(self) -> int:
@@ -163,7 +164,7 @@ class MicroBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> PairBatch:
         epoch, rows = self.schedule.local_rows(self.start + i, self.rank)
-        return assemble_batch(epoch, rows, self.cache, self.prompts, self.seed, self.T)
+        return assemble_batch(epoch, rows, self.cache, self.prompts, self.seed, self.draw)
 
 
 def micro_batch_loader(dataset: MicroBatches, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:

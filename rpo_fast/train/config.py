@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Mapping, Optional
 from .._types import BACKENDS, LOSS_TYPES, METHODS, WEIGHT_NORMS
 from ..validation import LossSettings
 
-MODEL_TYPES = ("auto", "sd15", "sdxl")
+MODEL_TYPES = ("auto", "sd15", "sdxl", "sd3", "flux")
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "sigma_sqrt", "cosmap")
 PRECISIONS = ("no", "bf16", "fp16")
 REF_DTYPES = ("fp32", "bf16", "fp16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -68,7 +69,7 @@ class TrainConfig:
                      aliases=("--dataset_name",), on_resume="free")
     output_dir: str = _opt(None, "where checkpoints, metrics and the trained weights go (required)",
                            required=True, aliases=("--output_dir",), on_resume="free")
-    model_type: str = _opt("auto", "sd15 | sdxl | auto (read from model_index.json)", choices=MODEL_TYPES)
+    model_type: str = _opt("auto", "sd15 | sdxl | sd3 | flux | auto (read from model_index.json)", choices=MODEL_TYPES)
     revision: Optional[str] = _opt(None, "model revision on the hub")
     variant: Optional[str] = _opt(None, "weights variant of the pretrained model, e.g. fp16")
     pretrained_vae: Optional[str] = _opt(None, "a separate VAE (hub id or folder of an AutoencoderKL), e.g. "
@@ -86,6 +87,14 @@ class TrainConfig:
                        flag_aliases={"--no_hflip": False})
     random_crop: bool = _opt(False, "crop at a random position (drawn per seed and row, so the latent cache keeps "
                              "one crop per image) instead of the centre")
+    weighting_scheme: str = _opt("logit_normal", "sd3 / flux: the flow-matching timestep density, and for sigma_sqrt "
+                                 "and cosmap a per-sample loss weight, as diffusers' SD3 and Flux scripts' "
+                                 "--weighting_scheme (none: uniform)", choices=WEIGHTING_SCHEMES)
+    logit_mean: float = _opt(0.0, "sd3 / flux, logit_normal: the mean of the normal before the sigmoid")
+    logit_std: float = _opt(1.0, "sd3 / flux, logit_normal: its standard deviation")
+    mode_scale: float = _opt(1.29, "sd3 / flux, mode: the scale of the mode density")
+    guidance_scale: float = _opt(3.5, "flux: the guidance scale given to a guidance-distilled transformer "
+                                 "(FLUX.1-dev) in training, as diffusers' Flux script")
     proportion_empty_prompts: float = _opt(0.0, "train this fraction of pairs on the empty prompt (drawn per seed, "
                                            "epoch and row), as diffusers' --proportion_empty_prompts")
 
@@ -211,6 +220,8 @@ class TrainConfig:
             _check_float(name, getattr(self, name), positive=True)
         for name in ("adam_weight_decay", "max_grad_norm", "sft_weight", "proportion_empty_prompts"):
             _check_float(name, getattr(self, name), positive=False)
+        if self.logit_std <= 0:
+            raise ValueError(f"logit_std: expected a positive number, got {self.logit_std}")
         if self.proportion_empty_prompts > 1:
             raise ValueError(f"proportion_empty_prompts: expected a fraction in [0, 1], got {self.proportion_empty_prompts}")
         if self.lora_alpha is not None:

@@ -1,4 +1,5 @@
-"""One diffusion training forward: noisy latents, conditioning, target, UNet prediction.
+"""One diffusion training forward: noisy latents, conditioning, target, the denoiser's
+prediction, as the model's family defines them (train/families.py).
 
 Shared by the training step and the reference pass, so both see the same inputs.
 """
@@ -11,6 +12,7 @@ from typing import Dict, Optional
 import torch
 
 from .batches import PairBatch
+from .families import Family
 from .models import Models, prompt_embeddings
 
 
@@ -20,7 +22,9 @@ class UNetInputs:
     timesteps: torch.Tensor  # (R,)
     hidden: torch.Tensor  # (R, L, D)
     added: Optional[Dict[str, torch.Tensor]]
-    target: torch.Tensor  # (R, C, h, w): noise (epsilon) or velocity (v_prediction)
+    target: torch.Tensor  # (R, C, h, w): noise (epsilon), velocity (v_prediction) or noise - x0 (flow)
+    family: Family
+    scale: Optional[torch.Tensor] = None  # (R,) sqrt of a flow scheme's loss weight, on target and prediction
 
 
 def unet_inputs(models: Models, batch: PairBatch, device: torch.device, resolution: int,
@@ -33,24 +37,23 @@ def unet_inputs(models: Models, batch: PairBatch, device: torch.device, resoluti
     if winners_only:
         m = latents.shape[0] // 2
         latents, noise, timesteps = latents[:m], noise[:m], timesteps[:m]
-    scheduler = models.noise_scheduler
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    if models.prediction_type == "epsilon":
-        target = noise
-    else:
-        target = scheduler.get_velocity(latents, noise, timesteps)
+    noisy, timesteps, target, weight = models.family.noisy_and_target(models, latents, noise, timesteps)
+    scale = None
+    if weight is not None:  # e = w mean (pred - target)^2: both scaled by sqrt(w), in predict too
+        scale = weight.sqrt().view(-1, *([1] * (target.dim() - 1)))
+        target = target * scale
     hidden, added = prompt_embeddings(models, batch.prompts, resolution, device)
     repeat = 1 if winners_only else 2
     if repeat > 1:
         hidden = hidden.repeat(repeat, 1, 1)
         if added is not None:
             added = {k: v.repeat(repeat, 1) for k, v in added.items()}
-    return UNetInputs(noisy, timesteps, hidden, added, target)
+    return UNetInputs(noisy, timesteps, hidden, added, target, models.family, scale)
 
 
-def predict(unet, x: UNetInputs) -> torch.Tensor:
-    kwargs = {"added_cond_kwargs": x.added} if x.added is not None else {}
-    return unet(x.noisy, x.timesteps, encoder_hidden_states=x.hidden, **kwargs).sample
+def predict(model, x: UNetInputs) -> torch.Tensor:
+    pred = x.family.predict(model, x)
+    return pred if x.scale is None else pred * x.scale
 
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

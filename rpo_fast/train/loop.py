@@ -36,8 +36,9 @@ from .config import TrainConfig, config_to_dict, resume_differences
 from .forward import predict, unet_inputs
 from .latent_cache import LatentSpec, build_latent_cache, default_cache_root
 from .metrics_log import MetricsLog
-from .models import (Models, add_lora, detect_model_type, load_models, load_trainable_state_dict, module_identity,
-                     native_resolution, save_trained, trainable_state_dict)
+from .families import get_family
+from .models import (Models, add_lora, detect_model_type, load_models, load_trainable_state_dict, lora_targets,
+                     module_identity, native_resolution, save_trained, trainable_state_dict)
 from .optim import make_optimizer
 from .preflight import check_paths_and_packages, check_output_dir, clear_run
 from . import sharding
@@ -189,9 +190,9 @@ def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase:
     model_type = config.model_type
     if model_type == "auto":
         model_type = detect_model_type(config.pretrained_model, config.revision, config.cache_dir)
-    native = native_resolution(config)
+    native = native_resolution(config, model_type)
     if config.resolution is None:  # the model's own size (SD1.5 512, SDXL 1024), as the diffusers examples
-        config = dataclasses.replace(config, resolution=native or (1024 if model_type == "sdxl" else 512))
+        config = dataclasses.replace(config, resolution=native or get_family(model_type).default_resolution)
     process = Process.start(config)
     if config.fsdp and process.world < 2:
         raise ValueError("fsdp: shards the UNet over the processes of a torchrun launch; run with "
@@ -220,7 +221,7 @@ def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase:
     with phases("reference set-up"):
         reference = _reference(config, unet, models, data.cache, data.prompts, data.schedule, dataset.fingerprint,
                                process)
-    _make_trainable(config, unet, reference, process)
+    _make_trainable(config, models, reference, process)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = make_optimizer(config, params, process.device)
     from diffusers.optimization import get_scheduler
@@ -296,29 +297,29 @@ def _prompts_on_device(config: TrainConfig, models: Models, data: TrainingData, 
     if config.text_cache:
         on_phase("encoding the prompts (finished shards of the text cache are kept)")
         models.text_cache = build_text_cache(models, data.prompts.prompts, data.cache_root, data.dataset.fingerprint,
-                                             config.resolution, process=process)
+                                             process=process)
         models.text_encoders = []
 
 
-def _make_trainable(config: TrainConfig, unet, reference: Optional[Reference], process: Process) -> None:
+def _make_trainable(config: TrainConfig, models: Models, reference: Optional[Reference], process: Process) -> None:
     """LoRA adapters (or all weights) to train, gradient checkpointing, FSDP sharding: in place,
     after the reference was set up and before the optimizer sees the parameters."""
-    low_dtype = weight_dtype(config.mixed_precision)
+    unet, low_dtype = models.unet, weight_dtype(config.mixed_precision)
     if config.lora:
         if config.mixed_precision != "no" and process.device.type == "cuda":
             unet.to(low_dtype)  # frozen base weights in the low precision, adapters stay fp32
         # The adapters' initial weights are a function of the seed alone, the same on every
         # rank: filling the caches above draws from the global generators (DataLoader seeds).
         torch.manual_seed(config.seed)
-        add_lora(unet, config)  # in place: a "lora" reference now sees the adapters, and disables them
+        add_lora(unet, config, models.family)  # in place: a "lora" reference now sees the adapters, and disables them
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
     if config.fsdp:  # before the optimizer is built: it must see the sharded parameters
         param_dtype = low_dtype if config.mixed_precision != "no" else None
-        sharding.shard_unet(unet, param_dtype)
+        sharding.shard_unet(unet, param_dtype, models.family)
         if reference is not None and reference.kind == "copy":
-            sharding.shard_unet(reference.model, param_dtype)
+            sharding.shard_unet(reference.model, param_dtype, models.family)
 
 
 def _wrap_for_parallel(run: Run) -> None:
@@ -643,7 +644,7 @@ def step_batches(run: Run, start_step: int, stop_step: int) -> Iterator[PairBatc
     ahead by DataLoader workers when ``dataloader_num_workers`` > 0."""
     accum = run.micro_batches_per_step
     dataset = MicroBatches(run.schedule, run.cache, run.prompts, run.rank, run.config.seed,
-                           run.models.num_train_timesteps, start_step * accum, stop_step * accum)
+                           run.models.timestep_draw, start_step * accum, stop_step * accum)
     return iter(micro_batch_loader(dataset, run.config.dataloader_num_workers, pin_memory=run.device.type == "cuda"))
 
 
@@ -743,7 +744,8 @@ def _report_start(run: Run) -> None:
     def say(text: str) -> None:
         print(f"rpo-fast train: {text}")
 
-    trained = f"LoRA rank {config.lora_rank} on {', '.join(config.lora_target_modules)}" if config.lora else "the whole UNet"
+    targets = ", ".join(lora_targets(config, run.models.family))
+    trained = f"LoRA rank {config.lora_rank} on {targets}" if config.lora else f"the whole {run.models.family.denoiser_label}"
     say(f"model {config.pretrained_model} ({run.model_type}), training {trained}")
     left = [f"{n} {why}" for n, why in ((run.dropped_ties, "tie(s) dropped (--no-drop-ties keeps them)"),
                                        (run.skipped_pairs, "unreadable or without an embedding")) if n]

@@ -84,10 +84,11 @@ def visited_rows(schedule: PairSchedule, num_micro_batches: int):
 
 
 def table_key(dataset_fingerprint: str, latent_key: str, model_key: str, schedule: PairSchedule,
-              num_micro_batches: int, mixed_precision: str, empty_prompt_rate: float = 0.0) -> str:
+              num_micro_batches: int, mixed_precision: str, empty_prompt_rate: float = 0.0, draw=None) -> str:
     empty = (("empty-prompts", empty_prompt_rate),) if empty_prompt_rate else ()
+    flow = (("timesteps", repr(draw)),) if draw is not None and draw.scheme != "uniform" else ()  # SD keys as before
     return content_hash("ref-errors-v1", dataset_fingerprint, latent_key, model_key, schedule.seed,
-                        schedule.global_pairs, num_micro_batches, mixed_precision, *empty)
+                        schedule.global_pairs, num_micro_batches, mixed_precision, *empty, *flow)
 
 
 @torch.no_grad()
@@ -99,7 +100,8 @@ def precompute_reference_errors(unet: torch.nn.Module, models, cache, prompts, s
     precision) matches, else computed (split over ranks) and saved."""
     num_micro_batches = config.max_steps * config.gradient_accumulation_steps
     key = table_key(dataset_fingerprint, cache.folder.name, f"{config.pretrained_model}@{config.revision}/"
-                    f"{config.variant}", schedule, num_micro_batches, config.mixed_precision, prompts.empty_rate)
+                    f"{config.variant}", schedule, num_micro_batches, config.mixed_precision, prompts.empty_rate,
+                    models.timestep_draw)
     path = Path(config.output_dir).expanduser().resolve() / REF_ERRORS_FILE
     seed, resolution, batch_pairs = config.seed, config.resolution, 2 * config.batch_pairs
     rank, world, device = process.rank, process.world, process.device
@@ -122,7 +124,7 @@ def precompute_reference_errors(unet: torch.nn.Module, models, cache, prompts, s
     unet.eval()
     for epoch, rows in tqdm(mine, desc="reference errors", unit="batch", disable=not process.progress,
                             dynamic_ncols=True):
-        batch = assemble_batch(epoch, rows, cache, prompts, seed, models.num_train_timesteps)
+        batch = assemble_batch(epoch, rows, cache, prompts, seed, models.timestep_draw)
         inputs = unet_inputs(models, batch, device, resolution)
         with process.autocast(config.mixed_precision):
             errors = per_sample_mse(predict(unet, inputs), inputs.target).double().cpu()

@@ -1,4 +1,4 @@
-"""``--fsdp``: the UNet sharded over the processes with PyTorch's FSDP2 (``fully_shard``).
+"""``--fsdp``: the denoiser (UNet or transformer) sharded over the processes with PyTorch's FSDP2 (``fully_shard``).
 
 Each resnet and transformer layer is one FSDP unit, each down, mid and up block one around
 them (its samplers), and the UNet the root: a rank holds 1/W of
@@ -22,26 +22,15 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 
-def _blocks(unet: torch.nn.Module) -> List[torch.nn.Module]:
-    mid = [unet.mid_block] if getattr(unet, "mid_block", None) is not None else []
-    return [*unet.down_blocks, *mid, *unet.up_blocks]
-
-
-def shard_unet(unet: torch.nn.Module, param_dtype: Optional[torch.dtype]) -> torch.nn.Module:
-    """Shards ``unet`` in place (its class becomes FSDP's subclass of it) and returns it."""
+def shard_unet(unet: torch.nn.Module, param_dtype: Optional[torch.dtype], family) -> torch.nn.Module:
+    """Shards ``unet`` (the denoiser) in place over the family's units (``Family.shard_units``:
+    a UNet's resnet and transformer layers, then its blocks; a transformer's blocks), then the
+    root; its class becomes FSDP's subclass of it. Returns it."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    from diffusers.models.attention import BasicTransformerBlock
-    from diffusers.models.resnet import ResnetBlock2D
-
-    # A unit per resnet and transformer layer (they do not nest), then one per down, mid and up
-    # block for what is left (samplers, projections), then the root: SDXL's first up block alone
-    # is 1.2 B parameters, which as one unit would be all-gathered whole (docs/memory.md).
-    for layer in [m for m in unet.modules() if isinstance(m, (ResnetBlock2D, BasicTransformerBlock))]:
-        fully_shard(layer, mp_policy=policy)
-    for block in _blocks(unet):
-        fully_shard(block, mp_policy=policy)
+    for unit in family.shard_units(unet):
+        fully_shard(unit, mp_policy=policy)
     fully_shard(unet, mp_policy=policy)
     return unet
 

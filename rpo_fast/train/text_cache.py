@@ -8,7 +8,7 @@ key covers the data, the text encoders' and tokenizers' identity and the dtype t
 ran in, so a different model or precision gets a cache of its own.
 
 Layout: ``prompts.json`` (the distinct prompts, in order of first appearance) and
-``shard-00000.safetensors``, ... with ``hidden`` (S, L, D) and, for SDXL, ``pooled`` (S, P)
+``shard-00000.safetensors``, ... with ``hidden`` (S, L, D) and, but for SD1.5, ``pooled`` (S, P)
 for prompts ``[i S, (i + 1) S)``. A shard is written whole (a temporary file, then a rename),
 so a fill cut short resumes at the first missing shard; with several ranks each encodes
 shards ``rank, rank + world, ...``.
@@ -25,7 +25,7 @@ import torch
 from ..data import content_hash
 from ..atomic import write_atomic
 from .latent_cache import shard_name
-from .models import Models, encode_prompts, module_identity, sdxl_added_conditioning, tokenize
+from .models import Models, encode_prompts, module_identity
 from .process import Process
 
 FORMAT_VERSION = 1
@@ -39,11 +39,11 @@ def encoder_identity(models: Models) -> str:
 
 
 class TextCache:
-    """Rows of the cache by prompt: ``lookup(prompts, resolution, device)`` returns what
+    """Rows of the cache by prompt: ``lookup(prompts, device)`` returns what
     :func:`rpo_fast.train.models.encode_prompts` returns for them."""
 
-    def __init__(self, folder: Path, model_type: str):
-        self.folder, self.model_type = Path(folder), model_type
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
         prompts = json.loads((self.folder / "prompts.json").read_text())
         self.index: Dict[str, int] = {p: i for i, p in enumerate(prompts)}
         self._shards: Dict[int, object] = {}  # open safetensors files: rows are read, not whole shards
@@ -58,23 +58,22 @@ class TextCache:
     def _rows(self, name: str, rows: List[int]) -> torch.Tensor:
         return torch.cat([self._shard(r // SHARD_SIZE).get_slice(name)[r % SHARD_SIZE:r % SHARD_SIZE + 1] for r in rows])
 
-    def lookup(self, prompts: List[str], resolution: int, device) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
+    def lookup(self, prompts: List[str], device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         try:
             rows = [self.index[p] for p in prompts]
         except KeyError as missing:
             raise RuntimeError(f"text cache {self.folder} has no embedding for prompt {missing}") from None
         hidden = self._rows("hidden", rows).to(device, non_blocking=True)
-        if self.model_type != "sdxl":
+        if "pooled" not in self._shard(0).keys():
             return hidden, None
-        pooled = self._rows("pooled", rows).to(device, non_blocking=True)
-        return hidden, sdxl_added_conditioning(pooled, resolution)
+        return hidden, self._rows("pooled", rows).to(device, non_blocking=True)
 
 
 def _missing_shards(folder: Path, count: int) -> List[int]:
     return [s for s in range(count) if not (folder / shard_name(s)).exists()]
 
 
-def build_text_cache(models: Models, prompts: List[str], root: Path, dataset_fingerprint: str, resolution: int, *,
+def build_text_cache(models: Models, prompts: List[str], root: Path, dataset_fingerprint: str, *,
                      process: Process = Process(), batch_size: int = 32) -> TextCache:
     """Encodes (or reuses) every distinct prompt of ``prompts`` plus the empty one with the
     models' text encoders, which must be on ``process.device``; returns the cache opened."""
@@ -95,10 +94,10 @@ def build_text_cache(models: Models, prompts: List[str], root: Path, dataset_fin
             chunk = distinct[s * SHARD_SIZE:(s + 1) * SHARD_SIZE]
             hidden, pooled = [], []
             for i in range(0, len(chunk), batch_size):
-                h, added = encode_prompts(models, tokenize(models.tokenizers, chunk[i:i + batch_size]), resolution, device)
+                h, p = encode_prompts(models, chunk[i:i + batch_size], device)
                 hidden.append(h.cpu())
-                if added is not None:
-                    pooled.append(added["text_embeds"].cpu())
+                if p is not None:
+                    pooled.append(p.cpu())
                 bar.update(len(chunk[i:i + batch_size]))
             tensors = {"hidden": torch.cat(hidden).contiguous()}
             if pooled:
@@ -108,4 +107,4 @@ def build_text_cache(models: Models, prompts: List[str], root: Path, dataset_fin
     process.barrier()  # every rank, whether it had work or not: collectives must pair up
     if _missing_shards(folder, shards) or not (folder / "prompts.json").exists():
         raise RuntimeError(f"text cache {folder} is incomplete after filling it")
-    return TextCache(folder, models.model_type)
+    return TextCache(folder)
