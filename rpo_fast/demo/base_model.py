@@ -251,9 +251,10 @@ def _load_checkpoint(unet, checkpoint: Path) -> None:
 
     from ..train import load_yaml_config
     from ..train.checkpoint import MODEL_FILE
+    from ..train.families import StableDiffusion
     from ..train.models import add_lora, load_trainable_state_dict
 
     config = load_yaml_config(checkpoint.parent / "train_config.yaml")
     if config.lora:
-        add_lora(unet, config)
+        add_lora(unet, config, StableDiffusion())  # the demo's pipeline is SD1.5's architecture
     load_trainable_state_dict(unet, load_file(str(checkpoint / MODEL_FILE)), config.lora)
