@@ -17,10 +17,10 @@ from .generation import DTYPES, TUNED_KINDS, GenerationSettings
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     models = parser.add_argument_group("models")
-    models.add_argument("--base", required=True, help="base pipeline: local diffusers folder or hub id (SD1.5 or SDXL)")
+    models.add_argument("--base", required=True, help="base pipeline: local diffusers folder or hub id (SD1.5, SDXL, SD3 / SD3.5 or FLUX.1)")
     models.add_argument("--tuned", required=True,
-                        help="tuned model: an `rpo-fast train` output (unet/ or LoRA weights), a UNet folder, "
-                             "a pipeline folder, or a LoRA .safetensors file")
+                        help="tuned model: an `rpo-fast train` output (unet/, transformer/ or LoRA weights), a UNet "
+                             "or transformer folder, a pipeline folder, or a LoRA .safetensors file")
     models.add_argument("--tuned-type", choices=TUNED_KINDS, default="auto", help="how to read --tuned")
     models.add_argument("--lora-scale", type=float, default=1.0, help="LoRA adapter weight")
     models.add_argument("--device", default=None, help="torch device (None: cuda if available, else cpu)")

@@ -55,7 +55,7 @@ class EvalConfig:
     tuned: str                              # rpo-fast train output, UNet folder, pipeline or LoRA weights
     prompts: str                            # .txt (one prompt a line) or .jsonl
     output_dir: str
-    tuned_type: str = "auto"                # auto | pipeline | unet | lora
+    tuned_type: str = "auto"                # auto | pipeline | unet | transformer | lora
     lora_scale: float = 1.0
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     device: Optional[str] = None            # default: cuda if available

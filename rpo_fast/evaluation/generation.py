@@ -1,10 +1,11 @@
-"""Prompt files, base / tuned Stable Diffusion pipelines (SD1.5 or SDXL), seeded generation.
+"""Prompt files, base / tuned pipelines (SD1.5, SDXL, SD3 / SD3.5, FLUX.1), seeded generation.
 
 The tuned model is what ``rpo-fast train`` writes, or any diffusers layout:
 
 * ``pipeline``: a full pipeline folder (``model_index.json``);
-* ``unet``: a folder with ``unet/`` (a full fine-tune's output), or a UNet folder itself;
-  the UNet replaces the base pipeline's, everything else is shared;
+* ``unet`` / ``transformer``: a folder with ``unet/`` or ``transformer/`` (a full fine-tune's
+  output), or such a model folder itself; it replaces the base pipeline's, everything else is
+  shared;
 * ``lora``: LoRA weights that ``pipeline.load_lora_weights`` reads (a folder with
   ``pytorch_lora_weights.safetensors`` or one ``.safetensors`` file), loaded onto the base.
 
@@ -30,7 +31,11 @@ from PIL import Image
 from .._types import DTYPE_NAMES
 from .sources import check_local_or_hub, hub_alternative
 
-TUNED_KINDS = ("auto", "pipeline", "unet", "lora")
+TUNED_KINDS = ("auto", "pipeline", "unet", "transformer", "lora")
+# The denoisers a full fine-tune writes, by config class: the pipeline attribute they replace.
+DENOISERS = {"UNet2DConditionModel": "unet", "SD3Transformer2DModel": "transformer",
+             "FluxTransformer2DModel": "transformer"}
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
 DTYPES = DTYPE_NAMES  # --dtype names
 _PROMPT_KEYS = ("prompt", "caption", "text")
 
@@ -65,14 +70,19 @@ def read_prompts(path) -> List[str]:
     return prompts
 
 
-def _is_unet_folder(folder: Path) -> bool:
+def _denoiser_kind(folder: Path) -> Optional[str]:
+    """``unet`` or ``transformer`` when ``folder`` holds a denoiser's config, else None."""
     config = folder / "config.json"
     if not config.is_file():
-        return False
+        return None
     try:
-        return json.loads(config.read_text()).get("_class_name") == "UNet2DConditionModel"
+        return DENOISERS.get(json.loads(config.read_text()).get("_class_name"))
     except json.JSONDecodeError:
-        return False
+        return None
+
+
+def _denoiser(path: Path, kind: str) -> Optional[Path]:
+    return next((p for p in (path / kind, path) if _denoiser_kind(p) == kind), None)
 
 
 def resolve_tuned(path, kind: str = "auto") -> Tuple[str, Path]:
@@ -87,21 +97,22 @@ def resolve_tuned(path, kind: str = "auto") -> Tuple[str, Path]:
     has_lora = path.is_dir() and (any(path.glob("*lora*.safetensors")) or any(path.glob("*lora*.bin")))
     found = {
         "pipeline": path if (path / "model_index.json").is_file() else None,
-        "unet": path / "unet" if _is_unet_folder(path / "unet") else path if _is_unet_folder(path) else None,
+        "unet": _denoiser(path, "unet"),
+        "transformer": _denoiser(path, "transformer"),
         "lora": path if is_lora_file or has_lora else None,
     }
     if kind != "auto":
         if found[kind] is None:
             raise ValueError(f"--tuned: {path} does not hold a {kind} model ({_LAYOUTS})")
         return kind, found[kind]
-    for candidate in ("pipeline", "unet", "lora"):
+    for candidate in ("pipeline", "unet", "transformer", "lora"):
         if found[candidate] is not None:
             return candidate, found[candidate]
     raise ValueError(f"--tuned: {path} holds no model the evaluation can load ({_LAYOUTS})")
 
 
-_LAYOUTS = ("expected a pipeline folder with model_index.json, a folder with unet/config.json, a UNet folder, "
-            "or LoRA weights: a folder with *lora*.safetensors or a .safetensors file")
+_LAYOUTS = ("expected a pipeline folder with model_index.json, a folder with unet/ or transformer/ (or such a model "
+            "folder), or LoRA weights: a folder with *lora*.safetensors or a .safetensors file")
 
 
 def check_base(source) -> None:
@@ -110,8 +121,8 @@ def check_base(source) -> None:
 
 
 def load_pipeline(source, *, device="cpu", dtype: torch.dtype = torch.float32, disable_safety_checker: bool = False):
-    """A StableDiffusionPipeline or StableDiffusionXLPipeline from a local folder or a hub id."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    """An SD1.5, SDXL, SD3 or FLUX.1 pipeline from a local folder or a hub id."""
+    from diffusers import DiffusionPipeline
 
     source = str(source)
     kwargs = {"dtype": dtype}
@@ -126,24 +137,28 @@ def load_pipeline(source, *, device="cpu", dtype: torch.dtype = torch.float32, d
     elif disable_safety_checker:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
-    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
-        raise ValueError(f"{source}: a {type(pipe).__name__}; the evaluation supports SD1.5 and SDXL pipelines")
+    if type(pipe).__name__ not in PIPELINES:
+        raise ValueError(f"{source}: a {type(pipe).__name__}; the evaluation supports {', '.join(PIPELINES)}")
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)  # one bar over all images instead
     return pipe
 
 
 def apply_tuned(pipe, kind: str, path: Path, *, lora_scale: float = 1.0):
-    """Turns the base pipeline into the tuned one in place (``unet``, ``lora``)."""
-    if kind == "unet":
-        from diffusers import UNet2DConditionModel
+    """Turns the base pipeline into the tuned one in place (``unet``, ``transformer``, ``lora``)."""
+    if kind in ("unet", "transformer"):
+        import diffusers
 
-        unet = UNet2DConditionModel.from_pretrained(str(path), dtype=pipe.unet.dtype)
-        for key in ("in_channels", "cross_attention_dim", "addition_embed_type"):
-            if unet.config.get(key) != pipe.unet.config.get(key):
-                raise ValueError(f"--tuned: UNet {key} {unet.config.get(key)} does not fit the base "
-                                 f"pipeline's ({pipe.unet.config.get(key)})")
-        pipe.unet = unet.to(pipe.device)
+        base = getattr(pipe, kind, None)
+        if base is None:
+            raise ValueError(f"--tuned: a {kind} does not fit a {type(pipe).__name__}")
+        name = json.loads((path / "config.json").read_text())["_class_name"]
+        model = getattr(diffusers, name).from_pretrained(str(path), dtype=base.dtype)
+        for key in ("_class_name", "in_channels", "cross_attention_dim", "addition_embed_type", "joint_attention_dim"):
+            if model.config.get(key) != base.config.get(key):
+                raise ValueError(f"--tuned: {name} {key} {model.config.get(key)} does not fit the base "
+                                 f"pipeline's ({base.config.get(key)})")
+        setattr(pipe, kind, model.to(pipe.device))
     elif kind == "lora":
         from diffusers.utils import logging as diffusers_logging
 
