@@ -14,7 +14,7 @@ scheme's density, ``index = int(u N)``, the scheduler's ``sigmas[index]`` and
 ``timesteps[index]``, ``x_t = (1 - sigma) x0 + sigma eps``, target ``eps - x0``. Schemes that
 weight samples by sigma (``sigma_sqrt``, ``cosmap``) enter the per-sample errors: prediction and
 target are both scaled by ``sqrt(w)``, so that ``e = w mean (pred - target)^2`` for the policy and
-the reference alike (``ModelInputs.scale``).
+the reference alike (``forward.UNetInputs.scale``).
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ class Family:
         return None
 
     # -- the objective ------------------------------------------------------------------
-    def timestep_draw(self, models, config) -> TimestepDraw:
-        return TimestepDraw(int(models.noise_scheduler.config.num_train_timesteps))
+    def timestep_draw(self, scheduler, config) -> TimestepDraw:
+        return TimestepDraw(int(scheduler.config.num_train_timesteps))
 
     def noisy_and_target(self, models, latents, noise, indices):
         """(model input, timesteps the model takes, target, per-sample loss weight or None)."""
@@ -203,7 +203,7 @@ class _Flow(Family):
 
     def _load(self, config, clip_classes):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, T5EncoderModel
 
         source = dict(revision=config.revision, cache_dir=config.cache_dir)
         weights = dict(source, variant=config.variant)
@@ -214,15 +214,13 @@ class _Flow(Family):
         tokenizers = [AutoTokenizer.from_pretrained(path, subfolder=t, use_fast=False, **source)
                       for t, _ in names[:-1]]
         tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder=names[-1][0], **source))  # T5: fast only
-        from transformers import T5EncoderModel
-
         encoders = [cls.from_pretrained(path, subfolder=e, **weights) for cls, (_, e) in zip(clip_classes, names)]
         encoders.append(T5EncoderModel.from_pretrained(path, subfolder=names[-1][1], **weights))
         return load_vae(config, AutoencoderKL), scheduler, tokenizers, encoders
 
-    def timestep_draw(self, models, config):
+    def timestep_draw(self, scheduler, config):
         scheme = config.weighting_scheme
-        return TimestepDraw(int(models.noise_scheduler.config.num_train_timesteps),
+        return TimestepDraw(int(scheduler.config.num_train_timesteps),
                             "uniform_u" if scheme in ("none", "sigma_sqrt", "cosmap") else scheme,
                             config.logit_mean, config.logit_std, config.mode_scale)
 

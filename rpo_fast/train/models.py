@@ -100,10 +100,8 @@ def load_models(config: TrainConfig) -> Models:
         frozen.requires_grad_(False).eval()
     if any(p.dtype != torch.float32 for p in denoiser.parameters()):
         denoiser.to(torch.float32)  # trainable weights in fp32 whatever the variant; autocast does the rest
-    models = Models(model_type, denoiser, vae, scheduler, tokenizers, encoders, family,
-                    TimestepDraw(int(scheduler.config.num_train_timesteps)), config.weighting_scheme)
-    models.timestep_draw = family.timestep_draw(models, config)
-    return models
+    return Models(model_type, denoiser, vae, scheduler, tokenizers, encoders, family,
+                  family.timestep_draw(scheduler, config), config.weighting_scheme)
 
 
 def module_identity(module: torch.nn.Module) -> str:

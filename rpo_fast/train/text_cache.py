@@ -47,6 +47,7 @@ class TextCache:
         prompts = json.loads((self.folder / "prompts.json").read_text())
         self.index: Dict[str, int] = {p: i for i, p in enumerate(prompts)}
         self._shards: Dict[int, object] = {}  # open safetensors files: rows are read, not whole shards
+        self.has_pooled = "pooled" in self._shard(0).keys()  # every family but SD1.5 stores a pooled embedding
 
     def _shard(self, s: int):
         if s not in self._shards:
@@ -64,7 +65,7 @@ class TextCache:
         except KeyError as missing:
             raise RuntimeError(f"text cache {self.folder} has no embedding for prompt {missing}") from None
         hidden = self._rows("hidden", rows).to(device, non_blocking=True)
-        if "pooled" not in self._shard(0).keys():
+        if not self.has_pooled:
             return hidden, None
         return hidden, self._rows("pooled", rows).to(device, non_blocking=True)
 
