@@ -204,13 +204,16 @@ def save_trained(unet: torch.nn.Module, models: Models, config: TrainConfig, out
         if family.denoiser == "unet":  # the UNet loaders read diffusers' key names; the transformers' PEFT's
             layers = convert_state_dict_to_diffusers(layers)
         layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}
+        metadata = unet.peft_config["default"].to_dict()
+        # peft keeps the targets as a set, whose order follows the process's string hashing: sorted,
+        # the same run writes the same bytes
+        metadata["target_modules"] = sorted(metadata["target_modules"])
         tmp = output_dir / ".lora.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         with removed_on_failure(tmp):
             getattr(diffusers, family.pipeline_class).save_lora_weights(
                 tmp, safe_serialization=True, **{f"{family.denoiser}_lora_layers": layers,
-                                                 f"{family.denoiser}_lora_adapter_metadata":
-                                                     unet.peft_config["default"].to_dict()})
+                                                 f"{family.denoiser}_lora_adapter_metadata": metadata})
             written = []
             for f in tmp.iterdir():
                 f.replace(output_dir / f.name)
