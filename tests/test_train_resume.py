@@ -32,15 +32,36 @@ def _cli_args(config):
     return args + ["--no-compile", "--no-progress", "--no-lora", "--resume", "latest"]
 
 
+FAMILIES = {"sd15": "unet", "sd3": "transformer", "flux": "transformer"}  # family: its trained model's folder
+
+
 @pytest.fixture(scope="module")
-def straight(tiny_sd15_dir, tmp_path_factory):
-    """The data, the latent cache and a run of SETTINGS never interrupted."""
+def model_dirs(request):
+    """The tiny pipelines by family, built when a test first asks for one."""
+    fixtures = {"sd15": "tiny_sd15_dir", "sd3": "tiny_sd3_dir", "flux": "tiny_flux_dir"}
+    return lambda family: request.getfixturevalue(fixtures[family])
+
+
+@pytest.fixture(scope="module")
+def straight_runs(model_dirs, tmp_path_factory):
+    """Per family: the data, the latent cache and a run of SETTINGS never interrupted."""
     root = tmp_path_factory.mktemp("straight")
-    data, latents = synthetic_pickapic(root / "data"), root / "latents"
-    with one_thread():
-        reference = train(tiny_config(tiny_sd15_dir, data, root / "run", latents, **SETTINGS))
-    assert reference.steps == 6
-    return data, latents, unet_weights(reference.output_dir / "unet")
+    data, latents, done = synthetic_pickapic(root / "data"), root / "latents", {}
+
+    def run(family):
+        if family not in done:
+            with one_thread():
+                reference = train(tiny_config(model_dirs(family), data, root / family, latents, **SETTINGS))
+            assert reference.steps == 6
+            done[family] = data, latents, unet_weights(reference.output_dir / FAMILIES[family])
+        return done[family]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def straight(straight_runs):
+    return straight_runs("sd15")
 
 
 def _equal_weights(want, got):
@@ -49,11 +70,12 @@ def _equal_weights(want, got):
         assert torch.equal(want[name], got[name]), name
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_sd15_dir, tmp_path, straight):
-    data, latents, want = straight
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(model_dirs, tmp_path, straight_runs, family):
+    data, latents, want = straight_runs(family)
     out = tmp_path / "killed"
     assert find_checkpoint(out, "latest") is None  # 'latest' with nothing saved yet: a fresh start
-    config = tiny_config(tiny_sd15_dir, data, out, latents, **SETTINGS)
+    config = tiny_config(model_dirs(family), data, out, latents, **SETTINGS)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "rpo_fast.cli", "train", *_cli_args(config)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -68,12 +90,12 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_sd15_dir, tmp_
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert not (out / "unet").exists()
+    assert not (out / FAMILIES[family]).exists()
     assert min(list_checkpoints(out)) >= 2  # only complete checkpoints are listed
 
     resumed = run_cli(["train", *_cli_args(config)], env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _equal_weights(want, unet_weights(out / "unet"))
+    _equal_weights(want, unet_weights(out / FAMILIES[family]))
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # the replayed steps are logged once
     assert sorted(list_checkpoints(out)) == [4, 6]  # checkpoints_total_limit
@@ -166,3 +188,30 @@ def test_a_checkpoint_from_before_weight_norm_resumes_with_rows_summing_to_one(t
         resumed = train(tiny_config(tiny_sd15_dir, data, tmp_path / "run", latents, max_steps=3, resume="latest",
                                     weight_norm="row", **common))
     assert resumed.steps == 3
+
+
+# The options SD3 / FLUX.1 added: a checkpoint written before them (a8dc67f) records every other
+# option, and its caches are read as they are.
+FLOW_OPTIONS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale")
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_a_checkpoint_from_before_the_flow_families_continues_bit_for_bit(tiny_sd15_dir, tmp_path, straight, lora):
+    data, latents, _ = straight
+    common = dict(method="rpo", lora=lora, checkpoint_every=2)
+    old, new = tmp_path / "old", tmp_path / "straight"
+    with one_thread():
+        train(tiny_config(tiny_sd15_dir, data, old, latents, max_steps=2, **common))
+        state_file = old / "checkpoint-2" / "trainer_state.json"
+        state = json.loads(state_file.read_text())
+        assert set(FLOW_OPTIONS) <= set(state["config"])
+        state["config"] = {k: v for k, v in state["config"].items() if k not in FLOW_OPTIONS}
+        state_file.write_text(json.dumps(state))
+        resumed = train(tiny_config(tiny_sd15_dir, data, old, latents, max_steps=4, resume="latest", **common))
+        train(tiny_config(tiny_sd15_dir, data, new, latents, max_steps=4, **common))
+    assert resumed.steps == 4
+    folder = "" if lora else "unet"
+    _equal_weights(unet_weights(new / folder), unet_weights(old / folder))
+    state = json.loads((old / "checkpoint-4" / "trainer_state.json").read_text())
+    assert set(FLOW_OPTIONS) <= set(state["config"])  # recorded from now on
+    assert [c["option"] for c in state["config_changes"]] == ["max_steps"]  # nothing else reported as changed
