@@ -1,6 +1,6 @@
 """Data parallel: two CPU processes (torchrun, gloo) holding M pairs each give the parameter
 gradients of one process holding the 2M-pair global batch, for rpo (whose contrast matrix
-spans the global batch) and dpo."""
+spans the global batch) and dpo, for SD1.5, SD3 and FLUX.1."""
 
 import json
 import os
@@ -39,7 +39,7 @@ WORKER = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_sd15_dir, tmp_path_factory):
+def setup(tmp_path_factory):
     from rpo_fast.data import load_preference_dataset
     from rpo_fast.embedding import build_embedding_cache
 
@@ -55,10 +55,10 @@ def setup(tiny_sd15_dir, tmp_path_factory):
     return root, data, emb
 
 
-def _jobs(root, tiny_sd15_dir, data, emb, batch_pairs, tag):
+def _jobs(root, model, data, emb, batch_pairs, tag):
     jobs = []
     for method in ("rpo", "dpo"):
-        config = tiny_config(tiny_sd15_dir, data, root / f"out-{tag}-{method}", root / f"latents-{tag}", method=method,
+        config = tiny_config(model, data, root / f"out-{tag}-{method}", root / f"latents-{tag}", method=method,
                              batch_pairs=batch_pairs, embeddings=str(emb) if method == "rpo" else None)
         jobs.append({"config": {k: v for k, v in vars(config).items()}, "out": str(root / f"{tag}-{method}.pt")})
     path = root / f"jobs-{tag}.json"
@@ -66,12 +66,16 @@ def _jobs(root, tiny_sd15_dir, data, emb, batch_pairs, tag):
     return path
 
 
-def test_two_processes_give_the_gradients_of_one_global_batch(setup, tiny_sd15_dir):
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux"])
+def test_two_processes_give_the_gradients_of_one_global_batch(setup, family, request):
     root, data, emb = setup
+    work = root / family
+    work.mkdir()
+    model = request.getfixturevalue(f"tiny_{family}_dir")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    single = _jobs(root, tiny_sd15_dir, data, emb, batch_pairs=4, tag="one")
-    two = _jobs(root, tiny_sd15_dir, data, emb, batch_pairs=2, tag="two")
+    single = _jobs(work, model, data, emb, batch_pairs=4, tag="one")
+    two = _jobs(work, model, data, emb, batch_pairs=2, tag="two")
     done = subprocess.run([sys.executable, str(root / "worker.py"), str(single)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -80,8 +84,8 @@ def test_two_processes_give_the_gradients_of_one_global_batch(setup, tiny_sd15_d
     assert done.returncode == 0, done.stderr[-3000:]
     with one_thread():
         for method in ("rpo", "dpo"):
-            a = torch.load(root / f"one-{method}.pt")
-            b = torch.load(root / f"two-{method}.pt")
+            a = torch.load(work / f"one-{method}.pt")
+            b = torch.load(work / f"two-{method}.pt")
             assert a["grads"].keys() == b["grads"].keys() and len(a["grads"]) > 10
             if method == "rpo":  # the global loss, on every rank
                 torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=1e-7)
