@@ -180,8 +180,8 @@ def built_in(device: torch.device, dtype: torch.dtype):
 
 
 def _free(device: torch.device) -> None:
-    gc.collect()  # the modules' reference cycles, before the allocator's cache is emptied
-    if device.type == "cuda":
+    if device.type == "cuda":  # the modules' reference cycles, then the allocator's cache
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -465,13 +465,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--warmups", type=int, default=1, help="untimed calls per component first (a dry run: 0)")
     p.add_argument("--tiny", action="store_true", help="scaled-down configs (a dry run of the code on any device)")
     p.add_argument("--json", type=Path, default=None, help="write the results here (and the tables as .md beside)")
+    p.add_argument("--append", action="store_true",
+                   help="keep the models already in --json's file (one measured again is replaced)")
     args = p.parse_args(argv)
     if args.pairs < 1 or args.repeats < 1 or args.warmups < 0:
         p.error("--pairs and --repeats: expected whole numbers >= 1; --warmups: >= 0")
+    if args.append and args.json is None:
+        p.error("--append: adds to --json's file; give --json")
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # its notes on casting random-weight models with .to()
-    results = {}
+    results = json.loads(args.json.read_text()) if args.append and args.json.exists() else {}
     for model in args.models:
         ms = measure(model, pairs=args.pairs, repeats=args.repeats, tiny=args.tiny, warmups=args.warmups)
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"

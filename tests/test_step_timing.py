@@ -134,3 +134,18 @@ def test_flow_configurations_add_their_components_per_pair(tiny_flow_components)
         assert rows["rpo-fast full, frozen reference"] == pytest.approx((full + ms["reference transformer fwd"]) / 2)
     text = format_report({model: {"pairs": 2, "device": "CPU", "components_ms": ms, "per_pair_ms": rows}})
     assert "| configuration | ms per pair | × no caches |" in text and "| no caches |" in text
+
+
+def test_cli_append_keeps_the_models_already_in_the_file(tmp_path, capsys, monkeypatch, tiny_flow_components):
+    """gpu_check's timing-flow stage adds its models to the timing stage's files."""
+    model, ms = tiny_flow_components
+    monkeypatch.setattr("benchmarks.step_timing.measure", lambda name, **kwargs: ms)
+    out = tmp_path / "timing.json"
+    out.write_text(json.dumps({"sd15": {"pairs": 1, "device": "GPU", "components_ms": {"VAE encode": 1.0},
+                                        "per_pair_ms": dict(zip(CONFIGURATIONS, (4.0, 2.0, 1.0, 1.0)))}}))
+    assert main(["--tiny", "--models", model, "--repeats", "1", "--append", "--json", str(out)]) == 0
+    assert list(json.loads(out.read_text())) == ["sd15", model]
+    assert f"### {model}" in out.with_suffix(".md").read_text() and "### sd15" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):
+        main(["--tiny", "--append"])
+    assert "--append" in capsys.readouterr().err
