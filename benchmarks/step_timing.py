@@ -395,9 +395,10 @@ def measure_flow(model: str, *, pairs: int = 1, repeats: int = 3, device: Option
 
     add_lora(transformer, dataclasses.replace(config, lora=True), family)
     ms["policy transformer fwd+bwd (LoRA)"] = run(lambda: policy_step().backward(grad_out))
-    pred = policy_step().detach().requires_grad_(True)
-    with torch.no_grad(), adapters_disabled(transformer):
-        ms["reference transformer fwd (LoRA off)"] = run(policy_step)
+    with torch.no_grad():
+        pred = policy_step().requires_grad_(True)  # the loss's input, without the policy's graph
+        with adapters_disabled(transformer):
+            ms["reference transformer fwd (LoRA off)"] = run(policy_step)
     ms["loss fwd+bwd (rpo-fast)"] = run(
         lambda: torch.autograd.grad(diffusion_dpo_loss(pred, target, ref_pred, beta=BETA), pred))
     del transformer, pred
