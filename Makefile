@@ -42,8 +42,8 @@ test-gpu:
 
 # On a GPU machine with its own torch (no set-up: nothing is downloaded there): builds the
 # extension for that GPU, runs the kernel tests, the loss benchmark, a few training steps and
-# the step's components on the real SD1.5 / SDXL architectures; writes gpu-check.{json,md} to
-# $OUT. Without a GPU: a dry run of every stage that needs none.
+# the step's components on the real SD1.5, SDXL, SD3.5 and FLUX.1 architectures; writes
+# gpu-check.{json,md} to $OUT. Without a GPU: a dry run of every stage that needs none.
 gpu-check:
 	$(GPU_PYTHON) -m benchmarks.gpu_check
 

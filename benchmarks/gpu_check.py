@@ -22,11 +22,15 @@ Stages, on a machine with a CUDA device:
    bf16, LoRA / full / precomputed reference, and its throughput);
 6. **timing**: with diffusers present, a DPO step's components on the real SD1.5 and SDXL
    architectures with random weights (``benchmarks.step_timing``): the official trainer's and
-   rpo-fast's configurations per pair (docs/step-budget.md has the estimates to compare).
+   rpo-fast's configurations per pair (docs/step-budget.md has the estimates to compare);
+7. **timing-flow**: the same for FLUX.1-dev, SD3.5-medium and SD3.5-large at 1024 px (most
+   asked first; added to the timing stage's files after each model, so a time limit keeps what
+   finished, and the report stays within the 8 files the GPU machine returns): no caches against
+   rpo-fast's LoRA, and SD3.5-medium's full fine-tuning (docs/sd3-flux.md has the estimates).
 
 Without a GPU every stage that needs none still runs, at a scale that takes seconds (a dry run:
 the script, the test collection, ``rpo-fast check`` and the benchmark's code path on CPU tensors,
-the step timing on scaled-down configs, the report writer) and the command exits 0 saying so,
+the step timing on scaled-down SD1.5 and FLUX.1-dev configs, the report writer) and the command exits 0 saying so,
 in well under a minute on 2 busy cores; CI runs it (tests/test_gpu_check.py). Writes ``gpu-check.json`` and
 ``gpu-check.md`` (and the benchmark's files) to the output folder and prints a summary.
 """
@@ -46,11 +50,29 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Seconds per stage: 110 + 120 + 40 + 130 + 60 + 80 = 540 s, the 9 minutes the check may take
+# Seconds per stage: 100 + 100 + 40 + 100 + 60 + 60 + 80 = 540 s, the 9 minutes the check may take
 # (the device tool's 10-minute command limit leaves a minute for the venv and the report).
-LIMITS = {"build": 110, "tests": 120, "check": 40, "bench": 130, "train": 60, "timing": 80}
+# timing-flow's 80 s came from build (110 -> 100: one .cu file and a few .cpp on every core),
+# tests (120 -> 100) and bench (130 -> 100), the three longest, and timing (80 -> 60: SD1.5's and
+# SDXL's passes take seconds, SDXL's 2.6 B fp32 weights and optimizers the most). None has run on
+# a GPU yet: the first run's seconds per stage (gpu-check.json) say where the slack is.
+# timing-flow on paper, at 400 TFLOP/s (docs/sd3-flux.md's 2 x parameters x tokens), one pair
+# (2 images), --warmups 1 --repeats 2, so 3 calls of each component:
+#   FLUX.1-dev: forward 0.55 s; reference and adapters-off reference 3 x 0.55 s each, the LoRA
+#     policy (checkpointed: forward, recomputed forward, input gradients) 3 x 1.65 s: 8 s;
+#   SD3.5-medium: forward 0.1 s; the same 1.5 s, full fine-tuning (4 forwards' worth) 1.2 s: 3 s;
+#   SD3.5-large: forward 0.34 s: 5 s;
+# T5-XXL, CLIP and the VAE well under a second each; building the models on the GPU (random
+# init, about 35 B parameters in all, T5 three times) and the imports and CUDA start perhaps 25 s:
+# about 40 s, 60 s at 250 TFLOP/s, inside 80 s. SD3.5-large goes last: were the GPU slower, the
+# JSON written after each model keeps FLUX.1-dev and SD3.5-medium.
+LIMITS = {"build": 100, "tests": 100, "check": 40, "bench": 100, "train": 60, "timing": 60, "timing-flow": 80}
 # The dry run's stages, each a few seconds' work, 5 to 10 times that as their limits.
-DRY_LIMITS = {"build": 0, "tests": 30, "check": 30, "bench": 40, "train": 30, "timing": 40}
+DRY_LIMITS = {"build": 0, "tests": 30, "check": 30, "bench": 40, "train": 30, "timing": 40, "timing-flow": 40}
+# The flow models, most asked first, and their sizes: one pair, 1 + 2 calls per component (above).
+# Their results join step-timing.{json,md} (--append): the GPU machine returns 8 files, and
+# gpu-check.{json,md}, gpu-check-loss.{json,md,png} and step-timing.{json,md} are 7.
+FLOW_TIMING = ["--models", "flux-dev", "sd35m", "sd35l", "--pairs", "1", "--warmups", "1", "--repeats", "2"]
 KERNEL_TESTS = ["tests/test_parity.py", "tests/test_cuda_kernels.py", "tests/test_triton_kernels.py",
                 "tests/test_compile.py", "tests/test_checks.py", "tests/test_verify.py"]
 TAIL = 4000  # characters of each stage's output kept in the report
@@ -164,15 +186,20 @@ def run_check(out: Path, wheels: Path, work: Path) -> Dict:
         capture_output=True).returncode == 0
     if python is None or not has_diffusers:  # the two stages that train
         why = "diffusers is not installed (make gpu-wheels)" if python else "the build failed"
-        stages += [_skipped("train", why), _skipped("timing", why)]
+        stages += [_skipped("train", why), _skipped("timing", why), _skipped("timing-flow", why)]
     else:
         # the dry run: the training tests collected, the step timed on scaled-down configs on the CPU
         train = ["-m", "gpu"] if gpu else ["--collect-only", "-m", "gpu"]
-        # (the dry run: SD1.5's scaled-down configs, one call each; tests/test_step_timing.py runs SDXL's)
-        sizes = [] if gpu else ["--tiny", "--models", "sd15", "--repeats", "1", "--warmups", "0"]
+        # (the dry run: SD1.5's and FLUX.1-dev's scaled-down configs, one call each;
+        # tests/test_step_timing.py runs SDXL's and SD3.5's)
+        dry = ["--tiny", "--repeats", "1", "--warmups", "0"]
+        sizes = [] if gpu else [*dry, "--models", "sd15"]
+        flow = FLOW_TIMING if gpu else [*dry, "--models", "flux-dev"]
         stages.append(_run("train", [*pytest, *train, "tests/test_train.py"], limits["train"], env))
         stages.append(_run("timing", [python, "-m", "benchmarks.step_timing", *sizes, "--json",
                                       str(out / "step-timing.json")], limits["timing"], env))
+        stages.append(_run("timing-flow", [python, "-m", "benchmarks.step_timing", *flow, "--append", "--json",
+                                           str(out / "step-timing.json")], limits["timing-flow"], env))
 
     # the benchmark's files next to the report, flat (the machine returns files from one folder)
     for path in sorted(bench_out.glob("gpu-check-loss*")) if bench_out.is_dir() else []:

@@ -22,7 +22,7 @@ def test_dry_run_runs_every_stage_that_needs_no_gpu_and_writes_the_report(tmp_pa
     report = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
     assert report["dry_run"] and report["ok"] and report["machine"]["gpu"] is None
     stages = {s["stage"]: s for s in report["stages"]}
-    assert list(stages) == ["build", "tests", "check", "bench", "train", "timing"]
+    assert list(stages) == ["build", "tests", "check", "bench", "train", "timing", "timing-flow"]
     assert stages["build"]["status"].startswith("skipped")
     # the GPU tests are collected (they import and parametrize), the benchmark ran on CPU tensors
     assert stages["tests"]["status"] == "ok" and "test_cuda_kernels.py" in stages["tests"]["output_tail"]
@@ -33,8 +33,12 @@ def test_dry_run_runs_every_stage_that_needs_no_gpu_and_writes_the_report(tmp_pa
     table = (tmp_path / "out" / "gpu-check.md").read_text()
     assert "no GPU: a dry run" in table and "| bench | ok |" in table
     timing = json.loads((tmp_path / "out" / "step-timing.json").read_text())
-    assert stages["timing"]["status"] == "ok" and set(timing) == {"sd15"}
-    assert sum(gpu_check.LIMITS.values()) <= 9 * 60
+    # SD1.5's stage, then FLUX.1-dev's added to its files (both scaled down)
+    assert stages["timing"]["status"] == "ok" and stages["timing-flow"]["status"] == "ok"
+    assert list(timing) == ["sd15", "flux-dev"] and "no caches" in timing["flux-dev"]["per_pair_ms"]
+    assert "### flux-dev" in (tmp_path / "out" / "step-timing.md").read_text()
+    assert sum(gpu_check.LIMITS.values()) == 9 * 60 and set(gpu_check.LIMITS) == set(gpu_check.DRY_LIMITS)
+    assert len(list((tmp_path / "out").iterdir())) <= 8  # what the GPU machine returns
     assert "dry run" in capsys.readouterr().out
 
 
