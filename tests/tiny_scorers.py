@@ -81,3 +81,87 @@ def save_tiny_pickscore(folder: Path, seed: int = 0) -> Path:
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     return folder
+
+
+TINY_BLIP = dict(width=128, depth=2, patch=8, image=32, text_width=32, text_layers=2, text_heads=2)
+
+
+def save_tiny_bert_vocab(folder: Path) -> Path:
+    """A WordPiece vocab.txt in a folder (BertTokenizer.from_pretrained reads it): BERT's special
+    tokens, a few words, and every letter as a word start and a continuation, so that any
+    lowercase prompt has tokens."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "the", "cat", "dog", "red", "house", "sea", "on",
+             "by", "chair", ",", ".", *[c for c in letters if c != "a"], *[f"##{c}" for c in letters]]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    return folder
+
+
+def tiny_image_reward_state(vocab_size: int, seed: int = 0, max_positions: int = 40) -> dict:
+    """Random weights in ImageReward.pt's own key layout (BLIP's timm-style ViT ``blip.visual_encoder``,
+    its BERT ``blip.text_encoder`` with cross-attention, the head ``mlp.layers``), plus keys of
+    BLIP_Pretrain that the reward does not use, as the real file has."""
+    g = torch.Generator().manual_seed(seed)
+    t = TINY_BLIP
+    W, H, P = t["width"], t["text_width"], t["patch"]
+
+    def rand(*shape, scale=0.05):
+        return torch.randn(*shape, generator=g) * scale
+
+    def norm(prefix, width):
+        return {f"{prefix}.weight": 1 + rand(width, scale=0.1), f"{prefix}.bias": rand(width)}
+
+    def linear(prefix, n_out, n_in):
+        return {f"{prefix}.weight": rand(n_out, n_in, scale=n_in ** -0.5), f"{prefix}.bias": rand(n_out)}
+
+    v = "blip.visual_encoder."
+    state = {v + "cls_token": rand(1, 1, W, scale=0.5),
+             v + "pos_embed": rand(1, (t["image"] // P) ** 2 + 1, W, scale=0.5),
+             **linear(v + "patch_embed.proj", W, 3 * P * P)}
+    state[v + "patch_embed.proj.weight"] = state[v + "patch_embed.proj.weight"].reshape(W, 3, P, P)
+    for i in range(t["depth"]):
+        b = f"{v}blocks.{i}."
+        state.update({**norm(b + "norm1", W), **linear(b + "attn.qkv", 3 * W, W), **linear(b + "attn.proj", W, W),
+                      **norm(b + "norm2", W), **linear(b + "mlp.fc1", 2 * W, W), **linear(b + "mlp.fc2", W, 2 * W)})
+    state.update(norm(v + "norm", W))
+    e = "blip.text_encoder."
+    state.update({e + "embeddings.word_embeddings.weight": rand(vocab_size, H, scale=1.0),
+                  e + "embeddings.position_embeddings.weight": rand(max_positions, H, scale=0.5),
+                  e + "embeddings.position_ids": torch.arange(max_positions).expand(1, -1),
+                  **norm(e + "embeddings.LayerNorm", H)})
+    for i in range(t["text_layers"]):
+        b = f"{e}encoder.layer.{i}."
+        for part, kv_width in (("attention", H), ("crossattention", W)):
+            state.update({**linear(f"{b}{part}.self.query", H, H), **linear(f"{b}{part}.self.key", H, kv_width),
+                          **linear(f"{b}{part}.self.value", H, kv_width), **linear(f"{b}{part}.output.dense", H, H),
+                          **norm(f"{b}{part}.output.LayerNorm", H)})
+        state.update({**linear(b + "intermediate.dense", 2 * H, H), **linear(b + "output.dense", H, 2 * H),
+                      **norm(b + "output.LayerNorm", H)})
+    for i, (n_out, n_in) in zip((0, 2, 4, 6, 7), ((1024, H), (128, 1024), (64, 128), (16, 64), (1, 16))):
+        state.update(linear(f"mlp.layers.{i}", n_out, n_in))
+    state.update({"blip.vision_proj.weight": rand(8, W), "blip.text_proj.weight": rand(8, H)})  # not used
+    return state
+
+
+def tiny_med_config(vocab_size: int, max_positions: int = 40, **changes) -> dict:
+    """med_config.json's keys (BLIP's BERT config) at the tiny sizes."""
+    t = TINY_BLIP
+    return {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+            "hidden_dropout_prob": 0.1, "hidden_size": t["text_width"], "initializer_range": 0.02,
+            "intermediate_size": 2 * t["text_width"], "layer_norm_eps": 1e-12, "max_position_embeddings": max_positions,
+            "model_type": "bert", "num_attention_heads": t["text_heads"], "num_hidden_layers": t["text_layers"],
+            "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": vocab_size, "encoder_width": 768,
+            "add_cross_attention": True, **changes}
+
+
+def save_tiny_image_reward(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """``folder/ImageReward.pt`` and ``folder/med_config.json`` as ``huggingface-cli download
+    THUDM/ImageReward`` leaves them, for the vocabulary of ``tokenizer_dir`` (plus [DEC], [ENC])."""
+    from transformers import BertTokenizer
+
+    vocab_size = len(BertTokenizer.from_pretrained(str(tokenizer_dir))) + 2
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(tiny_image_reward_state(vocab_size, seed), folder / "ImageReward.pt")
+    (folder / "med_config.json").write_text(json.dumps(tiny_med_config(vocab_size), indent=2))
+    return folder

@@ -11,6 +11,7 @@ import sys
 from ..cli import interrupted, rerun_command
 from ..clip import PRECISIONS
 from .evaluate import EvalConfig, EvalStage, evaluate
+from .image_reward import DEFAULT_TOKENIZER
 from .outputs import count_images
 from .generation import DTYPES, TUNED_KINDS, GenerationSettings
 
@@ -61,6 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="its processor folder (CLIP-ViT-H-14-laion2B-s32B-b79K); default: --pickscore-model")
     pref.add_argument("--hps-checkpoint", default=None, help="HPSv2 / HPSv2.1 checkpoint file (e.g. HPS_v2.1_compressed.pt)")
     pref.add_argument("--hps-model", default="ViT-H-14", help="open_clip architecture of the HPS checkpoint")
+    pref.add_argument("--image-reward", default=None, metavar="DIR",
+                      help="ImageReward folder with ImageReward.pt and med_config.json "
+                           "(huggingface-cli download THUDM/ImageReward --local-dir DIR), or that .pt file")
+    pref.add_argument("--image-reward-tokenizer", default=DEFAULT_TOKENIZER,
+                      help="ImageReward's tokenizer (bert-base-uncased): folder or hub id")
     pref.add_argument("--aesthetic-head", default=None, help="LAION aesthetic predictor head (e.g. sac+logos+ava1-l14-linearMSE.pth)")
     pref.add_argument("--aesthetic-clip-model", default="ViT-L-14-quickgelu", help="open_clip architecture of its backbone")
     pref.add_argument("--aesthetic-clip-pretrained", default="openai", help="backbone tag or local checkpoint file")
@@ -93,6 +99,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         neutral_prompts=tuple(args.neutral_prompts), style_images=args.style_images,
         open_clip_configs=tuple(args.open_clip_config), pickscore_model=args.pickscore_model,
         pickscore_processor=args.pickscore_processor, hps_checkpoint=args.hps_checkpoint, hps_model=args.hps_model,
+        image_reward=args.image_reward, image_reward_tokenizer=args.image_reward_tokenizer,
         aesthetic_head=args.aesthetic_head, aesthetic_clip_model=args.aesthetic_clip_model,
         aesthetic_clip_pretrained=args.aesthetic_clip_pretrained, allow_pickle=args.allow_pickle,
         score_batch_size=args.score_batch_size, shapes_score=args.shapes_score,

@@ -37,9 +37,11 @@ from .generation import (
 )
 from .outputs import MODELS, check_output_dir, image_file, load_images, open_output_dir, save_image
 from .report import summarize, write_report
+from .image_reward import DEFAULT_TOKENIZER, check_image_reward
 from .scorers import (
     AestheticScorer,
     HPSv2Scorer,
+    ImageRewardScorer,
     OpenClipMetrics,
     SCORERS,
     PickScoreScorer,
@@ -74,6 +76,8 @@ class EvalConfig:
     pickscore_processor: Optional[str] = None
     hps_checkpoint: Optional[str] = None
     hps_model: str = "ViT-H-14"
+    image_reward: Optional[str] = None      # folder of ImageReward.pt and med_config.json (or that .pt)
+    image_reward_tokenizer: str = DEFAULT_TOKENIZER  # BERT's uncased tokenizer: folder or hub id
     aesthetic_head: Optional[str] = None
     aesthetic_clip_model: str = "ViT-L-14-quickgelu"
     aesthetic_clip_pretrained: Optional[str] = "openai"
@@ -147,6 +151,10 @@ def _scorers(config: EvalConfig, device: str, refs: Optional[List[Image.Image]])
     if config.hps_checkpoint:
         scorers.append(("HPSv2", lambda: HPSv2Scorer(
             config.hps_checkpoint, config.hps_model, device=device, precision=precision, allow_pickle=allow_pickle)))
+    if config.image_reward:
+        scorers.append(("ImageReward", lambda: ImageRewardScorer(
+            config.image_reward, config.image_reward_tokenizer, device=device, dtype=DTYPES[precision],
+            allow_pickle=allow_pickle)))
     if config.aesthetic_head:
         scorers.append(("aesthetic", lambda: AestheticScorer(
             config.aesthetic_head, config.aesthetic_clip_model, config.aesthetic_clip_pretrained, device=device,
@@ -267,7 +275,8 @@ def evaluate(config: EvalConfig, stage: Optional[EvalStage] = None) -> EvalResul
     tuned_kind, tuned_path = resolve_tuned(config.tuned, config.tuned_type)
     check_scorer_paths(pickscore_model=config.pickscore_model, pickscore_processor=config.pickscore_processor,
                        hps_checkpoint=config.hps_checkpoint, aesthetic_head=config.aesthetic_head,
-                       style_images=config.style_images)
+                       style_images=config.style_images, image_reward=config.image_reward,
+                       image_reward_tokenizer=config.image_reward_tokenizer)
     if config.open_clip_configs:  # (importing open_clip takes seconds: not before an offline check needs it)
         register_open_clip_configs(config.open_clip_configs)
     if config.clip:  # every scorer's weights, before generating
@@ -276,6 +285,8 @@ def evaluate(config: EvalConfig, stage: Optional[EvalStage] = None) -> EvalResul
         check_open_clip_weights("--aesthetic-clip", config.aesthetic_clip_model, config.aesthetic_clip_pretrained)
     if config.hps_checkpoint:
         check_open_clip_source(config.hps_model, config.hps_checkpoint, "--hps-model")
+    if config.image_reward:  # keys and shapes (the checkpoint memory-mapped, the model on the meta device)
+        check_image_reward(config.image_reward, config.image_reward_tokenizer, config.allow_pickle)
     style_refs = load_style_images(config.style_images) if config.style_images else None
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[config.dtype or ("fp16" if str(device).startswith("cuda") else "fp32")]

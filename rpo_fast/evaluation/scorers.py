@@ -1,10 +1,11 @@
-"""Automatic image scorers: CLIP score and style alignment, PickScore, HPSv2, aesthetic, and the
-shapes task's deterministic scorer; :data:`SCORERS` names them.
+"""Automatic image scorers: CLIP score and style alignment, PickScore, HPSv2, ImageReward,
+aesthetic, and the shapes task's deterministic scorer; :data:`SCORERS` names them.
 
 Every scorer maps ``(prompts, images)`` to a dict ``{metric name: (B,) float32 tensor}``,
 higher is better. Each one loads its weights with the code its authors use (open_clip for
-CLIP, HPSv2 and the aesthetic predictor's backbone, transformers for PickScore), from local
-paths or (for open_clip) pretrained tags; architecture names are arguments so that tests
+CLIP, HPSv2 and the aesthetic predictor's backbone, transformers for PickScore; ImageReward's
+weights in transformers' BLIP modules, :mod:`.image_reward`), from local paths or (for
+open_clip) pretrained tags; architecture names are arguments so that tests
 can point them at tiny models while the defaults are the real ones.
 
 Definitions:
@@ -17,6 +18,9 @@ Definitions:
   et al. 2023), as in its model card (about 18-23 for typical images).
 * ``hpsv2``: ``cos(image, prompt)`` with the HPSv2 / HPSv2.1 CLIP (Wu et al. 2023), as the
   ``hpsv2`` package reports it (about 0.2-0.35).
+* ``image_reward``: ImageReward (Xu et al. 2023): its MLP head on the ``[CLS]`` state of BLIP's
+  text encoder reading the prompt with cross-attention to the image, normalized with its
+  package's mean and std (:mod:`.image_reward`).
 * ``aesthetic``: the LAION aesthetic predictor's head on the L2-normalized CLIP ViT-L/14
   image embedding (a 1-10 rating).
 * ``style`` and ``fidelity`` (the ``shapes`` scorer, :mod:`.shapes_score`, for captions of the
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..clip import encode_images, encode_texts, load_open_clip
+from .image_reward import DEFAULT_TOKENIZER, ImageRewardScorer, image_reward_files
 from .shapes_score import ShapesScorer
 from .sources import check_local_or_hub, hub_alternative
 
@@ -230,10 +235,13 @@ class PickScoreScorer:
 
 
 def check_scorer_paths(*, pickscore_model=None, pickscore_processor=None, hps_checkpoint=None, aesthetic_head=None,
-                       style_images=None) -> None:
-    """Fails fast on a missing local path (or a PickScore hub id that cannot be fetched),
-    before hours of generation."""
-    for what, value in (("--pickscore-model", pickscore_model), ("--pickscore-processor", pickscore_processor)):
+                       style_images=None, image_reward=None, image_reward_tokenizer=DEFAULT_TOKENIZER) -> None:
+    """Fails fast on a missing local path (or a PickScore or tokenizer hub id that cannot be
+    fetched), before hours of generation."""
+    if image_reward is not None:
+        image_reward_files(image_reward)
+    for what, value in (("--pickscore-model", pickscore_model), ("--pickscore-processor", pickscore_processor),
+                        ("--image-reward-tokenizer", image_reward_tokenizer if image_reward is not None else None)):
         if value is not None:
             check_local_or_hub(what, value, hub_alternative(value))
     for what, value, want_dir in (("--hps-checkpoint", hps_checkpoint, False),
@@ -248,6 +256,7 @@ SCORERS = {
     "clip": OpenClipMetrics,
     "pickscore": PickScoreScorer,
     "hpsv2": HPSv2Scorer,
+    "image-reward": ImageRewardScorer,
     "aesthetic": AestheticScorer,
     "shapes": ShapesScorer,
 }
