@@ -99,6 +99,7 @@ FLOW_RESOLUTION = 1024  # both families' native size: 128 x 128 latents
 FULL_FINE_TUNED = ("sd35m",)  # the one whose full fine-tuning fits one 80 GB GPU (docs/sd3-flux.md)
 # per GPU: docs/sd3-flux.md's one-GPU launch lines, 2 pairs x 16 accumulated (SD3.5-medium) or 1 x 32 (FLUX.1-dev)
 FLOW_PAIRS_PER_OPT_STEP = 32
+FLOW_LORA_RANK = 16  # the launch lines' --lora-rank
 
 # Scaled-down configs with the real ones' structure (--tiny): latents 8 x 8, images 16 px.
 TINY_UNET = dict(sample_size=8, block_out_channels=[32, 32, 64, 64], cross_attention_dim=32, layers_per_block=1)
@@ -393,7 +394,7 @@ def measure_flow(model: str, *, pairs: int = 1, repeats: int = 3, device: Option
         transformer.to(low)  # LoRA's frozen base in bf16, as the trainer casts it
         _free(device)
 
-    add_lora(transformer, dataclasses.replace(config, lora=True), family)
+    add_lora(transformer, dataclasses.replace(config, lora=True, lora_rank=FLOW_LORA_RANK), family)
     ms["policy transformer fwd+bwd (LoRA)"] = run(lambda: policy_step().backward(grad_out))
     with torch.no_grad():
         pred = policy_step().requires_grad_(True)  # the loss's input, without the policy's graph
