@@ -259,3 +259,29 @@ def test_eval_generates_base_and_tuned_from_the_same_seeds(flow_runs, model_dirs
                  guidance_scale=7.5, generator=torch.Generator().manual_seed(101 + 1), output_type="np").images[0]
     got = pixels(out / "images" / "base" / "0001_1.png")
     assert np.abs(np.round(again * 255).astype(np.int16) - got).max() <= 2  # the seed rule; batch rounding only
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing_recomputes_the_blocks_and_changes_nothing(flow_runs, model_dirs, family, tmp_path):
+    """--gradient-checkpointing: each transformer block runs again in the backward, and a
+    step's gradients are those of the run without it."""
+    from rpo_fast.train import loop
+
+    grads, calls = {}, {}
+    for checkpointing in (False, True):
+        config = tiny_config(model_dirs[family], flow_runs.data, tmp_path / str(checkpointing), flow_runs.latents,
+                             method="dpo", lora=False, gradient_checkpointing=checkpointing)
+        count = [0]
+        with one_thread():
+            run = loop.prepare(config)
+            block = run.unet.transformer_blocks[0]  # a pre-hook: the recompute stops once it has what the backward needs
+            block.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+            loss, _ = loop.compute_loss(run, next(loop.step_batches(run, 0, 1)))
+            loss.backward()
+        calls[checkpointing] = count[0]
+        grads[checkpointing] = {n: p.grad.clone() for n, p in run.unet.named_parameters() if p.grad is not None}
+        del run
+    assert calls == {False: 1, True: 2}
+    assert grads[False].keys() == grads[True].keys() and len(grads[False]) > 10
+    for name, want in grads[False].items():
+        torch.testing.assert_close(grads[True][name], want, rtol=1e-5, atol=1e-7, msg=name)
