@@ -285,3 +285,24 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_changes_nothing(flow_r
     assert grads[False].keys() == grads[True].keys() and len(grads[False]) > 10
     for name, want in grads[False].items():
         torch.testing.assert_close(grads[True][name], want, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_text_cache_frees_the_encoders_and_gives_the_live_encodings_errors(flow_runs, model_dirs, family, tmp_path):
+    """With the text cache (the default) the encoders, T5 included, and the VAE are gone before
+    training; without it they stay and encode every step, to the same prediction errors."""
+    from rpo_fast.train import loop
+
+    seen, losses = [], []
+    for text_cache in (True, False):
+        config = tiny_config(model_dirs[family], flow_runs.data, tmp_path / str(text_cache), flow_runs.latents,
+                             method="rpo", lora=True, text_cache=text_cache)
+        with one_thread():
+            run = loop.prepare(config)
+            seen.append((run.models.text_cache is not None, len(run.models.text_encoders), run.models.vae is None))
+            with torch.no_grad():
+                metrics = loop.compute_loss(run, next(loop.step_batches(run, 0, 1)))[1]
+                losses.append(torch.as_tensor(metrics["model_mse"]))  # the loss is log 2 at the start, whatever the prompts
+        del run
+    assert seen == [(True, 0, True), (False, {"sd3": 3, "flux": 2}[family], True)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
