@@ -116,9 +116,12 @@ def tiny_image_reward_state(vocab_size: int, seed: int = 0, max_positions: int =
         return {f"{prefix}.weight": rand(n_out, n_in, scale=n_in ** -0.5), f"{prefix}.bias": rand(n_out)}
 
     v = "blip.visual_encoder."
-    state = {v + "cls_token": rand(1, 1, W, scale=0.5),
-             v + "pos_embed": rand(1, (t["image"] // P) ** 2 + 1, W, scale=0.5),
-             **linear(v + "patch_embed.proj", W, 3 * P * P)}
+    # The ViT's input small (variance ~1e-5), so that its first LayerNorm's eps (BLIP's 1e-6, not
+    # transformers' default 1e-5) shows in the scores.
+    small = 3e-3
+    state = {v + "cls_token": rand(1, 1, W, scale=0.5 * small),
+             v + "pos_embed": rand(1, (t["image"] // P) ** 2 + 1, W, scale=0.5 * small),
+             **{k: x * small for k, x in linear(v + "patch_embed.proj", W, 3 * P * P).items()}}
     state[v + "patch_embed.proj.weight"] = state[v + "patch_embed.proj.weight"].reshape(W, 3, P, P)
     for i in range(t["depth"]):
         b = f"{v}blocks.{i}."
