@@ -201,7 +201,8 @@ class _Flow(Family):
         return ids + [t5(prompts, padding="max_length", max_length=length, truncation=True,
                          return_tensors="pt").input_ids]
 
-    def _load(self, config, clip_classes):
+    def _load(self, config, transformer_class, clip_classes):
+        """(transformer, VAE, scheduler, tokenizers, encoders): CLIP encoders of ``clip_classes``, then T5."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
         from transformers import AutoTokenizer, T5EncoderModel
 
@@ -216,7 +217,9 @@ class _Flow(Family):
         tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder=names[-1][0], **source))  # T5: fast only
         encoders = [cls.from_pretrained(path, subfolder=e, **weights) for cls, (_, e) in zip(clip_classes, names)]
         encoders.append(T5EncoderModel.from_pretrained(path, subfolder=names[-1][1], **weights))
-        return load_vae(config, AutoencoderKL), scheduler, tokenizers, encoders
+        vae = load_vae(config, AutoencoderKL)
+        model = transformer_class.from_pretrained(path, subfolder="transformer", **weights)
+        return model, vae, scheduler, tokenizers, encoders
 
     def timestep_draw(self, scheduler, config):
         scheme = config.weighting_scheme
@@ -249,11 +252,7 @@ class StableDiffusion3(_Flow):
         from diffusers import SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection
 
-        vae, scheduler, tokenizers, encoders = self._load(config, [CLIPTextModelWithProjection] * 2)
-        model = SD3Transformer2DModel.from_pretrained(config.pretrained_model, subfolder="transformer",
-                                                      revision=config.revision, cache_dir=config.cache_dir,
-                                                      variant=config.variant)
-        return model, vae, scheduler, tokenizers, encoders
+        return self._load(config, SD3Transformer2DModel, [CLIPTextModelWithProjection] * 2)
 
     def encode(self, encoders, input_ids, device):
         hidden, pooled = [], []
@@ -296,12 +295,9 @@ class Flux(_Flow):
         from diffusers import FluxTransformer2DModel
         from transformers import CLIPTextModel
 
-        vae, scheduler, tokenizers, encoders = self._load(config, [CLIPTextModel])
-        model = FluxTransformer2DModel.from_pretrained(config.pretrained_model, subfolder="transformer",
-                                                       revision=config.revision, cache_dir=config.cache_dir,
-                                                       variant=config.variant)
-        self.guidance = bool(model.config.guidance_embeds)
-        return model, vae, scheduler, tokenizers, encoders
+        loaded = self._load(config, FluxTransformer2DModel, [CLIPTextModel])
+        self.guidance = bool(loaded[0].config.guidance_embeds)
+        return loaded
 
     def encode(self, encoders, input_ids, device):
         pooled = encoders[0](input_ids[0].to(device), output_hidden_states=False).pooler_output
