@@ -36,8 +36,7 @@ from .config import TrainConfig, config_to_dict, resume_differences
 from .forward import predict, unet_inputs
 from .latent_cache import LatentSpec, build_latent_cache, default_cache_root
 from .metrics_log import MetricsLog
-from .families import get_family
-from .models import (Models, add_lora, detect_model_type, load_models, load_trainable_state_dict, lora_targets,
+from .models import (Models, add_lora, family_for, load_models, load_trainable_state_dict, lora_targets,
                      module_identity, native_resolution, save_trained, trainable_state_dict)
 from .optim import make_optimizer
 from .preflight import check_paths_and_packages, check_output_dir, clear_run
@@ -187,12 +186,10 @@ def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase:
     ``on_phase`` is told what it starts doing (e.g. "encoding the latents"), for a report of an
     interrupt."""
     check_paths_and_packages(config)  # every path and optional package, before anything loads
-    model_type = config.model_type
-    if model_type == "auto":
-        model_type = detect_model_type(config.pretrained_model, config.revision, config.cache_dir)
-    native = native_resolution(config, model_type)
+    family = family_for(config)
+    native = native_resolution(config, family)
     if config.resolution is None:  # the model's own size (SD1.5 512, SDXL 1024), as the diffusers examples
-        config = dataclasses.replace(config, resolution=native or get_family(model_type).default_resolution)
+        config = dataclasses.replace(config, resolution=native or family.default_resolution)
     process = Process.start(config)
     if config.fsdp and process.world < 2:
         raise ValueError("fsdp: shards the UNet over the processes of a torchrun launch; run with "
@@ -205,7 +202,7 @@ def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase:
     dataset, full_dataset = _read_data(config)
     resume = _resume_point(config, output_dir, process.world, dataset.fingerprint)  # before the caches fill
     on_phase("loading the models")
-    models = load_models(config)
+    models = load_models(config, family)
     data = _training_data(config, dataset, full_dataset, models, process, on_phase)
     if config.max_steps is None:  # --num-train-epochs
         steps = math.ceil(config.num_train_epochs * data.schedule.micro_batches_per_epoch
@@ -236,7 +233,7 @@ def prepare(config: TrainConfig, on_phase: Callable[[str], None] = lambda phase:
         skipped_pairs=int(len(dataset) - data.readable.sum()),
         dataset_fingerprint=dataset.fingerprint, dropped_ties=dataset.dropped_ties,
         skipped=_skipped_rows(dataset, data.cache.valid, data.readable, config.embeddings) if process.main else [],
-        model_type=model_type, native_resolution=native, phases=phases,
+        model_type=family.name, native_resolution=native, phases=phases,
     )
 
     # Resume: weights, optimizer, LR schedule, RNG states, data position, counters.

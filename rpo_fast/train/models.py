@@ -22,7 +22,6 @@ from .families import Family, TimestepDraw, family_of, get_family
 
 @dataclass
 class Models:
-    model_type: str  # sd15 | sdxl | sd3 | flux
     unet: torch.nn.Module  # the trained denoiser: a UNet (sd15, sdxl) or a transformer (sd3, flux)
     vae: Optional[torch.nn.Module]  # released (None) once the latent cache is filled
     noise_scheduler: object  # DDPMScheduler, or FlowMatchEulerDiscreteScheduler (sd3, flux)
@@ -32,6 +31,10 @@ class Models:
     timestep_draw: TimestepDraw  # a row's timestep index from its generator
     weighting_scheme: str = "none"  # flow families: diffusers' --weighting_scheme
     text_cache: Optional[object] = None  # text_cache.TextCache: prompt embeddings read, not encoded
+
+    @property
+    def model_type(self) -> str:  # sd15 | sdxl | sd3 | flux
+        return self.family.name
 
 
 def check_source(what: str, source: str, marker: str) -> Path:
@@ -73,7 +76,15 @@ def detect_model_type(pretrained_model: str, revision: Optional[str] = None, cac
     return family_of(_model_json(pretrained_model, "model_index.json", revision, cache_dir))
 
 
-def native_resolution(config: TrainConfig, model_type: str) -> Optional[int]:
+def family_for(config: TrainConfig) -> Family:
+    """The family of ``config.model_type``, or with ``auto`` of the pipeline's ``model_index.json``."""
+    model_type = config.model_type
+    if model_type == "auto":
+        model_type = detect_model_type(config.pretrained_model, config.revision, config.cache_dir)
+    return get_family(model_type, config)
+
+
+def native_resolution(config: TrainConfig, family: Family) -> Optional[int]:
     """The image size the model generates at, in pixels (512 for SD1.5, 1024 for SDXL and SD3);
     None when the configs do not say."""
     def read_json(filename: str) -> dict:
@@ -82,25 +93,22 @@ def native_resolution(config: TrainConfig, model_type: str) -> Optional[int]:
         return _model_json(config.pretrained_model, filename, config.revision, config.cache_dir)
 
     try:
-        return get_family(model_type, config).native_resolution(read_json)
+        return family.native_resolution(read_json)
     except (OSError, KeyError, TypeError, ValueError):
         return None
 
 
-def load_models(config: TrainConfig) -> Models:
+def load_models(config: TrainConfig, family: Optional[Family] = None) -> Models:
     """The denoiser (trainable, fp32), VAE, noise scheduler, tokenizers and text encoders
-    (frozen), as the model's family loads them."""
+    (frozen), as the model's family (default: :func:`family_for` ``config``) loads them."""
     _check_source(config.pretrained_model)
-    model_type = config.model_type
-    if model_type == "auto":
-        model_type = detect_model_type(config.pretrained_model, config.revision, config.cache_dir)
-    family = get_family(model_type, config)
+    family = family or family_for(config)
     denoiser, vae, scheduler, tokenizers, encoders = family.load(config)
     for frozen in [vae, *encoders]:
         frozen.requires_grad_(False).eval()
     if any(p.dtype != torch.float32 for p in denoiser.parameters()):
         denoiser.to(torch.float32)  # trainable weights in fp32 whatever the variant; autocast does the rest
-    return Models(model_type, denoiser, vae, scheduler, tokenizers, encoders, family,
+    return Models(denoiser, vae, scheduler, tokenizers, encoders, family,
                   family.timestep_draw(scheduler, config), config.weighting_scheme)
 
 
