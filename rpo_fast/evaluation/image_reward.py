@@ -178,8 +178,8 @@ def _original_name(prefix: str, name: str) -> str:
 
 def build_image_reward(source, allow_pickle: bool = False, check_only: bool = False):
     """``(vision, text, head)`` with the checkpoint's weights, all in eval mode (fp32, CPU);
-    ``check_only``: only checks the files, keys and shapes (built on the meta device, the
-    checkpoint memory-mapped) and returns None."""
+    ``check_only``: only checks the files, keys and shapes (the checkpoint memory-mapped) and
+    returns the three on the meta device, without weights."""
     from transformers import BlipTextModel, BlipVisionModel
 
     from .scorers import AestheticMLP
@@ -208,7 +208,7 @@ def build_image_reward(source, allow_pickle: bool = False, check_only: bool = Fa
         raise ValueError(f"{OPTION}: {checkpoint} does not fit its {MED_CONFIG} ({med_config}): "
                          f"{'; '.join(what)}{' ...' if len(wrong) + len(unexpected) > len(what) else ''}")
     if check_only:
-        return None
+        return parts[VISION], parts[TEXT], parts[HEAD]
     for prefix, module in parts.items():
         module.load_state_dict({name: state[key] for key, name in names[prefix].items()}, strict=True)
         module.eval()
@@ -218,9 +218,8 @@ def build_image_reward(source, allow_pickle: bool = False, check_only: bool = Fa
 def check_image_reward(source, tokenizer=DEFAULT_TOKENIZER, allow_pickle: bool = False) -> None:
     """Fails fast (before hours of generation) on missing files, keys or wrong shapes, and on
     a tokenizer that is not the text encoder's."""
-    build_image_reward(source, allow_pickle, check_only=True)
-    vocab_size = json.loads(image_reward_files(source)[1].read_text())["vocab_size"]  # (checked just now)
-    load_blip_tokenizer(tokenizer, vocab_size)
+    _, text, _ = build_image_reward(source, allow_pickle, check_only=True)
+    load_blip_tokenizer(tokenizer, text.config.vocab_size)
 
 
 def load_blip_tokenizer(source, vocab_size: int):
