@@ -38,8 +38,7 @@ FAMILIES = {"sd15": "unet", "sd3": "transformer", "flux": "transformer"}  # fami
 @pytest.fixture(scope="module")
 def model_dirs(request):
     """The tiny pipelines by family, built when a test first asks for one."""
-    fixtures = {"sd15": "tiny_sd15_dir", "sd3": "tiny_sd3_dir", "flux": "tiny_flux_dir"}
-    return lambda family: request.getfixturevalue(fixtures[family])
+    return lambda family: request.getfixturevalue(f"tiny_{family}_dir")
 
 
 @pytest.fixture(scope="module")
