@@ -214,7 +214,8 @@ def save_trained(unet: torch.nn.Module, models: Models, config: TrainConfig, out
         layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}
         metadata = unet.peft_config["default"].to_dict()
         # peft keeps the targets as a set, whose order follows the process's string hashing: sorted,
-        # the same run writes the same bytes
+        # the same run writes the same metadata (safetensors 0.8 still writes the header's two
+        # metadata entries in its own per-process order; the tensors' bytes do not change)
         metadata["target_modules"] = sorted(metadata["target_modules"])
         tmp = output_dir / ".lora.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
